@@ -1,0 +1,54 @@
+"""One look for every figure: matplotlib style, off-screen mesh rendering, atomic saving."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+STYLE = {
+    "figure.dpi": 110,
+    "savefig.dpi": 110,
+    "font.size": 9,
+    "axes.titlesize": 9,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+}
+MESH_COLOR = "#d9d3c7"
+POINT_COLOR = "#0077bb"
+
+
+def figure(rows: int, cols: int, cell=(3.0, 3.0)):
+    plt.rcParams.update(STYLE)
+    fig, axes = plt.subplots(rows, cols, figsize=(cell[0] * cols, cell[1] * rows), squeeze=False)
+    return fig, axes
+
+
+def save_figure(fig, path) -> None:
+    """Write via a temporary file so an interrupted job leaves no half-written figure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def render_mesh(mesh_path, points: np.ndarray | None = None, size=(420, 420)) -> np.ndarray:
+    """Off-screen pyvista rendering of a mesh (and points) as an RGB array."""
+    import pyvista as pv
+
+    plotter = pv.Plotter(off_screen=True, window_size=size)
+    plotter.set_background("white")
+    plotter.add_mesh(pv.read(str(mesh_path)), color=MESH_COLOR, smooth_shading=True)
+    if points is not None:
+        plotter.add_points(np.asarray(points), color=POINT_COLOR, point_size=5, render_points_as_spheres=True)
+    plotter.view_isometric()
+    image = plotter.screenshot(return_img=True)
+    plotter.close()
+    return image

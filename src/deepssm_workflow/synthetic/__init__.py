@@ -1,0 +1,1 @@
+"""Synthetic cohorts with exact ground-truth correspondences (femur, metopic, left atrium)."""

@@ -1,0 +1,198 @@
+"""Write a synthetic cohort: per-subject images, segmentations, meshes, particles
+and transforms, plus the subjects table (which doubles as a CSV manifest).
+
+Layout written under the cohort folder (paths in subjects.csv are relative to it):
+
+    subjects.csv                 id, split, group, covariates, file columns
+    ground_truth.csv             generator parameters and pose per subject (tests only)
+    data/images/{id}.nrrd        scanner-frame image
+    data/segmentations/{id}.nrrd binary segmentation, same grid
+    data/meshes/{id}.vtk         surface mesh, scanner frame
+    data/particles/{id}_local.particles   M points, scanner (image) frame
+    data/particles/{id}_world.particles   M points, aligned world frame
+    data/transforms/{id}.txt     4x4 image -> world transform
+    data/template/               template mesh and points (world frame)
+    data/{table}.csv             study tables (e.g. metopic expert ratings)
+    data/cohort.json             what was generated, with which settings
+
+Every subject draws from its own random stream seeded by (seed, subject index),
+so the cohort is identical for a seed whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import __version__
+from ..io import write_particles, write_transform
+from . import geometry
+from .anatomy import Anatomy, Scan
+from .imaging import grid_around, signed_distance, voxelize, write_image
+from .registry import anatomy_class
+
+SCANNER_RANGE_MM = 120.0  # anatomy centre lands uniformly within +-this in scanner coordinates
+
+
+@dataclass(frozen=True)
+class SyntheticSettings:
+    seed: int
+    subjects: dict[str, dict[str, int]]  # split -> group -> count
+    n_particles: int
+    spacing_mm: tuple[float, float, float]
+    mesh_resolution_mm: float
+    max_rotation_deg: float
+    fov_margin_mm: tuple[float, float]
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "SyntheticSettings":
+        spacing = cfg["spacing_mm"]
+        spacing = tuple(float(s) for s in (spacing if isinstance(spacing, list) else [spacing] * 3))
+        return cls(
+            seed=int(cfg["seed"]),
+            subjects={split: {g: int(n) for g, n in groups.items()} for split, groups in cfg["subjects"].items()},
+            n_particles=int(cfg["n_particles"]),
+            spacing_mm=spacing,
+            mesh_resolution_mm=float(cfg["mesh_resolution_mm"]),
+            max_rotation_deg=float(cfg["max_rotation_deg"]),
+            fov_margin_mm=tuple(float(m) for m in cfg["fov_margin_mm"]),
+        )
+
+
+def subject_plan(prefix: str, settings: SyntheticSettings) -> pd.DataFrame:
+    """id, split, group of every subject, in an order that hides split and group."""
+    rows = [(split, group) for split in ("train", "test")
+            for group, n in settings.subjects.get(split, {}).items() for _ in range(n)]
+    order = np.random.default_rng([settings.seed, 2**31 - 1]).permutation(len(rows))
+    plan = pd.DataFrame([rows[i] for i in order], columns=["split", "group"])
+    plan.insert(0, "id", [f"{prefix}_{i:03d}" for i in range(len(plan))])
+    return plan
+
+
+def _subject_files(subject_id: str) -> dict[str, str]:
+    return {
+        "image": f"data/images/{subject_id}.nrrd",
+        "segmentation": f"data/segmentations/{subject_id}.nrrd",
+        "mesh": f"data/meshes/{subject_id}.vtk",
+        "local_particles": f"data/particles/{subject_id}_local.particles",
+        "world_particles": f"data/particles/{subject_id}_world.particles",
+        "transform": f"data/transforms/{subject_id}.txt",
+    }
+
+
+def synthesize_subject(anatomy: Anatomy, settings: SyntheticSettings, point_ids: np.ndarray, index: int,
+                       subject_id: str, group: str, root: Path) -> tuple[dict, dict]:
+    """Generate and write one subject; returns its covariates and ground-truth rows."""
+    start = time.perf_counter()
+    rng = np.random.default_rng([settings.seed, index])
+    params = anatomy.sample_parameters(rng, group)
+    covariates = anatomy.covariates(rng, group, params)
+    template = anatomy.template
+    world_vertices = anatomy.deform(template.vertices, params)
+
+    # pose: world = R @ local + t, with the anatomy somewhere in the scanner's field
+    rotation = geometry.random_rotation(rng, settings.max_rotation_deg)
+    scanner_center = rng.uniform(-SCANNER_RANGE_MM, SCANNER_RANGE_MM, 3)
+    translation = world_vertices.mean(0) - rotation @ scanner_center
+    image_to_world = np.eye(4)
+    image_to_world[:3, :3], image_to_world[:3, 3] = rotation, translation
+    local_vertices = (world_vertices - translation) @ rotation
+
+    low, high = settings.fov_margin_mm
+    grid = grid_around(local_vertices, settings.spacing_mm, rng.uniform(low, high, 3), rng.uniform(low, high, 3))
+    mesh = template.polydata(local_vertices)
+    mask = voxelize(mesh, grid)
+    if not mask.any():
+        raise RuntimeError(f"subject {subject_id}: empty segmentation; spacing {settings.spacing_mm} too coarse")
+    scan = Scan(grid, mask, signed_distance(mask, grid), image_to_world, anatomy.deformed_anchors(params), params)
+    image = anatomy.render(rng, scan)
+
+    files = _subject_files(subject_id)
+    write_image(image, grid, root / files["image"])
+    write_image(mask, grid, root / files["segmentation"])
+    mesh.save(root / files["mesh"], binary=True)
+    write_particles(root / files["local_particles"], local_vertices[point_ids])
+    write_particles(root / files["world_particles"], world_vertices[point_ids])
+    write_transform(root / files["transform"], image_to_world)
+
+    rotvec_deg = _rotation_vector_deg(rotation)
+    truth = {"id": subject_id, **params,
+             **{f"pose_rotation_{a}_deg": v for a, v in zip("xyz", rotvec_deg)},
+             **{f"pose_translation_{a}_mm": v for a, v in zip("xyz", translation)},
+             "image_size": "x".join(map(str, grid.size))}
+    print(f"{subject_id}: {group:>8s} grid {grid.size} in {time.perf_counter() - start:.1f}s", flush=True)
+    return {**covariates, **files}, truth
+
+
+def _rotation_vector_deg(rotation: np.ndarray) -> np.ndarray:
+    angle = np.arccos(np.clip((np.trace(rotation) - 1) / 2, -1.0, 1.0))
+    if angle < 1e-12:
+        return np.zeros(3)
+    axis = np.array([rotation[2, 1] - rotation[1, 2], rotation[0, 2] - rotation[2, 0],
+                     rotation[1, 0] - rotation[0, 1]]) / (2 * np.sin(angle))
+    return np.rad2deg(angle) * axis
+
+
+def generate_cohort(anatomy_name: str, settings: SyntheticSettings, out_dir: Path, prefix: str | None = None,
+                    workers: int = 1) -> pd.DataFrame:
+    """Generate the cohort into out_dir (subjects.csv, ground_truth.csv, data/).
+
+    Everything is written to a staging folder first and moved into place only
+    when complete, so a failure leaves no partial cohort behind.
+    """
+    out_dir = Path(out_dir)
+    anatomy = anatomy_class(anatomy_name)(settings.mesh_resolution_mm)
+    template = anatomy.template
+    point_ids = geometry.farthest_point_sampling(template.vertices, settings.n_particles)
+    plan = subject_plan(prefix or anatomy_name, settings)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = out_dir / ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        for sub in ("images", "segmentations", "meshes", "particles", "transforms", "template"):
+            (staging / "data" / sub).mkdir(parents=True)
+        jobs = [(anatomy, settings, point_ids, i, row.id, row.group, staging) for i, row in enumerate(plan.itertuples())]
+        if workers > 1:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                results = list(pool.map(synthesize_subject, *zip(*jobs)))
+        else:
+            results = [synthesize_subject(*job) for job in jobs]
+
+        subjects = pd.concat([plan, pd.DataFrame([r[0] for r in results])], axis=1)
+        ground_truth = pd.DataFrame([r[1] for r in results])
+        subjects.to_csv(staging / "subjects.csv", index=False)
+        ground_truth.to_csv(staging / "ground_truth.csv", index=False)
+
+        tables = anatomy.cohort_tables(np.random.default_rng([settings.seed, 2**31 - 2]), subjects, ground_truth)
+        for name, table in tables.items():
+            table.to_csv(staging / "data" / f"{name}.csv", index=False)
+
+        template.polydata().save(staging / "data/template/mesh.vtk", binary=True)
+        write_particles(staging / "data/template/points.particles", template.vertices[point_ids])
+        np.savetxt(staging / "data/template/point_ids.txt", point_ids, fmt="%d")
+        metadata = {
+            "anatomy": anatomy_name, "modality": anatomy.modality, "groups": list(anatomy.groups),
+            "generator_version": __version__, "settings": asdict(settings),
+            "n_subjects": len(subjects), "n_particles": settings.n_particles,
+            "units": "mm", "transform": "4x4, maps image (scanner) frame points to the world frame",
+            "tables": {name: f"data/{name}.csv" for name in tables},
+        }
+        (staging / "data/cohort.json").write_text(json.dumps(metadata, indent=2) + "\n")
+
+        for name in ("data", "subjects.csv", "ground_truth.csv"):
+            target = out_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(staging / name, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return subjects

@@ -1,0 +1,18 @@
+"""Names of the synthetic anatomies and their classes."""
+
+from __future__ import annotations
+
+ANATOMIES = ("femur", "metopic", "left_atrium")
+
+
+def anatomy_class(name: str):
+    if name == "femur":
+        from .femur import Femur
+        return Femur
+    if name == "metopic":
+        from .metopic import Metopic
+        return Metopic
+    if name == "left_atrium":
+        from .left_atrium import LeftAtrium
+        return LeftAtrium
+    raise ValueError(f"unknown anatomy {name!r}; choose one of {', '.join(ANATOMIES)}")
