@@ -18,6 +18,7 @@ import numpy as np
 from . import geometry as g
 from .anatomy import Anatomy, Scan
 from .imaging import blur, smooth_noise, soft_inside
+from .registry import GROUPS
 
 NECK_SHAFT_ANGLE = 130.0  # degrees, template value
 ANTEVERSION = 12.0  # degrees
@@ -25,7 +26,7 @@ HEAD_RADIUS = 23.0
 NECK_LENGTH = 55.0  # neck base to head centre
 NECK_BASE = np.array([6.0, 0.0, 12.0])
 SHAFT_RADIUS = 13.0
-SHAFT_BOTTOM = -90.0
+SHAFT_BOTTOM = -55.0
 SHAFT_STRETCH_START = -30.0  # below the lesser trochanter the shaft stretches with the cut height
 CAM_WIDTH = 8.0  # mm, Gaussian width of the cam lesion
 
@@ -43,7 +44,7 @@ HEAD_CENTER = NECK_BASE + NECK_LENGTH * NECK_AXIS
 class Femur(Anatomy):
     name = "femur"
     modality = "CT"
-    groups = ("control", "cam")
+    groups = GROUPS["femur"]
     rbf_count = 12
     rbf_width = 18.0
     rbf_sd = 0.8
@@ -162,7 +163,7 @@ class Femur(Anatomy):
         # femur: cortex thickens down the shaft; marrow canal in the shaft
         cortex = 1.8 + 3.2 * g.smoothstep(z, 0.0, -40.0)
         interior_hu = 280.0 + 70.0 * smooth_noise(rng, d.shape, 1.0 / spacing)
-        marrow = g.smoothstep(z, -10.0, -45.0)
+        marrow = g.smoothstep(z, -10.0, -40.0)
         interior_hu = interior_hu * (1 - marrow) + (-20.0) * marrow
         in_cortex = soft_inside(-cortex - d, edge)  # 1 outside the cortex band, toward the surface
         bone_hu = interior_hu * (1 - in_cortex) + 1350.0 * in_cortex

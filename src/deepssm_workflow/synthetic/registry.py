@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-ANATOMIES = ("femur", "metopic", "left_atrium")
+# groups of each anatomy's cohort design (the subjects table's `group` column)
+GROUPS = {
+    "femur": ("control", "cam"),
+    "metopic": ("control", "metopic"),
+    "left_atrium": ("patient",),  # every subject has AF; recurrence is an outcome, not a design group
+}
+ANATOMIES = tuple(GROUPS)
 
 
 def anatomy_class(name: str):

@@ -1,0 +1,17 @@
+# DeepSSM workflow: statistical shape models predicted from unsegmented 3D images.
+# Stages live in workflow/rules/; all logic lives in the deepssm_workflow package.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/cohort.smk"
+
+
+rule all:
+    input:
+        expand("results/{dataset}/qc/cohort.png", dataset=DATASETS),
