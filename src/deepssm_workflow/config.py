@@ -9,6 +9,10 @@ Every message starts with the dotted path of the offending key.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+import jsonschema
+import yaml
 
 from .synthetic.registry import ANATOMIES, GROUPS
 
@@ -22,6 +26,35 @@ class Dataset:
     name: str
     anatomy: str
     source: str
+
+
+def schema_errors(config: dict, schema_path) -> list[str]:
+    """Schema violations as one line each, starting with the dotted key that is wrong."""
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    messages = []
+    for error in sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path))):
+        key = ".".join(map(str, error.absolute_path)) or "<top level>"
+        if error.validator == "additionalProperties":
+            allowed = sorted(error.schema.get("properties", {}))
+            for unknown in sorted(set(error.instance) - set(allowed)):
+                messages.append(f"{key}.{unknown}: unknown key" + (f" (allowed: {', '.join(allowed)})" if allowed else ""))
+        elif error.validator == "required":
+            missing = error.message.split("'")[1]
+            messages.append(f"{key}.{missing}: required key is missing")
+        elif error.validator == "propertyNames":
+            messages.append(f"{key}: invalid name {error.instance!r} (lower case letters, digits, underscores)")
+        else:
+            messages.append(f"{key}: {error.message}")
+    return messages
+
+
+def load(config: dict, schema_path) -> dict[str, "Dataset"]:
+    """Validate a config (schema, then semantics); raise ConfigError naming every bad key."""
+    messages = schema_errors(config, schema_path)
+    if messages:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(messages))
+    return check(config)
 
 
 def check(config: dict) -> dict[str, Dataset]:

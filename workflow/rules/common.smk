@@ -3,10 +3,11 @@ import json
 
 from snakemake.utils import validate
 
-from deepssm_workflow.config import check as check_config
+from deepssm_workflow.config import load as load_config
 
+# Our own pass first: one line per bad key. Snakemake's validate then fills schema defaults.
+DATASETS = load_config(config, workflow.source_path("../schemas/config.schema.yaml"))
 validate(config, schema="../schemas/config.schema.yaml")
-DATASETS = check_config(config)
 SYNTHETIC = [name for name, ds in DATASETS.items() if ds.source == "synthetic"]
 
 

@@ -102,7 +102,7 @@ class Femur(Anatomy):
         along = (rel @ NECK_AXIS) / NECK_LENGTH  # 0 at the neck base, 1 at the head centre
         radial = np.linalg.norm(rel - np.outer(rel @ NECK_AXIS, NECK_AXIS), axis=1)
         # the neck region: along the neck axis and close to it (keeps the greater trochanter still)
-        near_axis = np.maximum(g.smoothstep(radial, 24.0, 34.0), g.smoothstep(along, 0.35, 0.6))
+        near_axis = np.maximum(g.smoothstep(radial, 34.0, 24.0), g.smoothstep(along, 0.35, 0.6))
         w_neck = g.smoothstep(along, -0.05, 0.3) * near_axis
         w_distal_neck = g.smoothstep(along, 0.15, 0.6) * near_axis
         w_head = g.smoothstep(along, 0.55, 0.8) * near_axis
