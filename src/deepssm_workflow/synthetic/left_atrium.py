@@ -158,11 +158,11 @@ class LeftAtrium(Anatomy):
             params[f"{name}_tilt_b_deg"] = rng.uniform(-15.0, 15.0)
             params[f"{name}_length"] = rng.uniform(0.7, 1.3)
         params.update({
-            "laa_tilt_a_deg": rng.uniform(-20.0, 20.0),
-            "laa_tilt_b_deg": rng.uniform(-20.0, 20.0),
+            "laa_tilt_a_deg": rng.uniform(-15.0, 15.0),
+            "laa_tilt_b_deg": rng.uniform(-15.0, 15.0),
             "laa_size": np.clip(rng.lognormal(0.0, 0.12), 0.75, 1.35),
             "laa_chicken_wing": float(chicken_wing),
-            "laa_bend_deg": np.clip(rng.normal(75.0, 8.0) if chicken_wing else rng.normal(20.0, 8.0), 0.0, 95.0),
+            "laa_bend_deg": np.clip(rng.normal(70.0, 7.0) if chicken_wing else rng.normal(20.0, 7.0), 0.0, 90.0),
         })
         params.update(self.sample_rbf(rng))
         return {k: float(v) for k, v in params.items()}

@@ -1,0 +1,74 @@
+"""Configuration: the shipped presets are valid; bad values fail before any job runs, naming the key."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from conftest import REPO, SCHEMA, run_snakemake
+from deepssm_workflow.config import ConfigError, load
+
+
+def preset(name: str) -> dict:
+    return yaml.safe_load((REPO / "config" / f"{name}.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", ["config", "tiny", "paper"])
+def test_shipped_presets_are_valid(name):
+    datasets = load(preset(name), SCHEMA)
+    assert {d.anatomy for d in datasets.values()} == {"femur", "metopic", "left_atrium"}
+
+
+def test_paper_preset_has_the_papers_cohort_sizes():
+    sizes = {name: {split: sum(groups.values()) for split, groups in d["synthetic"]["subjects"].items()}
+             for name, d in preset("paper")["datasets"].items()}
+    assert sizes == {"femur": {"train": 49, "test": 9}, "metopic": {"train": 105, "test": 15},
+                     "left_atrium": {"train": 122, "test": 84}}
+    femur = preset("paper")["datasets"]["femur"]["synthetic"]["subjects"]
+    assert femur["train"]["cam"] + femur["test"]["cam"] == 9 and femur["train"]["cam"] == 7
+
+
+def broken(edit) -> dict:
+    config = copy.deepcopy(preset("tiny"))
+    edit(config)
+    return config
+
+
+BAD = {
+    "misspelt key": (lambda c: c["datasets"]["femur"]["synthetic"].update(n_particle=64),
+                     "datasets.femur.synthetic.n_particle: unknown key"),
+    "unknown top-level key": (lambda c: c.update(dataset={}), "dataset: unknown key"),
+    "wrong type": (lambda c: c["datasets"]["femur"]["synthetic"].update(n_particles="many"),
+                   "datasets.femur.synthetic.n_particles: 'many' is not of type 'integer'"),
+    "negative count": (lambda c: c["datasets"]["metopic"]["synthetic"]["subjects"]["train"].update(control=-1),
+                       "datasets.metopic.synthetic.subjects.train.control: -1 is less than the minimum of 0"),
+    "unknown dataset": (lambda c: c["datasets"].update(femr=c["datasets"].pop("femur")),
+                        "datasets.femr: unknown dataset 'femr'"),
+    "unknown source": (lambda c: c["datasets"]["femur"].update(source="dicom"),
+                       "datasets.femur.source: 'dicom' is not one of"),
+    "group of another anatomy": (lambda c: c["datasets"]["femur"]["synthetic"]["subjects"]["train"].update(metopic=2),
+                                 "datasets.femur.synthetic.subjects.train.metopic: femur has no group 'metopic'"),
+    "too few training subjects": (lambda c: c["datasets"]["left_atrium"]["synthetic"]["subjects"].update(
+        train={"patient": 2}), "datasets.left_atrium.synthetic.subjects.train: 2 training subjects"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_config_names_the_key(case):
+    edit, message = BAD[case]
+    with pytest.raises(ConfigError) as error:
+        load(broken(edit), SCHEMA)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("case", ["misspelt key", "wrong type", "unknown dataset"])
+def test_snakemake_refuses_bad_config_before_any_job(tmp_path, case):
+    edit, message = BAD[case]
+    configfile = tmp_path / "bad.yaml"
+    configfile.write_text(yaml.safe_dump(broken(edit)))
+    result = run_snakemake(tmp_path / "work", "--cores", "1", "all", configfile=configfile)
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+    assert not (tmp_path / "work" / "resources").exists() and not (tmp_path / "work" / "results").exists()
