@@ -11,8 +11,9 @@ import SimpleITK as sitk
 from .io import read_particles, resolve
 from .plotting import figure, render_mesh, save_figure
 
-# (array axis sliced, physical axes shown as (horizontal, vertical)) for z/y/x slices
-_VIEWS = {"axial": (0, (0, 1)), "coronal": (1, (0, 2)), "sagittal": (2, (1, 2))}
+# scanner planes (the anatomy is posed randomly in its scanner, so anatomical names would mislead):
+# name -> (array axis sliced, physical axes shown as (horizontal, vertical))
+_VIEWS = {"scanner xy": (0, (0, 1)), "scanner xz": (1, (0, 2)), "scanner yz": (2, (1, 2))}
 
 
 def pick_subjects(subjects: pd.DataFrame, count: int) -> pd.DataFrame:

@@ -22,8 +22,6 @@ angular compression about the body centre, injective by construction.
 
 from __future__ import annotations
 
-from functools import cached_property
-
 import numpy as np
 
 from . import geometry as g
@@ -40,13 +38,13 @@ VEIN_RADII = (7.0, 6.0)  # at the root and at the tip
 VEIN_ROOT = 6.0  # each vein tube starts this far inside its ostium (a funnel into the body)
 LAA_RADII = (8.5, 6.5, 3.5)  # at the ostium, elbow and tip
 LAA_BEND = 45.0  # degrees, template bend at the elbow
-ASYMMETRY_SD = 0.08
-MERGE_ANGLE_SD = 35.0  # degrees, angular window of the common-trunk compression
+ASYMMETRY_SD = 0.1
+MERGE_ANGLE_SD = 40.0  # degrees, angular window of the common-trunk compression
 MERGE_PLANE_SD = 10.0  # mm, its window across the plane of the left veins
 TRUNK_LENGTH = 10.0  # mm, outward extrusion of the merged ostium at full merge
 TRUNK_ANGLE_SD = 20.0  # degrees, angular window of the extrusion
 # AF recurrence: logit = B0 + B1 z(sphericity) + B2 z(|asymmetry|), z by the sampling distributions
-RECURRENCE_COEFS = (-0.5, 1.0, 0.7)
+RECURRENCE_COEFS = (-0.5, 1.0, 0.8)
 SPHERICITY_MEAN, SPHERICITY_SD = 0.5, np.sqrt(1.0 / 20.0)  # Beta(2, 2)
 ABS_ASYM_MEAN = ASYMMETRY_SD * np.sqrt(2.0 / np.pi)  # half-normal
 ABS_ASYM_SD = ASYMMETRY_SD * np.sqrt(1.0 - 2.0 / np.pi)
@@ -76,6 +74,13 @@ LAA_BEND_AXIS = unit(np.cross(LAA_AXIS, [0.0, 0.0, -1.0]))  # positive bend curl
 LAA_ELBOW = LAA_OSTIUM + 15.0 * LAA_AXIS
 LAA_TIP = LAA_ELBOW + 14.0 * g.rotation_matrix(LAA_BEND_AXIS, np.deg2rad(LAA_BEND)) @ LAA_AXIS
 PARTS = ("body", *VEINS, "laa_neck", "laa_tip")
+# signed distances of the parts, in PARTS order (module level: closures do not pickle to workers)
+PRIMITIVES = [
+    g.ellipsoid((0, 0, 0), BODY_RADII),
+    *[g.round_cone(o - VEIN_ROOT * u, o + length * u, *VEIN_RADII) for o, u, length in VEINS.values()],
+    g.round_cone(LAA_OSTIUM - 5.0 * LAA_AXIS, LAA_ELBOW, LAA_RADII[0], LAA_RADII[1]),
+    g.round_cone(LAA_ELBOW, LAA_TIP, LAA_RADII[1], LAA_RADII[2]),
+]
 
 
 def perpendicular_axes(axis) -> tuple[np.ndarray, np.ndarray]:
@@ -111,18 +116,10 @@ class LeftAtrium(Anatomy):
     groups = ("patient",)
     rbf_count = 16
     rbf_width = 15.0
-    rbf_sd = 0.7
-
-    @cached_property
-    def primitives(self) -> list:
-        """Signed distances of the parts, in PARTS order."""
-        veins = [g.round_cone(o - VEIN_ROOT * u, o + length * u, *VEIN_RADII) for o, u, length in VEINS.values()]
-        return [g.ellipsoid((0, 0, 0), BODY_RADII), *veins,
-                g.round_cone(LAA_OSTIUM - 5.0 * LAA_AXIS, LAA_ELBOW, LAA_RADII[0], LAA_RADII[1]),
-                g.round_cone(LAA_ELBOW, LAA_TIP, LAA_RADII[1], LAA_RADII[2])]
+    rbf_sd = 0.4
 
     def build_template(self, resolution_mm: float) -> g.Template:
-        sdf = g.smooth_union(*self.primitives, k=4.0)
+        sdf = g.smooth_union(*PRIMITIVES, k=4.0)
         verts, faces = g.mesh_sdf(sdf, (-58, -50, -45), (58, 52, 50), resolution_mm)
         template = g.Template(verts, faces)
         anchors = {}
@@ -138,7 +135,7 @@ class LeftAtrium(Anatomy):
 
     def part_weights(self, x: np.ndarray) -> np.ndarray:
         """(N, parts) soft membership of template-space points: softmin of the part distances."""
-        d = np.stack([f(np.asarray(x, float)) for f in self.primitives], axis=1)
+        d = np.stack([f(np.asarray(x, float)) for f in PRIMITIVES], axis=1)
         e = np.exp(-(d - d.min(1, keepdims=True)) / TEMPERATURE)
         return e / e.sum(1, keepdims=True)
 
@@ -151,7 +148,7 @@ class LeftAtrium(Anatomy):
             "asymmetry": np.clip(rng.normal(0.0, ASYMMETRY_SD), -0.25, 0.25),
             "left_common_trunk": float(trunk),
             # angular compression of the left ostia towards each other (about 0 without a trunk)
-            "left_vein_merge": rng.uniform(0.6, 0.85) if trunk else rng.normal(0.0, 0.05),
+            "left_vein_merge": rng.uniform(0.7, 0.9) if trunk else rng.normal(0.0, 0.05),
         }
         for name in VEINS:
             params[f"{name}_tilt_a_deg"] = rng.uniform(-15.0, 15.0)
@@ -221,41 +218,46 @@ class LeftAtrium(Anatomy):
             image += inside * (value - image)
 
         # lungs, posterolateral, with faint vessel texture
-        lung = 0.03 + 0.02 * np.clip(smooth_noise(rng, d.shape, 1.5 / spacing), 0, None)
-        for pole, dx in ((a["pole_left"], 40.0), (a["pole_right"], -40.0)):
-            centre = pole + np.array([dx, 35.0, 0.0], np.float32)
-            paint(lung, soft_inside(ellipsoid_sdf(world, centre, (38.0, 55.0, 110.0)), 2.0))
-        # descending aorta behind the LA, ascending aorta anterior-superior, right atrium to the right
-        post, ant = a["pole_posterior"], a["pole_anterior"]
-        paint(blood, soft_inside(tube_sdf(world, post + [6, 24, -80], post + [6, 24, 80], 11.0, 11.0), edge))
-        paint(blood, soft_inside(tube_sdf(world, ant + [-6, -18, -25], ant + [-6, -10, 60], 14.0, 14.0), edge))
-        paint(blood, soft_inside(ellipsoid_sdf(world, a["pole_right"] + [-25, -10, 0], (20.0, 24.0, 28.0)), edge))
-        # left ventricle anterior-inferior-left: blood pool inside a nulled myocardial ring
-        lv_axis = unit([0.45, -0.55, -0.7])
+        lungs = np.minimum(*[ellipsoid_sdf(world, pole + np.array([dx, 35.0, 0.0], np.float32), (38.0, 55.0, 110.0))
+                             for pole, dx in ((a["pole_left"], 40.0), (a["pole_right"], -40.0))])
+        paint(0.03 + 0.02 * np.clip(smooth_noise(rng, d.shape, 1.5 / spacing), 0, None), soft_inside(lungs, 2.0))
+        # left ventricle anterior-inferior-left, its base on the LA (the mitral valve, no myocardium
+        # there): blood pool inside a nulled myocardium that thickens from the base to the apex
+        centre = np.mean([a[f"pole_{p}"] for p in ("left", "right", "anterior", "posterior")], axis=0)
+        reach = np.mean([np.linalg.norm(a[f"pole_{p}"] - centre) for p in ("left", "right", "inferior")])
+        lv_axis = unit([0.45, -0.55, -0.7]).astype(np.float32)
         lv_frame = np.stack([*perpendicular_axes(lv_axis), lv_axis], axis=1).astype(np.float32)
-        lv_centre = a["pole_inferior"] + np.array([30, -38, -22], np.float32)
-        lv = ellipsoid_sdf(world, lv_centre, (20.0, 20.0, 34.0), lv_frame)
-        paint(0.08, soft_inside(lv - 10.0, edge))
-        paint(blood, soft_inside(lv, edge))
-        # pulmonary veins continue into the lungs beyond the segmentation's arbitrary cut
+        lv_centre = centre + (reach + 37.0) * lv_axis
+        paint(0.08, soft_inside(ellipsoid_sdf(world, lv_centre + 6.0 * lv_axis, (30.0, 30.0, 40.0), lv_frame), edge))
+        # blood pools abutting the LA, separated only by its thin dark wall (2-3 mm gaps): LV,
+        # descending aorta behind, ascending aorta in front, right atrium across the septum,
+        # and the pulmonary veins continuing into the lungs beyond the segmentation's arbitrary cut
+        post, ant, right = a["pole_posterior"], a["pole_anterior"], a["pole_right"]
+        pools = [ellipsoid_sdf(world, lv_centre, (20.0, 20.0, 34.0), lv_frame),
+                 tube_sdf(world, post + [4, 14, -90], post + [4, 14, 90], 11.0, 11.0),
+                 tube_sdf(world, ant + [-5, -17, -30], ant + [-5, -12, 70], 14.0, 14.0),
+                 ellipsoid_sdf(world, right + [-22.5, -6, 0], (20.0, 24.0, 28.0))]
         for name in VEINS:
             tip, ostium = a[f"{name}_tip"], a[f"{name}_ostium"]
             u = (tip - ostium) / np.linalg.norm(tip - ostium)
             r = VEIN_RADII[1] * size
-            paint(blood, soft_inside(tube_sdf(world, tip - 3 * u, tip + 35 * u, r, 0.6 * r), edge))
+            pools.append(tube_sdf(world, tip - 3 * u, tip + 35 * u, r, 0.6 * r))
+        paint(blood, soft_inside(np.minimum.reduce(pools), edge))
 
-        # LA wall: 0-2.5 mm outside the surface, nulled, with patchy fibrosis and ablation scar
+        # LA wall: 0-2.5 mm outside the surface, nulled, with patchy fibrosis (thresholded
+        # noise, extent varying by subject) and patchy ablation scar around the vein ostia
         thickness = np.clip(1.8 + 0.5 * smooth_noise(rng, d.shape, 3.0 / spacing), 0.8, 2.5)
-        fibrosis = g.smoothstep(smooth_noise(rng, d.shape, 3.0 / spacing), rng.uniform(0.6, 1.6), 2.2)
-        near_ostia = sum(np.exp(-np.sum((world - a[f"{n}_ostium"]) ** 2, axis=-1) / (2 * 9.0**2)) for n in VEINS)
+        threshold = rng.uniform(0.3, 1.3)
+        fibrosis = g.smoothstep(smooth_noise(rng, d.shape, 3.0 / spacing), threshold, threshold + 0.6)
+        near_ostia = sum(np.exp(-sq_norm(world - a[f"{n}_ostium"]) / (2 * 9.0**2)) for n in VEINS)
         scar = np.minimum(near_ostia, 1.0) * g.smoothstep(smooth_noise(rng, d.shape, 2.0 / spacing), -0.6, 0.2)
         enhancement = np.maximum(fibrosis, scar).astype(np.float32)
-        paint(0.1 + 1.4 * enhancement, soft_inside(d - thickness, edge))
+        paint(0.1 + 1.5 * enhancement, soft_inside(d - thickness, edge))
         paint(blood * (1.0 + 0.05 * smooth_noise(rng, d.shape, 4.0 / spacing)), soft_inside(d, edge))
 
         image = blur(image.astype(np.float32), scan.grid, 0.7 * spacing)
         gain = 600.0 * rng.lognormal(0.0, 0.3)
-        image *= gain * np.exp(0.3 * bias_field(rng, world))  # coil sensitivity, about +-30 %
+        image *= gain * np.exp(0.25 * bias_field(rng, world))  # coil sensitivity, about +-30 %
         sigma = gain * blood / rng.uniform(4.0, 12.0)  # SNR of the blood pool
         real = image + rng.normal(0.0, sigma, d.shape).astype(np.float32)
         imag = rng.normal(0.0, sigma, d.shape).astype(np.float32)
@@ -294,26 +296,34 @@ def merge_toward(x: np.ndarray, o1: np.ndarray, o2: np.ndarray, amount: float) -
 # float32 distance functions for whole image grids (the geometry primitives work in float64)
 
 
+def sq_norm(v: np.ndarray) -> np.ndarray:
+    return np.einsum("...i,...i->...", v, v)
+
+
 def ellipsoid_sdf(p: np.ndarray, centre, radii, frame: np.ndarray | None = None) -> np.ndarray:
     """Approximate signed distance to an ellipsoid; `frame` columns are its axes (default: world axes)."""
-    rel = p - np.asarray(centre, np.float32)
-    if frame is not None:
-        rel = rel @ frame
     radii = np.asarray(radii, np.float32)
-    return (np.linalg.norm(rel / radii, axis=-1) - 1.0) * radii.min()
+    rel = p - np.asarray(centre, np.float32)
+    rel = (rel @ frame if frame is not None else rel) / radii
+    return (np.sqrt(sq_norm(rel)) - 1.0) * radii.min()
 
 
 def tube_sdf(p: np.ndarray, a, b, radius_a: float, radius_b: float) -> np.ndarray:
+    """Round cone from a to b (float32 version of geometry.round_cone)."""
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     axis = b - a
-    t = np.clip(((p - a) @ axis) / (axis @ axis), 0.0, 1.0)
-    return np.linalg.norm(p - a - t[..., None] * axis, axis=-1) - (radius_a + t * (radius_b - radius_a))
+    length2 = axis @ axis
+    rel = p - a
+    along = rel @ axis
+    t = np.clip(along / length2, 0.0, 1.0)
+    radial2 = np.maximum(sq_norm(rel) - 2 * t * along + t * t * length2, 0.0)  # |rel - t axis|^2
+    return np.sqrt(radial2) - (radius_a + t * (radius_b - radius_a))
 
 
 def bias_field(rng: np.random.Generator, p: np.ndarray) -> np.ndarray:
-    """Smooth low-frequency field: a few random plane waves of 150-300 mm wavelength, unit sd."""
+    """Smooth low-frequency field: a few random plane waves of 200-400 mm wavelength, unit sd."""
     field = np.zeros(p.shape[:-1], np.float32)
     for _ in range(3):
-        k = (2 * np.pi / rng.uniform(150.0, 300.0)) * unit(rng.normal(size=3))
+        k = (2 * np.pi / rng.uniform(200.0, 400.0)) * unit(rng.normal(size=3))
         field += np.cos(p @ k.astype(np.float32) + rng.uniform(0, 2 * np.pi)).astype(np.float32)
     return field / np.sqrt(1.5)  # unit variance

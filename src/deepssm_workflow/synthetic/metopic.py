@@ -17,6 +17,7 @@ forehead taper) is what the simulated expert raters see.
 
 from __future__ import annotations
 
+import itertools
 from functools import cached_property
 
 import numpy as np
@@ -38,10 +39,10 @@ WIDTH_BACK, WIDTH_FRONT = 1.10, 0.90
 # trigonocephaly at severity 1
 KEEL_MM = 8.0  # forward protrusion of the forehead midline
 KEEL_WIDTH = 15.0  # Gaussian width of the keel across the midline (|y|)
-NARROWING = 0.30  # forehead y compression at the very front
+NARROWING = 0.35  # forehead y compression at the very front
 WIDENING = 0.12  # compensatory posterior y widening
 
-TAPER_SD = 0.04  # normal forehead narrowness (same field as the trigonocephalic narrowing)
+TAPER_SD = 0.03  # normal forehead narrowness (same field as the trigonocephalic narrowing)
 LATENT_TAPER_WEIGHT = 0.06  # latent severity per sd of normal forehead taper
 BOSSING_WIDTH = 18.0
 FLATTENING_WIDTH = 26.0
@@ -80,8 +81,8 @@ ANCHOR_RAYS = {
     "bregma": ((0, 0, 0), _direction(0, 63)),
     "lambda": ((0, 0, 0), _direction(180, 40)),
     "opisthocranion": ((0, 0, 0), _direction(180, 5)),
-    "frontal_left": ((0, 0, 0), _direction(40, 20)),  # lateral forehead: bifrontal width
-    "frontal_right": ((0, 0, 0), _direction(-40, 20)),
+    "frontal_left": ((0, 0, 0), _direction(35, 20)),  # lateral forehead: bifrontal width
+    "frontal_right": ((0, 0, 0), _direction(-35, 20)),
     "frontal_eminence_left": ((0, 0, 0), _direction(25, 35)),
     "frontal_eminence_right": ((0, 0, 0), _direction(-25, 35)),
     "eurion_left": ((0, 0, 0), _direction(95, 5)),
@@ -111,18 +112,37 @@ def _vault_sdf(x: np.ndarray) -> np.ndarray:
 
 
 def _ellipsoid(points: np.ndarray, center, radii, yaw_deg: float = 0.0) -> np.ndarray:
-    """Approximate signed distance (float32) to an ellipsoid turned by `yaw_deg` about z."""
-    c, s = np.cos(np.deg2rad(yaw_deg)), np.sin(np.deg2rad(yaw_deg))
+    """Approximate signed distance to an ellipsoid turned by `yaw_deg` about z (float32 throughout)."""
+    c, s = np.float32(np.cos(np.deg2rad(yaw_deg))), np.float32(np.sin(np.deg2rad(yaw_deg)))
+    r = np.asarray(radii, np.float32)
     rel = points - np.asarray(center, np.float32)
-    u = (c * rel[..., 0] + s * rel[..., 1]) / radii[0]
-    v = (-s * rel[..., 0] + c * rel[..., 1]) / radii[1]
-    w = rel[..., 2] / radii[2]
-    return (np.sqrt(u * u + v * v + w * w) - 1.0) * np.float32(min(radii))
+    u = (c * rel[..., 0] + s * rel[..., 1]) / r[0]
+    v = (c * rel[..., 1] - s * rel[..., 0]) / r[1]
+    w = rel[..., 2] / r[2]
+    return (np.sqrt(u * u + v * v + w * w) - np.float32(1.0)) * r.min()
 
 
 def _smin(a: np.ndarray, b: np.ndarray, k: float) -> np.ndarray:
-    h = np.clip(0.5 + 0.5 * (b - a) / k, 0.0, 1.0)
-    return b * (1 - h) + a * h - k * h * (1 - h)
+    """Smooth minimum of two distance fields (as geometry.smooth_union), on arrays."""
+    h = np.clip(0.5 + 0.5 * (b - a) / np.float32(k), 0.0, 1.0)
+    return b * (1 - h) + a * h - np.float32(k) * h * (1 - h)
+
+
+def _ramp(v: np.ndarray, edge0: float, edge1: float) -> np.ndarray:
+    """geometry.smoothstep without the float64 copy of a whole volume."""
+    t = np.clip((v - np.float32(edge0)) / np.float32(edge1 - edge0), 0.0, 1.0)
+    return t * t * (3 - 2 * t)
+
+
+def _box(scan: Scan, center, reach: float) -> tuple[slice, slice, slice]:
+    """(z, y, x) slices of the scan grid covering the world-frame cube of half-size `reach` around `center`."""
+    corners = np.asarray(center, float) + reach * np.array(list(itertools.product((-1.0, 1.0), repeat=3)))
+    to_image = np.linalg.inv(scan.image_to_world)
+    index = (corners @ to_image[:3, :3].T + to_image[:3, 3] - scan.grid.origin) / scan.grid.spacing
+    size = np.array(scan.grid.size)
+    lo = np.clip(np.floor(index.min(0)).astype(int), 0, size)
+    hi = np.clip(np.ceil(index.max(0)).astype(int) + 1, 0, size)
+    return slice(lo[2], hi[2]), slice(lo[1], hi[1]), slice(lo[0], hi[0])
 
 
 class Metopic(Anatomy):
@@ -157,7 +177,7 @@ class Metopic(Anatomy):
         taper = rng.normal(0.0, TAPER_SD)
         severity = 0.2 + 0.8 * rng.beta(2.0, 2.0) if group == "metopic" else 0.0
         params = {
-            "age_months": age,
+            "age_exact_months": age,  # ground truth; the subjects table gets it rounded as age_months
             "male": male,
             "size_scale": head_circumference_cm(age, male) / HC_TEMPLATE * np.exp(rng.normal(0.0, 0.03)),
             "cephalic_index_scale": np.exp(rng.normal(0.0, 0.04)),  # width/length relative to the template
@@ -205,100 +225,105 @@ class Metopic(Anatomy):
         return x * params["size_scale"]
 
     def covariates(self, rng: np.random.Generator, group: str, params: dict[str, float]) -> dict[str, object]:
-        return {"age_months": round(params["age_months"], 1), "sex": "M" if params["male"] else "F"}
+        return {"age_months": round(params["age_exact_months"], 1), "sex": "M" if params["male"] else "F"}
 
     def render(self, rng: np.random.Generator, scan: Scan) -> np.ndarray:
         """CT in Hounsfield units: scalp, a thin infant skull with open sutures and anterior
         fontanelle, CSF and brain inside; below the cut plane the skull continues down
         around skull-base and facial structures, so the cut itself leaves no mark."""
         world = scan.world_points
+        x, z = (np.ascontiguousarray(world[..., i]) for i in (0, 2))
         d = scan.distance
         spacing = min(scan.grid.spacing)
         edge = 0.5 * spacing
         p = scan.params
         size = p["size_scale"]
         a = {k: v.astype(np.float32) for k, v in scan.anchors.items()}
-        x, y, z = world[..., 0], world[..., 1], world[..., 2]
         z_base = float(a["base_center"][2])
         front_x = float(a["nasion"][0])
 
+        def paint(target, center, reach, sdf, value):
+            """Blend `value` into `target` inside sdf(points) < 0, evaluated only within `reach` mm of `center`."""
+            box = _box(scan, center, reach)
+            if world[box].size == 0:  # outside the field of view
+                return
+            occupancy = soft_inside(sdf(world[box]), edge)
+            value = value(occupancy.shape) if callable(value) else value
+            target[box] += (value - target[box]) * occupancy
+
         # the skull outside the segmented vault: a half-ellipsoid under the base, blended with the vault
-        centre = 0.5 * (a["nasion"] + a["base_back"])
-        centre[1] = 0.5 * (a["base_left"][1] + a["base_right"][1])
-        centre[2] = z_base
+        centre = np.array([0.5 * (a["nasion"][0] + a["base_back"][0]), 0.5 * (a["base_left"][1] + a["base_right"][1]),
+                           z_base], np.float32)
         radii = (0.5 * (a["nasion"][0] - a["base_back"][0]) + 2.0,
                  0.5 * (a["base_left"][1] - a["base_right"][1]) + 2.0, 45.0 * size)
         skull = _smin(d, _ellipsoid(world, centre, radii), 6.0)  # outer skull surface, negative inside
-        below = g.smoothstep(z, z_base + 2.0, z_base - 8.0).astype(np.float32)
-        face = below * g.smoothstep(x, front_x - 45.0 * size, front_x - 25.0 * size).astype(np.float32)
+        face = _ramp(z, z_base + 2.0, z_base - 8.0) * _ramp(x, front_x - 45.0 * size, front_x - 25.0 * size)
 
         # scalp soft tissue over the skull, air beyond
-        scalp = rng.uniform(4.0, 6.0)
         hu = np.full(d.shape, -1000.0, np.float32)
-        tissue_hu = rng.uniform(30.0, 45.0) + 8.0 * smooth_noise(rng, d.shape, 3.0 / spacing)
-        in_head = soft_inside(skull - scalp, edge)
-        hu += (tissue_hu - hu) * in_head
+        tissue_hu = np.float32(rng.uniform(30.0, 45.0)) + 8.0 * smooth_noise(rng, d.shape, 3.0 / spacing)
+        hu += (tissue_hu - hu) * soft_inside(skull - rng.uniform(4.0, 6.0), edge)
 
         # brain: cortex brighter than the (less myelinated) white matter, CSF under the bone, ventricles
-        bone_t = rng.uniform(2.0, 4.0)
-        csf_t = rng.uniform(1.5, 3.0)
-        brain_hu = (36.0 + 3.0 * smooth_noise(rng, d.shape, 6.0 / spacing)
-                    - 8.0 * soft_inside(skull + bone_t + csf_t + 12.0, 4.0))
-        vertex = a["vertex"]
-        brain_centre = np.array([centre[0] - 5.0 * size, centre[1], z_base + 0.5 * (vertex[2] - z_base)], np.float32)
+        bone_t, csf_t = rng.uniform(2.0, 4.0), rng.uniform(1.5, 3.0)
+        brain_hu = (np.float32(36.0) + 3.0 * smooth_noise(rng, d.shape, 6.0 / spacing)
+                    - 8.0 * soft_inside(skull + (bone_t + csf_t + 12.0), 4.0))
+        brain_centre = centre + np.array([-5.0 * size, 0.0, 0.5 * (a["vertex"][2] - z_base)], np.float32)
         for side in (1.0, -1.0):
-            ventricle = _ellipsoid(world, brain_centre + np.float32(side * 9.0 * size) * np.array([0, 1, 0], np.float32),
-                                   (30.0 * size, 4.5 * size, 9.0 * size), yaw_deg=side * 12.0)
-            brain_hu += (5.0 - brain_hu) * soft_inside(ventricle, edge)
-        brain_hu += (5.0 - brain_hu) * soft_inside(-bone_t - csf_t - skull, edge)  # CSF layer
+            c = brain_centre + np.array([0.0, side * 9.0 * size, 0.0], np.float32)
+            r = (30.0 * size, 4.5 * size, 9.0 * size)
+            paint(brain_hu, c, r[0], lambda q: _ellipsoid(q, c, r, yaw_deg=side * 12.0), 5.0)
+        brain_hu += (5.0 - brain_hu) * soft_inside(-(skull + (bone_t + csf_t)), edge)  # CSF layer under the bone
         interior = brain_hu * (1 - face) + tissue_hu * face  # face soft tissue in front, under the base
-        hu += (interior - hu) * soft_inside(skull + bone_t, edge)
+        inner = soft_inside(skull + bone_t, edge)
+        hu += (interior - hu) * inner
 
         # skull bone: a thin shell (outer table, thin diploe, inner table), not on the facial side
-        bone_hu = rng.uniform(750.0, 1100.0) + 50.0 * smooth_noise(rng, d.shape, 2.0 / spacing)
-        bone_hu -= 250.0 * soft_inside(np.abs(skull + 0.5 * bone_t) - bone_t / 6, edge)
-        bone_w = (soft_inside(skull, edge) - soft_inside(skull + bone_t, edge)) * (1 - face)
-        # open sutures (fibrous, soft tissue) and the anterior fontanelle, which closes with age
-        suture = rng.uniform(0.8, 1.5)
+        bone_hu = np.float32(rng.uniform(750.0, 1100.0)) + 50.0 * smooth_noise(rng, d.shape, 2.0 / spacing)
+        bone_w = (soft_inside(skull, edge) - inner) * (1 - face)
+        shell = np.flatnonzero(bone_w > 1e-3)  # sutures and diploe only matter in the shell
+        q, s = world.reshape(-1, 3)[shell], skull.ravel()[shell]
+        diploe = soft_inside(np.abs(s + 0.5 * bone_t) - bone_t / 6.0, edge)
+        # open sutures (fibrous, like soft tissue) and the anterior fontanelle, which closes with age
+        width = rng.uniform(0.8, 1.5)
         bregma, lam = a["bregma"], a["lambda"]
-        upper = g.smoothstep(z, z_base + 8.0, z_base + 18.0).astype(np.float32)
-        gaps = [np.abs(y - bregma[1]) * np.where((x < bregma[0]) & (x > lam[0]), 1.0, 1e3),  # sagittal
-                np.abs((x - bregma[0]) + 0.25 * (z - bregma[2])) / np.hypot(1.0, 0.25),  # coronal
-                np.abs((x - lam[0]) + 0.7 * (z - lam[2])) / np.hypot(1.0, 0.7)]  # lambdoid
-        open_w = np.maximum.reduce([soft_inside(gap - 0.5 * suture, edge) for gap in gaps]) * upper
-        fontanelle = max(3.0, 14.0 - 0.8 * (p["age_months"] - 5.0)) * size
-        open_w = np.maximum(open_w, soft_inside(np.linalg.norm(world - bregma, axis=-1) - fontanelle, 2.0))
-        bone_w *= 1 - open_w
-        hu += (bone_hu - hu) * bone_w
+        gaps = [np.where((q[:, 0] < bregma[0]) & (q[:, 0] > lam[0]), np.abs(q[:, 1] - bregma[1]), 1e3),  # sagittal
+                np.abs((q[:, 0] - bregma[0]) + 0.25 * (q[:, 2] - bregma[2])) / np.hypot(1.0, 0.25),  # coronal
+                np.abs((q[:, 0] - lam[0]) + 0.7 * (q[:, 2] - lam[2])) / np.hypot(1.0, 0.7)]  # lambdoid
+        suture = np.maximum.reduce([soft_inside(gap - 0.5 * width, edge) for gap in gaps])
+        suture *= _ramp(q[:, 2], z_base + 8.0, z_base + 18.0)
+        fontanelle = max(3.0, 14.0 - 0.8 * (p["age_exact_months"] - 5.0)) * size
+        suture = np.maximum(suture, soft_inside(np.linalg.norm(q - bregma, axis=1) - fontanelle, 2.0))
+        w = bone_w.ravel()[shell] * (1 - suture)
+        value = bone_hu.ravel()[shell] - 250.0 * diploe
+        flat = hu.reshape(-1)  # a view: writing it writes hu
+        flat[shell] += (value - flat[shell]) * w
 
         # skull base and face under the cut: petrous ridges, clivus, orbits (fat, globe, bony walls),
         # nasal cavity and maxilla; positions follow the deformed base anchors and size
         def at(dx, dy, dz):
             return np.array([centre[0] + dx * size, centre[1] + dy * size, z_base + dz * size], np.float32)
 
-        def orbit_at(dy):
-            return np.array([front_x - 14.0 * size, centre[1] + dy * size, z_base - 12.0 * size], np.float32)
-
+        orbit_r = 13.0 * size
         for side in (1.0, -1.0):
-            petrous = _ellipsoid(world, at(-15.0, side * 30.0, -6.0), (24.0 * size, 7.0 * size, 7.0 * size),
-                                 yaw_deg=side * -45.0)
-            hu += (1300.0 - hu) * soft_inside(petrous, edge)
-            orbit = np.linalg.norm(world - orbit_at(side * 19.0), axis=-1) - 13.0 * size
-            open_front = g.smoothstep((x - orbit_at(side * 19.0)[0]) / (13.0 * size), 0.5, 0.8).astype(np.float32)
-            wall = (soft_inside(orbit - 2.0, edge) - soft_inside(orbit, edge)) * (1 - open_front)
-            hu += (-80.0 - hu) * soft_inside(orbit, edge)
-            globe = np.linalg.norm(world - orbit_at(side * 19.0) - np.float32(4.0 * size) * np.array([1, 0, 0], np.float32),
-                                   axis=-1) - 9.0 * size
-            hu += (15.0 - hu) * soft_inside(globe, edge)
-            hu += (800.0 - hu) * wall
-        clivus = _ellipsoid(world, at(-2.0, 0.0, -12.0), (20.0 * size, 9.0 * size, 8.0 * size))
-        hu += (700.0 + 80.0 * smooth_noise(rng, d.shape, 1.5 / spacing) - hu) * soft_inside(clivus, edge)
-        maxilla = _ellipsoid(world, orbit_at(0.0) + np.array([-6, 0, -26], np.float32) * size,
-                             (16.0 * size, 24.0 * size, 13.0 * size))
-        hu += (550.0 - hu) * soft_inside(maxilla, edge)
-        nasal = _ellipsoid(world, orbit_at(0.0) + np.array([-2, 0, -8], np.float32) * size,
-                           (14.0 * size, 6.0 * size, 14.0 * size))
-        hu += (-900.0 - hu) * soft_inside(nasal, edge)
+            c, r = at(-15.0, side * 30.0, -6.0), (24.0 * size, 7.0 * size, 7.0 * size)
+            paint(hu, c, r[0], lambda q: _ellipsoid(q, c, r, yaw_deg=side * -45.0), 1300.0)
+            o = np.array([front_x - 14.0 * size, centre[1] + side * 19.0 * size, z_base - 12.0 * size], np.float32)
+            # orbital wall: a bony shell open at the front; fat inside; the globe in front
+            paint(hu, o, orbit_r + 3.0,
+                  lambda q: np.maximum(np.abs(np.linalg.norm(q - o, axis=-1) - orbit_r - 1.0) - 1.0,
+                                       (q[..., 0] - o[0]) - 0.6 * orbit_r), 800.0)
+            paint(hu, o, orbit_r, lambda q: np.linalg.norm(q - o, axis=-1) - orbit_r, -80.0)
+            globe = o + np.array([4.0 * size, 0.0, 0.0], np.float32)
+            paint(hu, globe, 9.0 * size, lambda q: np.linalg.norm(q - globe, axis=-1) - 9.0 * size, 15.0)
+        c, r = at(-2.0, 0.0, -12.0), (20.0 * size, 9.0 * size, 8.0 * size)
+        paint(hu, c, r[0], lambda q: _ellipsoid(q, c, r),
+              lambda shape: 700.0 + 80.0 * smooth_noise(rng, shape, 1.5 / spacing))
+        nose = np.array([front_x - 14.0 * size, centre[1], z_base - 12.0 * size], np.float32)
+        c, r = nose + np.array([-6.0, 0.0, -26.0], np.float32) * size, (16.0 * size, 24.0 * size, 13.0 * size)
+        paint(hu, c, r[1], lambda q: _ellipsoid(q, c, r), 550.0)
+        c, r = nose + np.array([-2.0, 0.0, -8.0], np.float32) * size, (14.0 * size, 6.0 * size, 14.0 * size)
+        paint(hu, c, r[0], lambda q: _ellipsoid(q, c, r), -900.0)
 
         hu = blur(hu, scan.grid, 0.6 * spacing)
         hu += rng.normal(0.0, rng.uniform(15.0, 40.0), size=hu.shape).astype(np.float32)
@@ -315,7 +340,7 @@ class Metopic(Anatomy):
         latent = ground_truth.set_index("id").loc[subjects["id"], "latent_severity"].to_numpy(float)
         bias = rng.normal(0.0, 0.07, N_RATERS)
         discrimination = np.exp(rng.normal(0.0, 0.15, N_RATERS))
-        noise = rng.uniform(0.05, 0.14, N_RATERS)
+        noise = rng.uniform(0.08, 0.22, N_RATERS)
         perceived = (discrimination[:, None] * latent[None, :] + bias[:, None]
                      + noise[:, None] * rng.standard_normal((N_RATERS, len(latent))))
         rating = 1 + (perceived[..., None] > RATING_THRESHOLDS).sum(-1)  # (rater, subject)
