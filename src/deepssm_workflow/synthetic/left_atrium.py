@@ -6,18 +6,30 @@ veins leaving the posterior wall as tapered tubes (superior and inferior, left a
 +x and right at -x) and the left atrial appendage (LAA): a finger of two round
 cones joined at an elbow, anterior-left-superior.
 
-Shape parameters (all subjects are "patient"): sphericity of the body at constant
-volume, left/right asymmetry, per-vein orientation and length, a left common
-trunk (bimodal: the two left ostia merge in ~25 %), LAA orientation, size and
-bend (bimodal: straight vs "chicken wing"), overall size and a small smooth
-random field. AF recurrence is drawn from a logistic model of sphericity and
-|asymmetry|.
+Shape parameters (all subjects are "patient"; each a float in the ground truth):
+  size_scale          N(1, 0.1) clipped to [0.7, 1.35]: LA volume varies a lot in AF
+  sphericity          Beta(2, 2) in [0, 1]: elongated/flattened -> nearly spherical body
+                      at constant volume (the template is 0.5)
+  asymmetry           N(0, 0.1) clipped to +-0.25: a > 0 stretches the left half along x
+                      by 1 + a, a < 0 the right half by 1 - a
+  {vein}_tilt_a/b_deg U(-15, 15) each: rotation about the ostium (lspv, lipv, rspv, ripv)
+  {vein}_length       U(0.7, 1.3): stretch along the vein axis (where a vein ends is arbitrary)
+  left_common_trunk   1 in 25 %, else 0
+  left_vein_merge     U(0.7, 0.9) with a trunk, else N(0, 0.05): how far the left ostia merge
+  laa_tilt_a/b_deg    U(-15, 15) each: LAA orientation about its ostium
+  laa_size            lognormal(0, 0.12) clipped to [0.75, 1.35]
+  laa_chicken_wing    1 in 50 %, else 0
+  laa_bend_deg        N(70, 7) "chicken wing" or N(20, 7) straight, clipped to [0, 90]
+  rbf_*               a small smooth random field
+AF recurrence is drawn from a logistic model of sphericity and |asymmetry|
+(standardized by their sampling distributions), about 40 % of subjects.
 
 Deformation: linear blend skinning. Soft part memberships come from the
 primitives' distances at the template-space point (softmin), before anything
 moves; each part has its own transform (the body scales, veins and LAA ride on
 their ostia without being scaled with the body). The common trunk is a separate
-angular compression about the body centre, injective by construction.
+warp after the blend, an angular compression about the body centre plus a radial
+extrusion, injective by construction.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ import numpy as np
 from . import geometry as g
 from .anatomy import Anatomy, Scan
 from .imaging import blur, smooth_noise, soft_inside
+from .registry import GROUPS
 
 BODY_RADII = np.array([28.0, 20.0, 22.0])
 # Volume-preserving endpoints of the sphericity axis (same product as BODY_RADII):
@@ -113,10 +126,10 @@ def recurrence_logit(params: dict[str, float]) -> float:
 class LeftAtrium(Anatomy):
     name = "left_atrium"
     modality = "LGE-MRI"
-    groups = ("patient",)
+    groups = GROUPS["left_atrium"]
     rbf_count = 16
     rbf_width = 15.0
-    rbf_sd = 0.4
+    rbf_sd = 0.5
 
     def build_template(self, resolution_mm: float) -> g.Template:
         sdf = g.smooth_union(*PRIMITIVES, k=4.0)

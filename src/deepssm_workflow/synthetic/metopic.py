@@ -26,6 +26,7 @@ import pandas as pd
 from . import geometry as g
 from .anatomy import Anatomy, Scan
 from .imaging import blur, smooth_noise, soft_inside
+from .registry import GROUPS
 
 SEMI_AXES_FRONT = (73.0, 62.0, 60.0)  # x (anterior half), y, z
 SEMI_AXES_BACK_X = 77.0  # the occiput reaches a little further back than the forehead forward
@@ -148,7 +149,7 @@ def _box(scan: Scan, center, reach: float) -> tuple[slice, slice, slice]:
 class Metopic(Anatomy):
     name = "metopic"
     modality = "CT"
-    groups = ("control", "metopic")
+    groups = GROUPS["metopic"]
     rbf_count = 16
     rbf_width = 28.0
     rbf_sd = 1.0
