@@ -10,8 +10,10 @@ configfile: "config/config.yaml"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/cohort.smk"
+include: "workflow/rules/preprocess.smk"
 
 
 rule all:
     input:
-        expand("results/{dataset}/qc/cohort.png", dataset=DATASETS),
+        expand("results/{dataset}/qc/cohort.png", dataset=SYNTHETIC),
+        expand("results/{dataset}/qc/preprocess.png", dataset=DATASETS),

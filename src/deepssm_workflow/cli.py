@@ -20,6 +20,32 @@ def _synthesize(args) -> None:
     print(f"generated {len(subjects)} {args.anatomy} subjects in {time.perf_counter() - start:.1f}s")
 
 
+def _ingest(args) -> None:
+    from .ingest import ingest_cohort
+
+    report = ingest_cohort(json.loads(args.source), args.anatomy, args.out_dir)
+    print(json.dumps(report, indent=2))
+
+
+def _preprocess_train(args) -> None:
+    from .preprocess import PreprocessSettings, preprocess_training
+
+    meta = preprocess_training(args.cohort, PreprocessSettings.from_config(json.loads(args.settings)), args.out_dir)
+    print(json.dumps(meta, indent=2))
+
+
+def _preprocess_unseen(args) -> None:
+    from .preprocess import preprocess_unseen
+
+    preprocess_unseen(args.cohort, args.preprocess_dir, args.split, args.out)
+
+
+def _qc_preprocess(args) -> None:
+    from .qc import preprocess_figure
+
+    preprocess_figure(args.preprocess_dir, args.out, count=args.count)
+
+
 def _qc_cohort(args) -> None:
     from .qc import cohort_figure
 
@@ -37,6 +63,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", help="subject id prefix (default: the anatomy)")
     p.add_argument("--workers", type=int, default=1)
     p.set_defaults(run=_synthesize)
+
+    p = steps.add_parser("ingest", help="validate a cohort source and normalize it")
+    p.add_argument("--anatomy", required=True, choices=["femur", "metopic", "left_atrium"])
+    p.add_argument("--source", required=True,
+                   help='JSON, e.g. {"source": "csv", "manifest": "cohort.csv"} or {"source": "shapeworks", "project": "p.swproj"}')
+    p.add_argument("--out-dir", required=True, help="normalized cohort folder")
+    p.set_defaults(run=_ingest)
+
+    p = steps.add_parser("preprocess-train", help="reference, world grid, normalization, training images")
+    p.add_argument("--cohort", required=True, help="ingested cohort folder")
+    p.add_argument("--settings", required=True, help="JSON of the config's `preprocess` block")
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(run=_preprocess_train)
+
+    p = steps.add_parser("preprocess-unseen", help="register and resample a split's images (image only)")
+    p.add_argument("--cohort", required=True, help="ingested cohort folder (only its image column is read)")
+    p.add_argument("--preprocess-dir", required=True, help="folder with grid.json and reference.nrrd")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", required=True, help=".npz to write")
+    p.set_defaults(run=_preprocess_unseen)
+
+    p = steps.add_parser("qc-preprocess", help="QC figure of preprocessing: training overlay, registered test images")
+    p.add_argument("--preprocess-dir", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--count", type=int, default=4)
+    p.set_defaults(run=_qc_preprocess)
 
     p = steps.add_parser("qc-cohort", help="QC figure of a cohort: slices, outlines, points, meshes")
     p.add_argument("--subjects", required=True, help="subjects table (CSV manifest)")

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from .io import apply_transform, read_particles, read_transform, resolve
+from .io import apply_transform, procrustes_fit, read_particles, read_transform, resolve
 
 
 class CohortError(ValueError):
@@ -488,7 +488,10 @@ def _place(s: dict) -> dict:
         matrix = np.eye(4) if matrix is None else matrix
     given = matrix is not None
     if not given:
-        matrix = similarity_fit(local, world)
+        try:
+            matrix = procrustes_fit(local, world, scaling=True)
+        except ValueError as error:
+            raise _Invalid(f"{files['world']}: {error}") from None
     residual = float(np.sqrt(((apply_transform(matrix, local) - world) ** 2).sum(1).mean()))
     radius = float(np.sqrt(((world - world.mean(0)) ** 2).sum(1).mean()))
     if residual > RESIDUAL_TOLERANCE * radius + 1e-6:
@@ -517,24 +520,6 @@ def _check_inside(local: np.ndarray, geometry: dict, files: dict) -> None:
 
 def _fmt(point) -> str:
     return "(" + ", ".join(f"{v:.1f}" for v in point) + ")"
-
-
-def similarity_fit(source: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """4x4 matrix of the similarity (rotation, translation, uniform scale) that maps `source`
-    onto `target` in the least-squares sense (Umeyama 1991; no reflections)."""
-    mu_s, mu_t = source.mean(0), target.mean(0)
-    a, b = source - mu_s, target - mu_t
-    variance = (a ** 2).sum() / len(a)
-    if variance < 1e-12:
-        raise _Invalid("all local particles coincide; no transform can be estimated")
-    u, singular, vt = np.linalg.svd(b.T @ a / len(a))
-    signs = np.array([1.0, 1.0, 1.0 if np.linalg.det(u) * np.linalg.det(vt) >= 0 else -1.0])
-    rotation = u @ np.diag(signs) @ vt
-    scale = (singular * signs).sum() / variance
-    matrix = np.eye(4)
-    matrix[:3, :3] = scale * rotation
-    matrix[:3, 3] = mu_t - scale * rotation @ mu_s
-    return matrix
 
 
 # ---------------------------------------------------------------- writing

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -51,4 +52,29 @@ def cohort_figure(subjects_csv, out_png, count: int = 4) -> None:
         row[3].imshow(render_mesh(resolve(subjects_csv, subject.mesh), points))
         row[3].set_title("mesh + points", fontsize=8)
         row[3].set_axis_off()
+    save_figure(fig, out_png)
+
+
+def preprocess_figure(preprocess_dir, out_png, count: int = 4) -> None:
+    """Reference and mean of the aligned training images, then registered test images with the
+    reference's edges drawn on top: sharp means and edges that follow the anatomy mean success."""
+    preprocess_dir = Path(preprocess_dir)
+    meta = json.loads((preprocess_dir / "grid.json").read_text())
+    train, test = np.load(preprocess_dir / "train.npz"), np.load(preprocess_dir / "test.npz")
+    reference = train["images"][list(train["ids"]).index(meta["reference_id"])]
+    rows = [(f"reference {meta['reference_id']}", reference, False),
+            (f"mean of {len(train['images'])} training images", train["images"].mean(0), False)]
+    rows += [(f"test {i} (registered)", image, True) for i, image in zip(test["ids"][:count], test["images"])]
+    low, high = np.percentile(train["images"], [1, 99.5])
+    edge_level = np.percentile(reference, 85)
+    fig, axes = figure(len(rows), 3, cell=(3.0, 2.8))
+    for row_axes, (title, volume, overlay) in zip(axes, rows):
+        for ax, axis, name in zip(row_axes, range(3), ("world xy", "world xz", "world yz")):
+            plane = np.take(volume, volume.shape[axis] // 2, axis=axis)
+            ax.imshow(plane, cmap="gray", vmin=low, vmax=high, origin="lower")
+            if overlay:
+                ref_plane = np.take(reference, reference.shape[axis] // 2, axis=axis)
+                ax.contour(ref_plane, levels=[edge_level], colors="#ffb000", linewidths=0.7, origin="lower")
+            ax.set_title(f"{title}, {name}", fontsize=7)
+            ax.set_axis_off()
     save_figure(fig, out_png)

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
-from ..io import write_particles, write_transform
+from ..io import apply_transform, procrustes_fit, write_particles, write_transform
 from . import geometry
 from .anatomy import Anatomy, Scan
 from .imaging import grid_around, signed_distance, voxelize, write_image
@@ -96,7 +96,12 @@ def synthesize_subject(anatomy: Anatomy, settings: SyntheticSettings, point_ids:
     params = anatomy.sample_parameters(rng, group)
     covariates = anatomy.covariates(rng, group, params)
     template = anatomy.template
-    world_vertices = anatomy.deform(template.vertices, params)
+    # The world frame is the subject's rigid Procrustes alignment onto the template, as a
+    # shape model's world particles are: shape differences never masquerade as pose.
+    deformed = anatomy.deform(template.vertices, params)
+    alignment = procrustes_fit(deformed, template.vertices, scaling=False)
+    world_vertices = apply_transform(alignment, deformed)
+    anchors = {name: apply_transform(alignment, point) for name, point in anatomy.deformed_anchors(params).items()}
 
     # pose: world = R @ local + t, with the anatomy somewhere in the scanner's field
     rotation = geometry.random_rotation(rng, settings.max_rotation_deg)
@@ -112,7 +117,7 @@ def synthesize_subject(anatomy: Anatomy, settings: SyntheticSettings, point_ids:
     mask = voxelize(mesh, grid)
     if not mask.any():
         raise RuntimeError(f"subject {subject_id}: empty segmentation; spacing {settings.spacing_mm} too coarse")
-    scan = Scan(grid, mask, signed_distance(mask, grid), image_to_world, anatomy.deformed_anchors(params), params)
+    scan = Scan(grid, mask, signed_distance(mask, grid), image_to_world, anchors, params)
     image = anatomy.render(rng, scan)
 
     files = _subject_files(subject_id)
