@@ -48,6 +48,12 @@ BAD = {
                         "datasets.femr: unknown dataset 'femr'"),
     "unknown source": (lambda c: c["datasets"]["femur"].update(source="dicom"),
                        "datasets.femur.source: 'dicom' is not one of"),
+    "csv source without manifest": (lambda c: c["datasets"]["femur"].update(source="csv"),
+                                    "datasets.femur.manifest: required key is missing"),
+    "missing preprocess block": (lambda c: c["datasets"]["metopic"].pop("preprocess"),
+                                 "datasets.metopic.preprocess: required key is missing"),
+    "bad registration mode": (lambda c: c["datasets"]["femur"]["preprocess"].update(registration="affine"),
+                              "datasets.femur.preprocess.registration: 'affine' is not one of"),
     "group of another anatomy": (lambda c: c["datasets"]["femur"]["synthetic"]["subjects"]["train"].update(metopic=2),
                                  "datasets.femur.synthetic.subjects.train.metopic: femur has no group 'metopic'"),
     "too few training subjects": (lambda c: c["datasets"]["left_atrium"]["synthetic"]["subjects"].update(

@@ -272,6 +272,9 @@ def load_reference(preprocess_dir) -> tuple[dict, WorldGrid, sitk.Image]:
 def preprocess_image(path, meta: dict, grid: WorldGrid, reference: sitk.Image) -> tuple[np.ndarray, np.ndarray, float]:
     """A new image, from its file alone: (normalized world-frame array, image_to_world, metric)."""
     image = read_image(path)
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(f"{path}: a 3D scalar image is needed, found {image.GetDimension()}D with "
+                         f"{image.GetNumberOfComponentsPerPixel()} component(s) per voxel")
     keep_scale = meta["registration"]["transform"] == "similarity"
     world_to_image, metric = register_to_reference(image, reference, keep_scale)
     array = resample_to_world(image, world_to_image, grid)
@@ -287,7 +290,10 @@ def preprocess_unseen(cohort_dir, preprocess_dir, split: str, out_path) -> None:
     arrays, transforms, metrics, seconds = [], [], [], []
     for row in table.itertuples():
         start = time.perf_counter()
-        array, image_to_world, metric = preprocess_image(row.image, meta, grid, reference)
+        try:
+            array, image_to_world, metric = preprocess_image(row.image, meta, grid, reference)
+        except (RuntimeError, ValueError) as error:  # SimpleITK reports unreadable files as RuntimeError
+            raise ValueError(f"subject {row.id}: {row.image}: cannot preprocess: {str(error).strip()}") from None
         arrays.append(array)
         transforms.append(image_to_world)
         metrics.append(metric)

@@ -1,0 +1,174 @@
+"""Segmentation-free preprocessing on the tiny synthetic cohorts: reference, grid, normalization,
+registration of test images from the image alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+from conftest import REPO, run_snakemake, tiny_settings
+from deepssm_workflow import preprocess as pp
+from deepssm_workflow.ingest import ingest_cohort
+from deepssm_workflow.synthetic.cohort import generate_cohort
+from deepssm_workflow.synthetic.registry import ANATOMIES
+
+SETTINGS = pp.PreprocessSettings(downsample=1.0, margin_mm=5.0)
+
+
+def prepare(manifest, anatomy, root):
+    ingest_cohort({"source": "synthetic", "manifest": str(manifest)}, anatomy, root / "cohort")
+    pp.preprocess_training(root / "cohort", SETTINGS, root / "preprocess")
+    pp.preprocess_unseen(root / "cohort", root / "preprocess", "test", root / "preprocess" / "test.npz")
+    return root / "cohort", root / "preprocess"
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_cohort, tmp_path_factory):
+    """Ingested and preprocessed tiny cohort of an anatomy: (cohort dir, preprocess dir)."""
+    made = {}
+
+    def make(anatomy):
+        if anatomy not in made:
+            made[anatomy] = prepare(tiny_cohort(anatomy) / "subjects.csv", anatomy, tmp_path_factory.mktemp(anatomy))
+        return made[anatomy]
+
+    return make
+
+
+def test_reference_is_the_medoid_of_the_training_shapes():
+    rng = np.random.default_rng(0)
+    shapes = rng.normal(size=(9, 50, 3)) * rng.uniform(0.5, 2.0, size=(9, 1, 1))
+    brute = [np.mean([np.sqrt(((a - b) ** 2).sum(1).mean()) for b in shapes]) for a in shapes]
+    assert pp.choose_reference(shapes) == int(np.argmin(brute))
+
+
+@pytest.mark.parametrize("anatomy", ANATOMIES)
+def test_grid_covers_every_training_shape_at_the_configured_resolution(prepared, anatomy):
+    cohort, preprocess = prepared(anatomy)
+    meta = json.loads((preprocess / "grid.json").read_text())
+    world = np.load(cohort / "shapes_train.npz")["world"].reshape(-1, 3)
+    origin, spacing, size = (np.array(meta["grid"][k]) for k in ("origin", "spacing", "size"))
+    upper = origin + spacing * (size - 1)
+    assert np.all(world.min(0) - origin >= SETTINGS.margin_mm - 1e-6)
+    assert np.all(upper - world.max(0) >= SETTINGS.margin_mm - 1e-6)
+    assert np.allclose(spacing, SETTINGS.downsample * min(tiny_settings(anatomy).spacing_mm))
+    train = np.load(preprocess / "train.npz")
+    assert train["images"].shape[1:] == tuple(size[::-1])
+
+
+@pytest.mark.parametrize("anatomy", ["femur", "left_atrium"])
+def test_training_images_are_aligned_by_the_shape_model_transforms(prepared, anatomy):
+    """Segmentations resampled with the same transforms overlap the reference's: the blur of
+    the aligned training images is only the shapes' own variation."""
+    cohort, preprocess = prepared(anatomy)
+    meta = json.loads((preprocess / "grid.json").read_text())
+    grid = pp.WorldGrid(**{k: tuple(v) for k, v in meta["grid"].items()})
+    shapes = np.load(cohort / "shapes_train.npz")
+    table = pd.read_csv(cohort / "subjects.csv").set_index("id")
+    masks = {}
+    for subject, transform in zip(shapes["ids"], shapes["image_to_world"]):
+        segmentation = pp.read_image(table.loc[subject, "segmentation"])
+        masks[subject] = pp.resample_to_world(segmentation, pp.affine(np.linalg.inv(transform)), grid) > 0.5
+    reference = masks[meta["reference_id"]]
+    dice = [2 * (m & reference).sum() / (m.sum() + reference.sum()) for m in masks.values()]
+    assert min(dice) > 0.6 and np.median(dice) > 0.75
+
+
+def test_normalization_uses_training_statistics_only(prepared, tmp_path):
+    cohort, preprocess = prepared("femur")
+    meta, grid, reference = pp.load_reference(preprocess)
+    train = np.load(preprocess / "train.npz")["images"]
+    assert abs(train.mean()) < 1e-3 and abs(train.std() - 1) < 1e-3
+    # a test image is mapped with the stored statistics: doubling its intensities is not undone
+    table = pd.read_csv(cohort / "subjects.csv")
+    path = table.loc[table["split"] == "test", "image"].iloc[0]
+    image = sitk.ReadImage(path)
+    brighter = tmp_path / "brighter.nrrd"
+    sitk.WriteImage(sitk.Cast(image, sitk.sitkFloat32) * 2.0, str(brighter))
+    original, _, _ = pp.preprocess_image(path, meta, grid, reference)
+    doubled, _, _ = pp.preprocess_image(brighter, meta, grid, reference)
+    norm = meta["normalization"]
+    raw_mean = lambda a: (a * norm["std"] + norm["mean"]).mean()  # noqa: E731
+    assert raw_mean(doubled) == pytest.approx(2 * raw_mean(original), rel=0.05)
+
+
+# Image-only registration against the known scanner poses. Bounds: median rotation error under
+# 2 degrees (metopic, a nearly round skull, under 3) and median translation at the shape's
+# centroid under one output voxel.
+ROTATION_BOUND = {"femur": 2.0, "metopic": 3.0, "left_atrium": 2.0}
+
+
+@pytest.mark.parametrize("anatomy", ANATOMIES)
+def test_registration_of_test_images_recovers_the_known_pose(tmp_path, anatomy):
+    # the tiny training set, and eight test subjects so that the median means something
+    design = tiny_settings(anatomy).subjects
+    groups = list(design["train"])
+    test = {group: 8 // len(groups) for group in groups}
+    # tiny's 5 mm metopic voxels are a speed setting too coarse to register a round skull at
+    resolution = {"spacing_mm": 3.0, "mesh_resolution_mm": 4.0} if anatomy == "metopic" else {}
+    settings = tiny_settings(anatomy, subjects={"train": design["train"], "test": test}, **resolution)
+    generate_cohort(anatomy, settings, tmp_path / "raw", workers=2)
+    cohort, preprocess = prepare(tmp_path / "raw" / "subjects.csv", anatomy, tmp_path)
+    errors = pp.registration_accuracy(cohort, preprocess)
+    voxel = json.loads((preprocess / "grid.json").read_text())["grid"]["spacing"][0]
+    assert errors["rotation_deg"].median() < ROTATION_BOUND[anatomy], errors
+    assert errors["translation_mm"].median() < voxel, errors
+
+
+def test_unseen_images_need_neither_particles_nor_segmentations(prepared, tmp_path):
+    """Delete everything of the test subjects but their images: preprocessing still works."""
+    cohort, preprocess = prepared("femur")
+    stripped = tmp_path / "cohort"
+    shutil.copytree(cohort, stripped)
+    (stripped / "shapes_test.npz").unlink()
+    table = pd.read_csv(stripped / "subjects.csv")
+    test = table["split"] == "test"
+    copies = tmp_path / "images"
+    copies.mkdir()
+    for column in ("image",):
+        table.loc[test, column] = [str(shutil.copy(p, copies)) for p in table.loc[test, column]]
+    table.loc[test, ["segmentation", "mesh"]] = np.nan  # not even their paths
+    table.to_csv(stripped / "subjects.csv", index=False)
+    pp.preprocess_unseen(stripped, preprocess, "test", tmp_path / "test.npz")
+    again = np.load(tmp_path / "test.npz")
+    assert np.allclose(again["images"], np.load(preprocess / "test.npz")["images"], atol=1e-5)
+
+
+def test_corrupt_test_image_is_named_and_leaves_no_output(prepared, tmp_path):
+    cohort, preprocess = prepared("femur")
+    broken = tmp_path / "cohort"
+    shutil.copytree(cohort, broken)
+    table = pd.read_csv(broken / "subjects.csv")
+    row = table.index[table["split"] == "test"][0]
+    corrupt = tmp_path / "corrupt.nrrd"
+    data = open(table.loc[row, "image"], "rb").read()
+    corrupt.write_bytes(data[: len(data) // 2])
+    table.loc[row, "image"] = str(corrupt)
+    table.to_csv(broken / "subjects.csv", index=False)
+    out = tmp_path / "out" / "test.npz"
+    with pytest.raises(ValueError, match=rf"subject {table.loc[row, 'id']}: .*corrupt.nrrd: cannot preprocess"):
+        pp.preprocess_unseen(broken, preprocess, "test", out)
+    assert not out.exists() and not any(out.parent.glob("*"))
+
+
+def test_two_dimensional_new_image_is_refused(prepared, tmp_path):
+    _, preprocess = prepared("femur")
+    meta, grid, reference = pp.load_reference(preprocess)
+    flat = tmp_path / "slice.nrrd"
+    sitk.WriteImage(sitk.Image(32, 32, sitk.sitkFloat32), str(flat))
+    with pytest.raises(ValueError, match="slice.nrrd: a 3D scalar image is needed, found 2D"):
+        pp.preprocess_image(flat, meta, grid, reference)
+
+
+def test_test_preprocessing_rule_is_not_given_test_particles(tmp_path):
+    result = run_snakemake(tmp_path, "-n", "results/femur/preprocess/test.npz")
+    assert result.returncode == 0, result.stderr
+    block = result.stdout.split("rule preprocess_test:")[1].split("\n\n")[0]
+    inputs = next(line for line in block.splitlines() if line.strip().startswith("input:"))
+    assert "subjects.csv" in inputs and "reference.nrrd" in inputs
+    assert "shapes_test" not in inputs and "segmentation" not in inputs and "particles" not in inputs
