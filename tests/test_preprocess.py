@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from conftest import REPO, run_snakemake, tiny_settings
+from conftest import run_snakemake, tiny_settings
 from deepssm_workflow import preprocess as pp
 from deepssm_workflow.ingest import ingest_cohort
 from deepssm_workflow.synthetic.cohort import generate_cohort

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -38,6 +37,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
+from .atomic import staged
 from .io import apply_transform, procrustes_fit, read_particles, read_transform, resolve
 
 
@@ -107,13 +107,12 @@ def ingest_cohort(source: dict, anatomy: str, out_dir, base_dir=".") -> dict:
         scales = [np.cbrt(np.linalg.det(s["image_to_world"][:3, :3])) for s in shapes.values()]
         report["estimated_scale"] = {"min": float(min(scales)), "max": float(max(scales))}
 
-    def write(staging: Path) -> None:
+    names = ["subjects.csv", *(f"shapes_{split}.npz" for split in arrays), "report.json"]
+    with staged(out_dir, names) as staging:
         subjects.to_csv(staging / "subjects.csv", index=False)
         for split, data in arrays.items():
             np.savez(staging / f"shapes_{split}.npz", **data)
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-
-    _write_atomically(Path(out_dir), write)
     return report
 
 
@@ -530,18 +529,3 @@ def _stack(shapes: dict[str, dict], ids) -> dict[str, np.ndarray]:
             **{key: np.array([shapes[i][key] for i in ids], dtype=np.float64)
                for key in ("world", "local", "image_to_world", "residual_mm")}}
 
-
-def _write_atomically(out_dir: Path, write) -> None:
-    """Write into a staging folder next to out_dir, then swap it in (nothing partial is ever visible)."""
-    out_dir = Path(os.path.abspath(out_dir))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        staging.mkdir()
-        write(staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

@@ -18,7 +18,6 @@ Artifacts (results/{dataset}/preprocess/):
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
+
+from .atomic import staged
 
 REGISTRATION_SEED = 7  # metric sampling is random; a fixed seed keeps reruns identical
 CONTEXT_MM = 20.0  # extra field around the crop in the registration target
@@ -244,12 +245,11 @@ def preprocess_training(cohort_dir, settings: PreprocessSettings, out_dir) -> di
         "registration": registration_mode(settings.registration, shapes["image_to_world"]),
         "settings": asdict(settings),
     }
-    _write_atomically(out_dir, {
-        "train.npz": lambda p: np.savez(p, ids=np.array(ids), images=(stack - mean) / std,
-                                        image_to_world=shapes["image_to_world"]),
-        "reference.nrrd": lambda p: sitk.WriteImage(target, str(p), useCompression=True),
-        "grid.json": lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"),
-    })
+    with staged(out_dir, ["train.npz", "reference.nrrd", "grid.json"]) as staging:
+        np.savez(staging / "train.npz", ids=np.array(ids), images=(stack - mean) / std,
+                 image_to_world=shapes["image_to_world"])
+        sitk.WriteImage(target, str(staging / "reference.nrrd"), useCompression=True)
+        (staging / "grid.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
 
@@ -300,28 +300,15 @@ def preprocess_unseen(cohort_dir, preprocess_dir, split: str, out_path) -> None:
         seconds.append(time.perf_counter() - start)
         print(f"{row.id}: registered (metric {metric:.4f}) in {seconds[-1]:.1f}s", flush=True)
     out_path = Path(out_path)
-    _write_atomically(out_path.parent, {out_path.name: lambda p: np.savez(
-        p, ids=table["id"].to_numpy(str), images=np.stack(arrays).astype(np.float32),
-        image_to_world=np.stack(transforms), registration_metric=np.array(metrics), seconds=np.array(seconds))})
+    with staged(out_path.parent, [out_path.name]) as staging:
+        np.savez(staging / out_path.name, ids=table["id"].to_numpy(str), images=np.stack(arrays).astype(np.float32),
+                 image_to_world=np.stack(transforms), registration_metric=np.array(metrics), seconds=np.array(seconds))
 
 
 def _image_table(cohort_dir: Path) -> pd.DataFrame:
     """Only the columns this stage may use: which image, which split. Never particles or segmentations."""
     return pd.read_csv(cohort_dir / "subjects.csv", usecols=["id", "split", "image"], dtype={"id": str})
 
-
-def _write_atomically(out_dir: Path, writers: dict) -> None:
-    """Write each file to a temporary name, then rename all: no half-written artifact survives a failure."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    temporary = {name: out_dir / f".{name}.partial{Path(name).suffix}" for name in writers}
-    try:
-        for name, write in writers.items():
-            write(temporary[name])
-        for name in writers:
-            os.replace(temporary[name], out_dir / name)
-    finally:
-        for path in temporary.values():
-            path.unlink(missing_ok=True)
 
 
 def registration_accuracy(cohort_dir, preprocess_dir, split: str = "test") -> pd.DataFrame:

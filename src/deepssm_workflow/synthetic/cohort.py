@@ -22,8 +22,6 @@ so the cohort is identical for a seed whatever the number of workers.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -33,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
+from ..atomic import staged
 from ..io import apply_transform, procrustes_fit, write_particles, write_transform
 from . import geometry
 from .anatomy import Anatomy, Scan
@@ -159,10 +158,7 @@ def generate_cohort(anatomy_name: str, settings: SyntheticSettings, out_dir: Pat
     point_ids = geometry.farthest_point_sampling(template.vertices, settings.n_particles)
     plan = subject_plan(prefix or anatomy_name, settings)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = out_dir / ".staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with staged(out_dir, ["data", "subjects.csv", "ground_truth.csv"]) as staging:
         for sub in ("images", "segmentations", "meshes", "particles", "transforms", "template"):
             (staging / "data" / sub).mkdir(parents=True)
         jobs = [(anatomy, settings, point_ids, i, row.id, row.group, staging) for i, row in enumerate(plan.itertuples())]
@@ -192,12 +188,4 @@ def generate_cohort(anatomy_name: str, settings: SyntheticSettings, out_dir: Pat
             "tables": {name: f"data/{name}.csv" for name in tables},
         }
         (staging / "data/cohort.json").write_text(json.dumps(metadata, indent=2) + "\n")
-
-        for name in ("data", "subjects.csv", "ground_truth.csv"):
-            target = out_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(staging / name, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return subjects
