@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 from scipy.spatial import cKDTree
 
-from deepssm_workflow.synthetic import geometry
+from deepssm_workflow.points import farthest_point_sampling
 from deepssm_workflow.synthetic.femur import CAM_WIDTH, NECK_AXIS, Femur
 
 
@@ -18,7 +18,7 @@ def femur():
 
 @pytest.fixture(scope="module")
 def point_ids(femur):
-    return geometry.farthest_point_sampling(femur.template.vertices, 256)
+    return farthest_point_sampling(femur.template.vertices, 256)
 
 
 def population(femur, point_ids, groups, seed=0):

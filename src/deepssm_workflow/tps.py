@@ -18,6 +18,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
+from .points import farthest_point_sampling
+
 CHUNK_ELEMENTS = 1 << 19  # voxels x control points per chunk: 2 MiB of float32, cache-sized between passes
 
 
@@ -110,15 +112,7 @@ def control_subset(points, count: int) -> np.ndarray:
     points = _points(points)
     if count >= len(points):
         return np.arange(len(points))
-    if count < 1:
-        raise ValueError(f"count must be positive, got {count}")
-    chosen = np.empty(count, dtype=int)
-    chosen[0] = np.argmax(((points - points.mean(0)) ** 2).sum(1))
-    nearest = ((points - points[chosen[0]]) ** 2).sum(1)  # squared distance to the chosen set
-    for i in range(1, count):
-        chosen[i] = np.argmax(nearest)
-        np.minimum(nearest, ((points - points[chosen[i]]) ** 2).sum(1), out=nearest)
-    return chosen
+    return farthest_point_sampling(points, count)
 
 
 def warp_image(image, origin, spacing, source_points, target_points, n_control: int,

@@ -16,6 +16,7 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 
+from ..points import farthest_point_sampling
 from . import geometry
 from ..io import apply_transform
 from .imaging import Grid
@@ -57,7 +58,7 @@ class Anatomy(ABC):
     @cached_property
     def rbf_centers(self) -> np.ndarray:
         verts = self.template.vertices
-        return verts[geometry.farthest_point_sampling(verts, self.rbf_count)]
+        return verts[farthest_point_sampling(verts, self.rbf_count)]
 
     def sample_rbf(self, rng: np.random.Generator) -> dict[str, float]:
         coeffs = rng.normal(0.0, self.rbf_sd, size=(self.rbf_count, 3))

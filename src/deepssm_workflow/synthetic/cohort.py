@@ -33,6 +33,7 @@ import pandas as pd
 from .. import __version__
 from ..atomic import staged
 from ..io import apply_transform, procrustes_fit, write_particles, write_transform
+from ..points import farthest_point_sampling
 from . import geometry
 from .anatomy import Anatomy, Scan
 from .imaging import grid_around, signed_distance, voxelize, write_image
@@ -155,7 +156,7 @@ def generate_cohort(anatomy_name: str, settings: SyntheticSettings, out_dir: Pat
     out_dir = Path(out_dir)
     anatomy = anatomy_class(anatomy_name)(settings.mesh_resolution_mm)
     template = anatomy.template
-    point_ids = geometry.farthest_point_sampling(template.vertices, settings.n_particles)
+    point_ids = farthest_point_sampling(template.vertices, settings.n_particles)
     plan = subject_plan(prefix or anatomy_name, settings)
 
     with staged(out_dir, ["data", "subjects.csv", "ground_truth.csv"]) as staging:

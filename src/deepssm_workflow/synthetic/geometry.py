@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import pyvista as pv
 
+
 SDF = Callable[[np.ndarray], np.ndarray]
 
 
@@ -159,23 +160,6 @@ def mesh_sdf(sdf: SDF, lower, upper, resolution: float, smoothing_iterations: in
         raise ValueError("template surface is not closed; enlarge its bounds")
     faces = np.asarray(surface.regular_faces)
     return np.asarray(surface.points, dtype=np.float64), faces
-
-
-def farthest_point_sampling(points: np.ndarray, count: int) -> np.ndarray:
-    """Indices of `count` points spread evenly over `points` (deterministic).
-
-    Starts from the point farthest from the centroid so the result does not
-    depend on vertex order.
-    """
-    if count > len(points):
-        raise ValueError(f"cannot sample {count} points from a mesh with {len(points)} vertices")
-    chosen = np.empty(count, dtype=np.int64)
-    chosen[0] = int(np.argmax(np.linalg.norm(points - points.mean(0), axis=1)))
-    distance = np.linalg.norm(points - points[chosen[0]], axis=1)
-    for i in range(1, count):
-        chosen[i] = int(np.argmax(distance))
-        distance = np.minimum(distance, np.linalg.norm(points - points[chosen[i]], axis=1))
-    return chosen
 
 
 # ----------------------------------------------------------------------------
