@@ -11,9 +11,11 @@ configfile: "config/config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/cohort.smk"
 include: "workflow/rules/preprocess.smk"
+include: "workflow/rules/augment.smk"
 
 
 rule all:
     input:
         expand("results/{dataset}/qc/cohort.png", dataset=SYNTHETIC),
         expand("results/{dataset}/qc/preprocess.png", dataset=DATASETS),
+        expand("results/{dataset}/augmentation/qc.png", dataset=DATASETS),

@@ -52,6 +52,8 @@ BAD = {
                                     "datasets.femur.manifest: required key is missing"),
     "missing preprocess block": (lambda c: c["datasets"]["metopic"].pop("preprocess"),
                                  "datasets.metopic.preprocess: required key is missing"),
+    "unknown sampler": (lambda c: c["datasets"]["left_atrium"]["augmentation"].update(sampler="gan"),
+                        "datasets.left_atrium.augmentation.sampler: 'gan' is not one of"),
     "bad registration mode": (lambda c: c["datasets"]["femur"]["preprocess"].update(registration="affine"),
                               "datasets.femur.preprocess.registration: 'affine' is not one of"),
     "group of another anatomy": (lambda c: c["datasets"]["femur"]["synthetic"]["subjects"]["train"].update(metopic=2),

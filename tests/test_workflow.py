@@ -25,7 +25,8 @@ def planned_jobs(dry_run_output: str) -> set[tuple[str, str]]:
     return jobs
 
 
-STAGES = ("synthesize_cohort", "cohort_qc", "ingest_cohort", "preprocess_train", "preprocess_test", "preprocess_qc")
+STAGES = ("synthesize_cohort", "cohort_qc", "ingest_cohort", "preprocess_train", "preprocess_test", "preprocess_qc",
+          "augment")
 
 
 def test_dry_run_of_the_default_config_plans_every_stage_for_every_dataset(tmp_path):
@@ -44,6 +45,8 @@ def test_tiny_workflow_generates_ingests_and_preprocesses_every_cohort(tmp_path)
         for name in ("cohort", "preprocess"):
             figure = mpimg.imread(tmp_path / "results" / dataset / "qc" / f"{name}.png")
             assert figure.shape[0] > 300 and figure.shape[1] > 600 and figure.std() > 0.05
+        generated = np.load(tmp_path / "results" / dataset / "augmentation" / "images.npy", mmap_mode="r")
+        assert generated.shape[0] == 12 and np.isfinite(generated).all()
         test = np.load(tmp_path / "results" / dataset / "preprocess" / "test.npz")
         assert list(test["ids"]) == list(subjects.loc[subjects["split"] == "test", "id"])
         log = (tmp_path / "logs" / dataset / "synthesize_cohort.log").read_text()
@@ -58,7 +61,8 @@ def test_a_csv_manifest_cohort_runs_through_the_workflow(tmp_path, tiny_cohort):
     manifest = tiny_cohort("femur") / "subjects.csv"
     config = {"datasets": {"my_hips": {
         "anatomy": "femur", "source": "csv", "manifest": str(manifest),
-        "preprocess": {"downsample": 1, "margin_mm": 5, "registration": "auto"}}}}
+        "preprocess": {"downsample": 1, "margin_mm": 5, "registration": "auto"},
+        "augmentation": {"n_samples": 4}}}}
     configfile = tmp_path / "config.yaml"
     configfile.write_text(yaml.safe_dump(config))
     result = run_snakemake(tmp_path / "work", "--cores", "2", "all", configfile=configfile)

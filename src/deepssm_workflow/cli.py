@@ -40,6 +40,15 @@ def _preprocess_unseen(args) -> None:
     preprocess_unseen(args.cohort, args.preprocess_dir, args.split, args.out)
 
 
+def _augment(args) -> None:
+    from .augment import augment
+
+    cfg = json.loads(args.settings)
+    summary = augment(args.cohort, args.preprocess_dir, args.out_dir, cfg["n_samples"], cfg.get("sampler", "kde"),
+                      cfg.get("n_control", 256), cfg.get("seed", 0))
+    print(json.dumps(summary, indent=2))
+
+
 def _qc_preprocess(args) -> None:
     from .qc import preprocess_figure
 
@@ -83,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--out", required=True, help=".npz to write")
     p.set_defaults(run=_preprocess_unseen)
+
+    p = steps.add_parser("augment", help="KDE augmentation: sampled shapes and TPS-warped images")
+    p.add_argument("--cohort", required=True, help="ingested cohort folder (training shapes)")
+    p.add_argument("--preprocess-dir", required=True, help="folder with train.npz and grid.json")
+    p.add_argument("--settings", required=True, help="JSON of the config's `augmentation` block")
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(run=_augment)
 
     p = steps.add_parser("qc-preprocess", help="QC figure of preprocessing: training overlay, registered test images")
     p.add_argument("--preprocess-dir", required=True)

@@ -1,0 +1,30 @@
+# Data augmentation: KDE sampling in PCA space, each sample's image a TPS warp of its source subject.
+
+
+rule augment:
+    input:
+        shapes_train="results/{dataset}/cohort/shapes_train.npz",
+        train="results/{dataset}/preprocess/train.npz",
+        grid="results/{dataset}/preprocess/grid.json",
+    output:
+        images="results/{dataset}/augmentation/images.npy",
+        samples="results/{dataset}/augmentation/samples.npz",
+        shape_space="results/{dataset}/augmentation/shape_space.npz",
+        qc=report(
+            "results/{dataset}/augmentation/qc.png",
+            caption="../report/augmentation_qc.rst",
+            category="Augmentation",
+            subcategory="{dataset}",
+        ),
+    params:
+        settings=lambda wildcards: json.dumps(config["datasets"][wildcards.dataset]["augmentation"], sort_keys=True),
+        cohort=subpath(input.shapes_train, parent=True),
+        preprocess_dir=subpath(input.train, parent=True),
+        out_dir=subpath(output.images, parent=True),
+    log:
+        "logs/{dataset}/augment.log",
+    conda:
+        "../../envs/deepssm.yaml"
+    shell:
+        "deepssm-wf augment --cohort {params.cohort} --preprocess-dir {params.preprocess_dir}"
+        " --settings {params.settings:q} --out-dir {params.out_dir} > {log} 2>&1"
