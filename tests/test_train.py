@@ -1,0 +1,245 @@
+"""Training: the split, the base and TL loops, checkpoints and exact resumption (CPU, tiny data)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from deepssm_workflow.shape_space import ShapeSpace, rmse
+from deepssm_workflow.train import TrainConfig, load_model, predict, split_by_source, train
+
+GRID, M, N_REAL, PER = 16, 24, 12, 1
+SMALL_NET = {"channels": (4, 8, 8, 16, 16), "fc_sizes": (32, 16), "ae_hidden": 32}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors; also keeps float reductions identical across processes
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_data(seed: int = 0):
+    """12 real shapes (mean + 3 random modes) and one 'generated' neighbour of each; images are
+    Gaussian blobs at four of the shape's points on a 16^3 grid, so the shape can be read off."""
+    rng = np.random.default_rng(seed)
+    mean = rng.uniform(5, 11, (M, 3))
+    modes = rng.normal(0, 1, (3, M, 3))
+    source = np.repeat(np.arange(N_REAL), PER)
+    real = rng.normal(0, 1.2, (N_REAL, 3))
+    scores = np.concatenate([real, real[source] + rng.normal(0, 0.3, (len(source), 3))])
+    points = (mean + np.einsum("nk,kmd->nmd", scores, modes)).astype(np.float32)
+    zz, yy, xx = np.meshgrid(*(np.arange(GRID),) * 3, indexing="ij")
+    images = np.zeros((len(points), GRID, GRID, GRID), np.float32)
+    for i, shape in enumerate(points):
+        for x, y, z in shape[:4]:
+            images[i] += np.exp(-((xx - x) ** 2 + (yy - y) ** 2 + (zz - z) ** 2) / (2 * 1.5 ** 2))
+    return images, points, source
+
+
+@pytest.fixture(scope="module")
+def data():
+    images, points, source = make_data()
+    train_idx, val_idx = split_by_source(N_REAL, source, 0.25, seed=0)
+    space = ShapeSpace(n_modes=3).fit(points[train_idx])
+    return images, points, train_idx, val_idx, space
+
+
+def config(**overrides) -> TrainConfig:
+    base = dict(variant="base", epochs=12, ae_epochs=2, tflank_epochs=3, joint_epochs=2, latent_dim=8,
+                batch_size=4, val_fraction=0.25, model=SMALL_NET)
+    return TrainConfig(**{**base, **overrides})
+
+
+def read_log(out):
+    with open(out / "log.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def model_weights(path):
+    return torch.load(path, weights_only=True)
+
+
+def assert_same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+# -- split
+
+
+def test_split_by_source_keeps_subjects_on_one_side():
+    rng = np.random.default_rng(3)
+    n_real = 20
+    source = rng.integers(0, n_real, 57)
+    train_idx, val_idx = split_by_source(n_real, source, 0.2, seed=5)
+    assert sorted(np.concatenate([train_idx, val_idx]).tolist()) == list(range(n_real + len(source)))
+
+    def subjects(idx):
+        return {int(i) if i < n_real else int(source[i - n_real]) for i in idx}
+
+    assert not subjects(train_idx) & subjects(val_idx)
+    assert sum(i < n_real for i in val_idx) == 4  # 20 % of the real subjects
+    again = split_by_source(n_real, source, 0.2, seed=5)
+    assert np.array_equal(again[0], train_idx) and np.array_equal(again[1], val_idx)
+    other = split_by_source(n_real, source, 0.2, seed=6)
+    assert not np.array_equal(other[1], val_idx)
+    with pytest.raises(ValueError):
+        split_by_source(n_real, [n_real], 0.2)
+
+
+# -- base
+
+
+def test_base_learns_and_keeps_pca_layer(data, tmp_path):
+    images, points, train_idx, val_idx, space = data
+    messages = []
+    card = train(images, points, train_idx, val_idx, space, config(), tmp_path, log=messages.append,
+                 data_hash="abc")
+    assert any("no CUDA device visible, using CPU" in m or "CUDA visible:" in m for m in messages)
+
+    state = model_weights(tmp_path / "model.pt")  # weights_only=True
+    assert np.array_equal(state["pca_weight"].cpu().numpy(), space.basis.T.astype(np.float32))
+    assert np.array_equal(state["pca_bias"].cpu().numpy(), space.mean.reshape(-1).astype(np.float32))
+
+    rows = read_log(tmp_path)
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 13))
+    val = [float(r["val_rmse"]) for r in rows]
+    mean_rmse = rmse(np.broadcast_to(space.mean, points[val_idx].shape), points[val_idx]).mean()
+    assert card["val_rmse"] == pytest.approx(min(val))
+    assert card["val_rmse"] < val[0]
+    assert card["val_rmse"] < 0.8 * mean_rmse
+
+    on_disk = json.loads((tmp_path / "model_card.json").read_text())
+    assert on_disk["best_epoch"] == int(np.argmin(val)) + 1
+    assert on_disk["device"] == ("cuda" if torch.cuda.is_available() else "cpu") and on_disk["data_hash"] == "abc"
+    assert on_disk["n_train"] == len(train_idx) and on_disk["n_val"] == len(val_idx)
+    assert (tmp_path / "loss_curve.png").stat().st_size > 0
+
+    # the saved best model reproduces the best validation RMSE through predict (and from a memmap)
+    np.save(tmp_path / "images.npy", images)
+    memmap = np.load(tmp_path / "images.npy", mmap_mode="r")
+    model = load_model(tmp_path, device=card["device"])
+    pred, seconds = predict(model, memmap, batch_size=5)
+    assert pred.shape == points.shape and seconds > 0
+    assert rmse(pred[val_idx], points[val_idx]).mean() == pytest.approx(card["val_rmse"], rel=1e-3)
+
+
+def test_focal_base_records_threshold(data, tmp_path):
+    images, points, train_idx, val_idx, space = data
+    card = train(images, points, train_idx, val_idx, space, config(variant="base_focal", epochs=2), tmp_path,
+                 log=lambda _: None)
+    assert card["focal_c_points"] > 0 and card["focal_c_latent"] is None
+
+
+# -- TL
+
+
+def test_tl_phases_in_order_and_autoencoder_frozen_in_tflank(data, tmp_path):
+    images, points, train_idx, val_idx, space = data
+    cfg = config(variant="tl_focal")
+    quiet = lambda _: None  # noqa: E731
+    assert train(images, points, train_idx, val_idx, space, cfg, tmp_path, log=quiet, device="cpu",
+                 stop_after_epochs=2) is None
+    after_ae = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    assert train(images, points, train_idx, val_idx, space, cfg, tmp_path, log=quiet, device="cpu",
+                 stop_after_epochs=5) is None
+    after_tf = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert after_tf["focal_c"]["latent"] > 0
+    for name, value in after_tf["model"].items():
+        if name.startswith(("encoder.", "decoder.", "mean_shape")):
+            assert torch.equal(value, after_ae[name]), name
+    assert any(not torch.equal(v, after_ae[n]) for n, v in after_tf["model"].items() if n.startswith("t_flank."))
+
+    card = train(images, points, train_idx, val_idx, space, cfg, tmp_path, log=quiet, device="cpu")
+    rows = read_log(tmp_path)
+    assert [r["phase"] for r in rows] == ["autoencoder"] * 2 + ["tflank"] * 3 + ["joint"] * 2
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 8))
+    assert [float(r["lr"]) for r in rows[:2]] == [1e-4, 1e-4]
+    assert float(rows[2]["lr"]) == pytest.approx(1e-3)
+    assert card["best_phase"] in ("tflank", "joint") and card["best_epoch"] >= 3  # image-based phases only
+    assert card["val_rmse"] == pytest.approx(min(float(r["val_rmse"]) for r in rows[2:]))
+    state = model_weights(tmp_path / "model.pt")
+    assert "t_flank.head.0.weight" in state
+
+
+# -- resumption
+
+
+def test_resume_gives_identical_weights(data, tmp_path):
+    images, points, train_idx, val_idx, space = data
+    cfg = config(epochs=5)
+    quiet = lambda _: None  # noqa: E731
+    train(images, points, train_idx, val_idx, space, cfg, tmp_path / "full", log=quiet, device="cpu")
+    assert train(images, points, train_idx, val_idx, space, cfg, tmp_path / "cut", log=quiet, device="cpu",
+                 stop_after_epochs=2) is None
+    assert len(read_log(tmp_path / "cut")) == 2
+    resumed = []
+    train(images, points, train_idx, val_idx, space, cfg, tmp_path / "cut", log=resumed.append, device="cpu")
+    assert any("resuming" in m and "after epoch 2" in m for m in resumed)
+    assert sum(m.startswith("epoch ") for m in resumed) == 3  # only the remaining epochs ran
+    assert len(read_log(tmp_path / "cut")) == 5
+    assert_same_weights(model_weights(tmp_path / "full" / "model.pt"), model_weights(tmp_path / "cut" / "model.pt"))
+    # a checkpoint of another configuration is not resumed
+    messages = []
+    train(images, points, train_idx, val_idx, space, replace(cfg, epochs=3), tmp_path / "cut", log=messages.append,
+          device="cpu")
+    assert any("starting afresh" in m for m in messages)
+    assert len(read_log(tmp_path / "cut")) == 3
+
+
+def test_resume_after_sigkill(data, tmp_path):
+    """Kill a real training process (SIGKILL) mid-run; the rerun ends with the same weights."""
+    images, points, train_idx, val_idx, space = data
+    np.save(tmp_path / "images.npy", images)
+    np.save(tmp_path / "points.npy", points)
+    np.save(tmp_path / "train_idx.npy", train_idx)
+    np.save(tmp_path / "val_idx.npy", val_idx)
+    space.save(tmp_path / "space.npz")
+    epochs = 6
+    script = textwrap.dedent(f"""
+        import sys, time
+        import numpy as np, torch
+        from deepssm_workflow.shape_space import ShapeSpace
+        from deepssm_workflow.train import TrainConfig, train
+        torch.set_num_threads(1)
+        d = sys.argv[1]
+        cfg = TrainConfig(variant="base", epochs={epochs}, batch_size=4, val_fraction=0.25, model={SMALL_NET!r})
+        slow = lambda message: time.sleep(0.4)  # epochs last ~0.1 s: leave time to kill between them
+        train(np.load(d + "/images.npy", mmap_mode="r"), np.load(d + "/points.npy"), np.load(d + "/train_idx.npy"),
+              np.load(d + "/val_idx.npy"), ShapeSpace.load(d + "/space.npz"), cfg, d + "/" + sys.argv[2], device="cpu",
+              log=slow if sys.argv[2] == "killed" else print)
+    """)
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    command = [sys.executable, "-c", script, str(tmp_path)]
+    proc = subprocess.Popen(command + ["killed"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log_path = tmp_path / "killed" / "log.csv"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log_path.exists() and len(read_log(tmp_path / "killed")) >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read().decode()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(read_log(tmp_path / "killed"))
+    assert 2 <= done < epochs and not (tmp_path / "killed" / "model.pt").exists()
+
+    for name in ("killed", "full"):
+        result = subprocess.run(command + [name], env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+    assert len(read_log(tmp_path / "killed")) == epochs
+    assert_same_weights(model_weights(tmp_path / "full" / "model.pt"), model_weights(tmp_path / "killed" / "model.pt"))
