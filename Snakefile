@@ -12,6 +12,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/cohort.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/augment.smk"
+include: "workflow/rules/train.smk"
 
 
 rule all:

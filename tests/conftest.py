@@ -42,6 +42,7 @@ def run_snakemake(workdir: Path, *args: str, configfile: Path = TINY) -> subproc
     """Run the real workflow in `workdir` (outputs land there, not in the checkout)."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # --configfile (like --resources) takes several values, so it goes last, after the targets
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-               "--configfile", str(configfile), *args]
+               *args, "--configfile", str(configfile)]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)

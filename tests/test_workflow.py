@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 
 import matplotlib.image as mpimg
 import numpy as np
 import pandas as pd
+import SimpleITK as sitk
 import yaml
 
 from conftest import REPO, run_snakemake
@@ -62,7 +66,8 @@ def test_a_csv_manifest_cohort_runs_through_the_workflow(tmp_path, tiny_cohort):
     config = {"datasets": {"my_hips": {
         "anatomy": "femur", "source": "csv", "manifest": str(manifest),
         "preprocess": {"downsample": 1, "margin_mm": 5, "registration": "auto"},
-        "augmentation": {"n_samples": 4}}}}
+        "augmentation": {"n_samples": 4},
+        "training": {"n_modes": 3, "epochs": 1}}}}
     configfile = tmp_path / "config.yaml"
     configfile.write_text(yaml.safe_dump(config))
     result = run_snakemake(tmp_path / "work", "--cores", "2", "all", configfile=configfile)
@@ -71,3 +76,49 @@ def test_a_csv_manifest_cohort_runs_through_the_workflow(tmp_path, tiny_cohort):
     assert not (tmp_path / "work" / "resources").exists()  # nothing was generated
     report = (tmp_path / "work" / "results" / "my_hips" / "cohort" / "report.json").read_text()
     assert '"kind": "csv"' in report
+
+
+VARIANTS = ("base", "base_focal", "tl", "tl_focal")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "deepssm_workflow", *args], capture_output=True, text=True)
+
+
+def test_tiny_training_and_prediction_of_every_variant_and_of_a_new_image(tmp_path):
+    targets = [f"results/femur/predictions/{variant}/predictions.csv" for variant in VARIANTS]
+    # Snakemake's --resources takes several values: targets go before it
+    result = run_snakemake(tmp_path, *targets, "--cores", "2", "--resources", "gpu=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = tmp_path / "results" / "femur"
+    test_ids = list(np.load(results / "preprocess" / "test.npz")["ids"])
+    for variant in VARIANTS:
+        card = json.loads((results / "models" / variant / "model_card.json").read_text())
+        assert card["variant"] == variant and card["device"] == "cpu" and card["best_epoch"] >= 1
+        log = (tmp_path / "logs" / "femur" / f"train_{variant}.log").read_text()
+        assert "no CUDA device visible, using CPU" in log
+        table = pd.read_csv(results / "predictions" / variant / "predictions.csv")
+        assert list(table["id"]) == test_ids and (table["seconds_per_scan"] > 0).all()
+        for path in table["local_particles"]:
+            assert np.loadtxt(results / "predictions" / variant / path).shape == (128, 3)
+
+    # a brand-new image through the command line gives the workflow's own prediction
+    subjects = pd.read_csv(results / "cohort" / "subjects.csv")
+    subject = subjects[subjects["split"] == "test"].iloc[0]
+    model_dir, preprocess_dir = results / "models" / "base", results / "preprocess"
+    cli = run_cli("predict-image", "--model-dir", str(model_dir), "--preprocess-dir", str(preprocess_dir),
+                  "--image", subject["image"], "--out-prefix", str(tmp_path / "new" / "scan"))
+    assert cli.returncode == 0, cli.stderr
+    mine = np.loadtxt(tmp_path / "new" / "scan_local.particles")
+    workflow = np.loadtxt(results / "predictions" / "base" / "particles" / f"{subject['id']}_local.particles")
+    assert np.abs(mine - workflow).max() < 1e-3
+
+    flat = tmp_path / "slice.nrrd"
+    sitk.WriteImage(sitk.Image(16, 16, sitk.sitkFloat32), str(flat))
+    garbage = tmp_path / "garbage.nrrd"
+    garbage.write_bytes(b"not an image")
+    for path, message in ((flat, "a 3D scalar image is needed, found 2D"), (garbage, "cannot read the image")):
+        cli = run_cli("predict-image", "--model-dir", str(model_dir), "--preprocess-dir", str(preprocess_dir),
+                      "--image", str(path), "--out-prefix", str(tmp_path / "bad" / "scan"))
+        assert cli.returncode == 1 and str(path) in cli.stderr and message in cli.stderr, cli.stderr
+        assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())

@@ -49,6 +49,27 @@ def _augment(args) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def _train(args) -> None:
+    from .train import train_from_artifacts
+
+    card = train_from_artifacts(args.cohort, args.preprocess_dir, args.augmentation_dir, args.variant,
+                                json.loads(args.settings), args.out_dir, threads=args.threads)
+    print(json.dumps(card, indent=2, default=str))
+
+
+def _predict(args) -> None:
+    from .predict import predict_split
+
+    table = predict_split(args.model_dir, args.preprocess_dir, args.split, args.out_dir, threads=args.threads)
+    print(table.to_string(index=False))
+
+
+def _predict_image(args) -> None:
+    from .predict import predict_image
+
+    print(json.dumps(predict_image(args.model_dir, args.preprocess_dir, args.image, args.out_prefix), indent=2))
+
+
 def _qc_preprocess(args) -> None:
     from .qc import preprocess_figure
 
@@ -99,6 +120,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", required=True, help="JSON of the config's `augmentation` block")
     p.add_argument("--out-dir", required=True)
     p.set_defaults(run=_augment)
+
+    p = steps.add_parser("train", help="train one DeepSSM variant (CUDA when visible, else CPU)")
+    p.add_argument("--cohort", required=True)
+    p.add_argument("--preprocess-dir", required=True)
+    p.add_argument("--augmentation-dir", required=True)
+    p.add_argument("--variant", required=True, choices=["base", "base_focal", "tl", "tl_focal"])
+    p.add_argument("--settings", required=True, help="JSON of the config's `training` block")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(run=_train)
+
+    p = steps.add_parser("predict", help="predict the preprocessed images of a split")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--preprocess-dir", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(run=_predict)
+
+    p = steps.add_parser("predict-image", help="correspondences for one new, unsegmented image")
+    p.add_argument("--model-dir", required=True, help="results/{dataset}/models/{variant}")
+    p.add_argument("--preprocess-dir", required=True, help="results/{dataset}/preprocess (reference, grid)")
+    p.add_argument("--image", required=True, help="3D image file (NRRD, NIfTI, ...)")
+    p.add_argument("--out-prefix", required=True, help="writes PREFIX_world.particles and PREFIX_local.particles")
+    p.set_defaults(run=_predict_image)
 
     p = steps.add_parser("qc-preprocess", help="QC figure of preprocessing: training overlay, registered test images")
     p.add_argument("--preprocess-dir", required=True)

@@ -31,6 +31,8 @@ row per epoch, flushed as it runs), `loss_curve.png`, and `checkpoint.pt`.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -420,3 +422,63 @@ def load_model(out_dir, device="cpu") -> nn.Module:
     model = build_model(card["variant"], config, mean, basis)
     model.load_state_dict(state)
     return model.to(device).eval()
+
+
+# -- from the workflow's artifacts
+
+
+class StackedImages:
+    """Several image arrays (real ones in memory, generated ones memory-mapped) seen as one,
+    reading only the rows asked for."""
+
+    def __init__(self, *arrays):
+        self.arrays = arrays
+        self.offsets = np.cumsum([0] + [len(a) for a in arrays])
+        self.shape = (int(self.offsets[-1]), *arrays[0].shape[1:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx) -> np.ndarray:
+        idx = np.atleast_1d(np.asarray(idx, dtype=np.int64))
+        out = np.empty((len(idx), *self.shape[1:]), dtype=np.float32)
+        for k, array in enumerate(self.arrays):
+            inside = (idx >= self.offsets[k]) & (idx < self.offsets[k + 1])
+            if inside.any():
+                out[inside] = array[idx[inside] - self.offsets[k]]
+        return out
+
+
+def file_hash(*paths) -> str:
+    """sha256 over the bytes of the given files, in order (the training data's identity)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def train_from_artifacts(cohort_dir, preprocess_dir, augmentation_dir, variant: str, settings: dict, out_dir,
+                         threads: int = 1, log=print) -> dict:
+    """Train one variant on the real training images plus the augmented samples.
+
+    `settings` is the config's `training` block: the shape space for the base variants
+    (`n_modes` or `variance` of the real training shapes) and TrainConfig fields.
+    """
+    cohort_dir, preprocess_dir, augmentation_dir = Path(cohort_dir), Path(preprocess_dir), Path(augmentation_dir)
+    paths = [preprocess_dir / "train.npz", cohort_dir / "shapes_train.npz", augmentation_dir / "samples.npz",
+             augmentation_dir / "images.npy"]
+    real, shapes, samples = (np.load(p) for p in paths[:3])
+    if list(real["ids"]) != list(shapes["ids"]):
+        raise ValueError(f"{paths[0]} and {paths[1]} list different training subjects")
+    images = StackedImages(real["images"], np.load(paths[3], mmap_mode="r"))
+    points = np.concatenate([shapes["world"], samples["points"]])
+    space_settings = {key: settings[key] for key in ("n_modes", "variance") if key in settings}
+    space = ShapeSpace(**space_settings).fit(shapes["world"])
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"variant", "n_modes"}
+    config = TrainConfig(variant=variant, **{k: v for k, v in settings.items() if k in fields})
+    train_idx, val_idx = split_by_source(len(real["ids"]), samples["source_index"], config.val_fraction, config.seed)
+    torch.set_num_threads(max(1, threads))
+    log(f"{variant}: {len(train_idx)} training / {len(val_idx)} validation samples, {space.n_modes} PCA modes")
+    return train(images, points, train_idx, val_idx, space, config, out_dir, log=log, data_hash=file_hash(*paths))

@@ -1,0 +1,66 @@
+# The four DeepSSM variants as GPU rules, and inference on the test images.
+
+VARIANTS = ["base", "base_focal", "tl", "tl_focal"]
+
+
+rule train:
+    input:
+        shapes_train="results/{dataset}/cohort/shapes_train.npz",
+        train="results/{dataset}/preprocess/train.npz",
+        samples="results/{dataset}/augmentation/samples.npz",
+        images="results/{dataset}/augmentation/images.npy",
+    output:
+        model="results/{dataset}/models/{variant}/model.pt",
+        card="results/{dataset}/models/{variant}/model_card.json",
+        log_csv="results/{dataset}/models/{variant}/log.csv",
+        curve=report(
+            "results/{dataset}/models/{variant}/loss_curve.png",
+            caption="../report/loss_curve.rst",
+            category="Training",
+            subcategory="{dataset}",
+        ),
+    wildcard_constraints:
+        variant="|".join(VARIANTS),
+    params:
+        settings=lambda wildcards: json.dumps(config["datasets"][wildcards.dataset]["training"], sort_keys=True),
+        cohort=subpath(input.shapes_train, parent=True),
+        preprocess_dir=subpath(input.train, parent=True),
+        augmentation_dir=subpath(input.samples, parent=True),
+        out_dir=subpath(output.model, parent=True),
+    threads: 2
+    resources:
+        gpu=1,
+    log:
+        "logs/{dataset}/train_{variant}.log",
+    conda:
+        "../../envs/deepssm.yaml"
+    shell:
+        # out_dir/checkpoint.pt is written every epoch and not declared, so that a rerun of a
+        # killed job (--rerun-incomplete) resumes from it instead of starting over
+        "deepssm-wf train --cohort {params.cohort} --preprocess-dir {params.preprocess_dir}"
+        " --augmentation-dir {params.augmentation_dir} --variant {wildcards.variant}"
+        " --settings {params.settings:q} --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
+
+
+rule predict:
+    input:
+        model="results/{dataset}/models/{variant}/model.pt",
+        card="results/{dataset}/models/{variant}/model_card.json",
+        test="results/{dataset}/preprocess/test.npz",
+    output:
+        table="results/{dataset}/predictions/{variant}/predictions.csv",
+        particles=directory("results/{dataset}/predictions/{variant}/particles"),
+    wildcard_constraints:
+        variant="|".join(VARIANTS),
+    params:
+        model_dir=subpath(input.model, parent=True),
+        preprocess_dir=subpath(input.test, parent=True),
+        out_dir=subpath(output.table, parent=True),
+    threads: 1
+    log:
+        "logs/{dataset}/predict_{variant}.log",
+    conda:
+        "../../envs/deepssm.yaml"
+    shell:
+        "deepssm-wf predict --model-dir {params.model_dir} --preprocess-dir {params.preprocess_dir}"
+        " --split test --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
