@@ -102,6 +102,11 @@ def test_tiny_training_and_prediction_of_every_variant_and_of_a_new_image(tmp_pa
         for path in table["local_particles"]:
             assert np.loadtxt(results / "predictions" / variant / path).shape == (128, 3)
 
+    summary = run_cli("evaluate", "--dataset-dir", str(results))
+    assert summary.returncode == 0, summary.stderr
+    for word in ("rmse_mm", "mean_shape_rmse_mm", "pca_floor_rmse_mm", *VARIANTS):
+        assert word in summary.stdout
+
     # a brand-new image through the command line gives the workflow's own prediction
     subjects = pd.read_csv(results / "cohort" / "subjects.csv")
     subject = subjects[subjects["split"] == "test"].iloc[0]

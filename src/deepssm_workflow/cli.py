@@ -70,6 +70,12 @@ def _predict_image(args) -> None:
     print(json.dumps(predict_image(args.model_dir, args.preprocess_dir, args.image, args.out_prefix), indent=2))
 
 
+def _evaluate(args) -> None:
+    from .evaluate import summarize
+
+    print(summarize(args.dataset_dir, args.variants).to_string(index=False, float_format="%.3f"))
+
+
 def _qc_preprocess(args) -> None:
     from .qc import preprocess_figure
 
@@ -145,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, help="3D image file (NRRD, NIfTI, ...)")
     p.add_argument("--out-prefix", required=True, help="writes PREFIX_world.particles and PREFIX_local.particles")
     p.set_defaults(run=_predict_image)
+
+    p = steps.add_parser("evaluate", help="mean test RMSE per variant beside the mean-shape predictor and PCA floor")
+    p.add_argument("--dataset-dir", required=True, help="results/{dataset}")
+    p.add_argument("--variants", nargs="+", default=["base", "base_focal", "tl", "tl_focal"])
+    p.set_defaults(run=_evaluate)
 
     p = steps.add_parser("qc-preprocess", help="QC figure of preprocessing: training overlay, registered test images")
     p.add_argument("--preprocess-dir", required=True)

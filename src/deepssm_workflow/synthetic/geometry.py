@@ -109,11 +109,6 @@ def smooth_intersection(a: SDF, b: SDF, k: float) -> SDF:
     return f
 
 
-def half_space_below(z: float) -> SDF:
-    """Inside where x_z < z (used to cut a shape with a plane)."""
-    return lambda x: x[..., 2] - z
-
-
 # ----------------------------------------------------------------------------
 # Template meshing and correspondence sampling
 
