@@ -26,3 +26,17 @@ def staged(out_dir, names):
             os.replace(staging / name, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def replaced(path):
+    """Yield a temporary path next to `path`; when the block succeeds it replaces `path`,
+    so readers never see a half-written file. The temporary file never survives."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from .atomic import replaced  # noqa: E402
 
 STYLE = {
     "figure.dpi": 110,
@@ -31,12 +30,11 @@ def figure(rows: int, cols: int, cell=(3.0, 3.0)):
 
 def save_figure(fig, path) -> None:
     """Write via a temporary file so an interrupted job leaves no half-written figure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with replaced(path) as tmp:  # the suffix stays .png, so matplotlib knows the format
+            fig.savefig(tmp, bbox_inches="tight")
+    finally:
+        plt.close(fig)
 
 
 def render_mesh(mesh_path, points: np.ndarray | None = None, size=(420, 420)) -> np.ndarray:

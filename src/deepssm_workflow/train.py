@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .atomic import replaced
 from .models import (
     VARIANTS, ModelConfig, build_model, correspondence_loss, focal_loss, focal_threshold, latent_focal_threshold,
 )
@@ -178,15 +179,13 @@ def predict(model: nn.Module, images, batch_size: int = 8) -> tuple[np.ndarray, 
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with replaced(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _atomic_json(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    with replaced(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def _write_log(path: Path, history: list[dict]) -> None:
