@@ -224,7 +224,8 @@ def preprocess_training(cohort_dir, settings: PreprocessSettings, out_dir) -> di
     arrays = []
     for subject_id, image_to_world in zip(ids, shapes["image_to_world"]):
         world_to_image = affine(np.linalg.inv(image_to_world))
-        arrays.append(resample_to_world(read_image(images.loc[subject_id, "image"]), world_to_image, grid))
+        raw = reference_raw if subject_id == reference_id else read_image(images.loc[subject_id, "image"])
+        arrays.append(resample_to_world(raw, world_to_image, grid))
     stack = np.stack(arrays).astype(np.float32)
     mean, std = float(stack.mean(dtype=np.float64)), float(stack.std(dtype=np.float64))
     if not std > 0:
