@@ -16,15 +16,15 @@ rule augment:
             category="Augmentation",
             subcategory="{dataset}",
         ),
+    log:
+        "logs/{dataset}/augment.log",
+    conda:
+        "../../envs/deepssm.yaml"
     params:
         settings=lambda wildcards: json.dumps(config["datasets"][wildcards.dataset]["augmentation"], sort_keys=True),
         cohort=subpath(input.shapes_train, parent=True),
         preprocess_dir=subpath(input.train, parent=True),
         out_dir=subpath(output.images, parent=True),
-    log:
-        "logs/{dataset}/augment.log",
-    conda:
-        "../../envs/deepssm.yaml"
     shell:
         "deepssm-wf augment --cohort {params.cohort} --preprocess-dir {params.preprocess_dir}"
         " --settings {params.settings:q} --out-dir {params.out_dir} > {log} 2>&1"

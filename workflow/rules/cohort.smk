@@ -6,17 +6,17 @@ rule synthesize_cohort:
         subjects="resources/{dataset}/subjects.csv",
         ground_truth="resources/{dataset}/ground_truth.csv",
         data=directory("resources/{dataset}/data"),
+    log:
+        "logs/{dataset}/synthesize_cohort.log",
     wildcard_constraints:
         dataset="|".join(SYNTHETIC) or "(?!)",
+    conda:
+        "../../envs/deepssm.yaml"
+    threads: 2
     params:
         anatomy=lambda wildcards: DATASETS[wildcards.dataset].anatomy,
         settings=synthetic_settings,
         out_dir=subpath(output.subjects, parent=True),
-    log:
-        "logs/{dataset}/synthesize_cohort.log",
-    threads: 2
-    conda:
-        "../../envs/deepssm.yaml"
     shell:
         "deepssm-wf synthesize --anatomy {params.anatomy} --prefix {wildcards.dataset}"
         " --settings {params.settings:q} --out-dir {params.out_dir} --workers {threads}"
@@ -34,11 +34,11 @@ rule cohort_qc:
             category="Cohort",
             subcategory="{dataset}",
         ),
-    params:
-        n_subjects=config.get("qc", {}).get("subjects", 4),
     log:
         "logs/{dataset}/cohort_qc.log",
     conda:
         "../../envs/deepssm.yaml"
+    params:
+        n_subjects=config.get("qc", {}).get("subjects", 4),
     shell:
         "deepssm-wf qc-cohort --subjects {input.subjects} --out {output} --count {params.n_subjects} > {log} 2>&1"

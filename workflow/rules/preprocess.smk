@@ -9,14 +9,14 @@ rule ingest_cohort:
         shapes_train="results/{dataset}/cohort/shapes_train.npz",
         shapes_test="results/{dataset}/cohort/shapes_test.npz",
         report="results/{dataset}/cohort/report.json",
-    params:
-        anatomy=lambda wildcards: DATASETS[wildcards.dataset].anatomy,
-        source=cohort_source,
-        out_dir=subpath(output.subjects, parent=True),
     log:
         "logs/{dataset}/ingest_cohort.log",
     conda:
         "../../envs/deepssm.yaml"
+    params:
+        anatomy=lambda wildcards: DATASETS[wildcards.dataset].anatomy,
+        source=cohort_source,
+        out_dir=subpath(output.subjects, parent=True),
     shell:
         "deepssm-wf ingest --anatomy {params.anatomy} --source {params.source:q}"
         " --out-dir {params.out_dir} > {log} 2>&1"
@@ -30,14 +30,14 @@ rule preprocess_train:
         grid="results/{dataset}/preprocess/grid.json",
         reference="results/{dataset}/preprocess/reference.nrrd",
         train="results/{dataset}/preprocess/train.npz",
-    params:
-        settings=lambda wildcards: json.dumps(config["datasets"][wildcards.dataset]["preprocess"], sort_keys=True),
-        cohort=subpath(input.subjects, parent=True),
-        out_dir=subpath(output.grid, parent=True),
     log:
         "logs/{dataset}/preprocess_train.log",
     conda:
         "../../envs/deepssm.yaml"
+    params:
+        settings=lambda wildcards: json.dumps(config["datasets"][wildcards.dataset]["preprocess"], sort_keys=True),
+        cohort=subpath(input.subjects, parent=True),
+        out_dir=subpath(output.grid, parent=True),
     shell:
         "deepssm-wf preprocess-train --cohort {params.cohort} --settings {params.settings:q}"
         " --out-dir {params.out_dir} > {log} 2>&1"
@@ -53,13 +53,13 @@ rule preprocess_test:
         reference="results/{dataset}/preprocess/reference.nrrd",
     output:
         "results/{dataset}/preprocess/test.npz",
-    params:
-        cohort=subpath(input.subjects, parent=True),
-        preprocess_dir=subpath(input.grid, parent=True),
     log:
         "logs/{dataset}/preprocess_test.log",
     conda:
         "../../envs/deepssm.yaml"
+    params:
+        cohort=subpath(input.subjects, parent=True),
+        preprocess_dir=subpath(input.grid, parent=True),
     shell:
         "deepssm-wf preprocess-unseen --cohort {params.cohort} --preprocess-dir {params.preprocess_dir}"
         " --split test --out {output} > {log} 2>&1"
@@ -78,13 +78,13 @@ rule preprocess_qc:
             category="Preprocessing",
             subcategory="{dataset}",
         ),
-    params:
-        preprocess_dir=subpath(input.grid, parent=True),
-        n_subjects=config.get("qc", {}).get("subjects", 4),
     log:
         "logs/{dataset}/preprocess_qc.log",
     conda:
         "../../envs/deepssm.yaml"
+    params:
+        preprocess_dir=subpath(input.grid, parent=True),
+        n_subjects=config.get("qc", {}).get("subjects", 4),
     shell:
         "deepssm-wf qc-preprocess --preprocess-dir {params.preprocess_dir} --out {output}"
         " --count {params.n_subjects} > {log} 2>&1"

@@ -19,21 +19,21 @@ rule train:
             category="Training",
             subcategory="{dataset}",
         ),
+    log:
+        "logs/{dataset}/train_{variant}.log",
     wildcard_constraints:
         variant="|".join(VARIANTS),
+    conda:
+        "../../envs/deepssm.yaml"
+    threads: 2
+    resources:
+        gpu=1,
     params:
         settings=lambda wildcards: json.dumps(config["datasets"][wildcards.dataset]["training"], sort_keys=True),
         cohort=subpath(input.shapes_train, parent=True),
         preprocess_dir=subpath(input.train, parent=True),
         augmentation_dir=subpath(input.samples, parent=True),
         out_dir=subpath(output.model, parent=True),
-    threads: 2
-    resources:
-        gpu=1,
-    log:
-        "logs/{dataset}/train_{variant}.log",
-    conda:
-        "../../envs/deepssm.yaml"
     shell:
         # out_dir/checkpoint.pt is written every epoch and not declared, so that a rerun of a
         # killed job (--rerun-incomplete) resumes from it instead of starting over
@@ -50,17 +50,17 @@ rule predict:
     output:
         table="results/{dataset}/predictions/{variant}/predictions.csv",
         particles=directory("results/{dataset}/predictions/{variant}/particles"),
+    log:
+        "logs/{dataset}/predict_{variant}.log",
     wildcard_constraints:
         variant="|".join(VARIANTS),
+    conda:
+        "../../envs/deepssm.yaml"
+    threads: 1
     params:
         model_dir=subpath(input.model, parent=True),
         preprocess_dir=subpath(input.test, parent=True),
         out_dir=subpath(output.table, parent=True),
-    threads: 1
-    log:
-        "logs/{dataset}/predict_{variant}.log",
-    conda:
-        "../../envs/deepssm.yaml"
     shell:
         "deepssm-wf predict --model-dir {params.model_dir} --preprocess-dir {params.preprocess_dir}"
         " --split test --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
