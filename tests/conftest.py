@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,3 +47,34 @@ def run_snakemake(workdir: Path, *args: str, configfile: Path = TINY) -> subproc
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
                *args, "--configfile", str(configfile)]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+
+
+REPORT_DATASETS = ("femur", "metopic", "left_atrium")
+
+
+@pytest.fixture(scope="session")
+def tiny_reports(tmp_path_factory):
+    """One real run of the tiny preset up to every dataset's report.html (the whole DAG: cohorts,
+    training of every variant, evaluation, studies); returns the work folder and the run."""
+    workdir = tmp_path_factory.mktemp("tiny_reports")
+    targets = [f"results/{d}/report.html" for d in REPORT_DATASETS]
+    return workdir, run_snakemake(workdir, *targets, "--cores", "2", "--resources", "gpu=1")
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """A headless Chromium executable; the Debian package is installed when missing and this
+    runs as root with apt-get. Elsewhere the test is skipped, except in CI, where that fails."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found and shutil.which("apt-get") and os.geteuid() == 0:
+        install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
+        if subprocess.run(install, capture_output=True, timeout=1200).returncode != 0:
+            subprocess.run(["apt-get", "update"], capture_output=True, timeout=600)  # stale package lists
+            subprocess.run(install, capture_output=True, timeout=1200)
+        found = shutil.which("chromium")
+    if not found:
+        reason = "headless Chromium is not installed and cannot be installed here (needs root and apt-get)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return found

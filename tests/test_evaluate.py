@@ -1,13 +1,21 @@
-"""Evaluation against baselines, on hand-made predictions with known errors."""
+"""Evaluation: metrics against hand-computed values, surfaces, and the evaluation folder on a real cohort."""
 
 from __future__ import annotations
 
+import json
+
+import matplotlib.image as mpimg
 import numpy as np
 import pandas as pd
 import pytest
+import pyvista as pv
 
-from deepssm_workflow.evaluate import rmse_against_baselines
-from deepssm_workflow.io import write_particles
+from deepssm_workflow.evaluate import (MEAN_SHAPE, PCA_FLOOR, evaluate_dataset, gap_closed, per_point_rmse,
+                                       rmse_against_baselines)
+from deepssm_workflow.ingest import ingest_cohort
+from deepssm_workflow.io import apply_transform, write_particles
+from deepssm_workflow.surface import (TemplateMesh, distances_to_surface, surface_distance, template_from_training,
+                                      values_at_vertices)
 
 
 def test_errors_are_measured_in_the_scan_frame_against_both_baselines(tmp_path):
@@ -23,8 +31,10 @@ def test_errors_are_measured_in_the_scan_frame_against_both_baselines(tmp_path):
     cohort, preprocess, predictions = (tmp_path / name for name in ("cohort", "preprocess", "predictions"))
     for folder in (cohort, preprocess, predictions):
         folder.mkdir()
-    np.savez(cohort / "shapes_train.npz", ids=np.array(list("cdefgh")), world=train)
-    np.savez(cohort / "shapes_test.npz", ids=ids, world=truth, local=truth - shift)
+    np.savez(cohort / "shapes_train.npz", ids=np.array(list("cdefgh")), world=train,
+             image_to_world=np.tile(np.eye(4), (6, 1, 1)))
+    np.savez(cohort / "shapes_test.npz", ids=ids, world=truth, local=truth - shift, image_to_world=image_to_world)
+    pd.DataFrame({"id": [*ids, *"cdefgh"], "split": ["test"] * 2 + ["train"] * 6}).to_csv(cohort / "subjects.csv")
     np.savez(preprocess / "test.npz", ids=ids, image_to_world=image_to_world)
     offset = np.array([0.3, 0.6, 0.9])  # every predicted point off by this
     rows = []
@@ -40,3 +50,178 @@ def test_errors_are_measured_in_the_scan_frame_against_both_baselines(tmp_path):
     # two modes capture the structured part; the floor is the unstructured 0.5 mm noise
     assert (table["pca_floor_rmse_mm"] < table["mean_shape_rmse_mm"]).all()
     assert table["pca_floor_rmse_mm"].to_numpy() == pytest.approx([0.5, 0.5], abs=0.15)
+
+    # a test subject without a prediction is named, with the table
+    pd.DataFrame(rows[:1]).to_csv(predictions / "predictions.csv", index=False)
+    with pytest.raises(ValueError, match=r"predictions\.csv: no prediction for test subject b"):
+        rmse_against_baselines(cohort, preprocess, predictions, n_modes=2)
+
+
+def test_per_point_rmse_and_gap_closed_by_hand():
+    true = np.zeros((2, 3, 3))
+    pred = true.copy()
+    pred[0, 0] = [3.0, 4.0, 0.0]  # |d|^2 = 25 over 3 axes
+    pred[1, 2] = [1.0, 1.0, 1.0]
+    expected = np.array([[np.sqrt(25 / 3), 0, 0], [0, 0, 1.0]])
+    assert per_point_rmse(pred, true) == pytest.approx(expected)
+    assert gap_closed(2.0, mean_shape=3.0, floor=1.0) == pytest.approx(0.5)
+    assert gap_closed(3.0, mean_shape=3.0, floor=1.0) == pytest.approx(0.0)
+    assert np.isnan(gap_closed(1.0, mean_shape=1.0, floor=1.0))
+    with pytest.raises(ValueError, match="equal shape"):
+        per_point_rmse(pred[:, :2], true)
+
+
+def test_surface_distance_is_to_the_surface_not_its_vertices():
+    triangle = pv.PolyData(np.array([[0.0, 0, 0], [10, 0, 0], [0, 10, 0]]), faces=[3, 0, 1, 2])
+    above = np.array([[2.0, 3.0, 1.5], [20.0, 0.0, 0.0]])
+    # over the interior: straight down; beside it: to the nearest vertex (10, 0, 0)
+    assert distances_to_surface(above, triangle) == pytest.approx([1.5, 10.0])
+
+    lower = pv.Plane(i_size=20, j_size=20, i_resolution=8, j_resolution=8).triangulate()
+    upper = lower.translate((0, 0, 0.7), inplace=False)
+    distance = surface_distance(upper, lower)
+    assert distance.to_true == pytest.approx(np.full(lower.n_points, 0.7))
+    assert distance.mean_mm == pytest.approx(0.7) and distance.hausdorff_mm == pytest.approx(0.7)
+
+
+def test_template_warp_reproduces_an_affine_change_exactly():
+    sphere = pv.Sphere(radius=10, theta_resolution=24, phi_resolution=24)
+    handles = np.asarray(sphere.points)[::7]
+    matrix = np.array([[2.0, 0.1, 0], [0, 1.5, 0], [0.2, 0, 1]])
+    template = TemplateMesh(mesh=sphere, handles=handles, subject="s")
+    warped = template.warp(handles @ matrix.T + [5, -2, 1])
+    assert np.asarray(warped.points) == pytest.approx(np.asarray(sphere.points) @ matrix.T + [5, -2, 1], abs=1e-6)
+    assert warped.n_cells == sphere.n_cells
+    with pytest.raises(ValueError, match="points to warp"):
+        template.warp(handles[:-1])
+
+
+def test_template_is_the_training_subject_nearest_the_mean_that_has_a_mesh(tmp_path):
+    sphere = pv.Sphere(radius=5)
+    sphere.save(tmp_path / "s.vtk")
+    handles = np.asarray(sphere.points)[::10]
+    world = np.stack([handles * 1.0, handles * 1.1, handles * 1.3])  # mean = 1.133: nearest is 1.1, then 1.0/1.3
+    to_world = np.tile(np.eye(4), (3, 1, 1))
+    to_world[:, :3, 3] = [10.0, 0, 0]  # meshes are in the scanner frame; the template lives in the world
+    template = template_from_training(["a", "b", "c"], world, to_world, ["", str(tmp_path / "s.vtk"), "x"])
+    assert template.subject == "b"
+    assert np.asarray(template.mesh.points) == pytest.approx(np.asarray(sphere.points) + [10, 0, 0], abs=1e-5)
+    with pytest.raises(ValueError, match="no training subject has a mesh"):
+        template_from_training(["a"], world[:1], to_world[:1], [""])
+    (tmp_path / "bad.vtk").write_text("not a mesh")
+    with pytest.raises(ValueError, match="bad.vtk"):
+        template_from_training(["a"], world[:1], to_world[:1], [str(tmp_path / "bad.vtk")])
+
+
+def test_values_at_vertices_interpolates_between_points():
+    points = np.array([[0.0, 0, 0], [2.0, 0, 0]])
+    values = np.array([1.0, 3.0])
+    at = values_at_vertices(np.array([[0.0, 0, 0], [1.0, 0, 0]]), points, values, k=2)
+    assert at == pytest.approx([1.0, 2.0])
+
+
+# -- the evaluation folder on a real (tiny, generated) cohort
+
+@pytest.fixture(scope="module")
+def evaluated_layout(tiny_cohort, tmp_path_factory):
+    """results/femur-like folder: the ingested tiny cohort, a perfect registration, two hand-made
+    'variants' (the truth itself, and the truth shifted by 1 mm along x), model cards, timings."""
+    root = tmp_path_factory.mktemp("results_femur")
+    ingest_cohort({"source": "csv", "manifest": str(tiny_cohort("femur") / "subjects.csv")}, "femur", root / "cohort")
+    truth = np.load(root / "cohort" / "shapes_test.npz")
+    (root / "preprocess").mkdir()
+    np.savez(root / "preprocess" / "test.npz", ids=truth["ids"], image_to_world=truth["image_to_world"])
+    for variant, offset in (("base", 0.0), ("tl", 1.0)):
+        folder = root / "predictions" / variant
+        (folder / "particles").mkdir(parents=True)
+        rows = []
+        for subject, local in zip(truth["ids"], truth["local"]):
+            write_particles(folder / "particles" / f"{subject}_local.particles", local + [offset, 0, 0])
+            rows.append({"id": subject, "local_particles": f"particles/{subject}_local.particles",
+                         "preprocess_seconds": 2.0, "network_seconds": 0.5, "seconds_per_scan": 2.5})
+        pd.DataFrame(rows).to_csv(folder / "predictions.csv", index=False)
+        (root / "models" / variant).mkdir(parents=True)
+        (root / "models" / variant / "model_card.json").write_text(json.dumps(
+            {"model_config": {"n_modes": 4}, "best_epoch": 3, "val_rmse": 1.5}))
+    return root
+
+
+def test_evaluation_folder_of_a_real_cohort(evaluated_layout, tmp_path):
+    root = evaluated_layout
+    subjects = pd.read_csv(root / "cohort" / "subjects.csv")
+    test_ids = list(subjects.loc[subjects["split"] == "test", "id"])
+    summary = evaluate_dataset(root, ["base", "tl"], tmp_path / "evaluation")
+    out = tmp_path / "evaluation"
+    assert summary["n_test"] == len(test_ids) and summary["notes"] == []
+    assert summary["surface_measured_subjects"] == test_ids
+    methods = summary["methods"]
+    assert methods["base"]["rmse_mm"] == pytest.approx(0.0, abs=1e-5)  # the truth itself
+    assert methods["tl"]["rmse_mm"] == pytest.approx(1 / 3, abs=1e-5)  # eq. 12: (1 + 0 + 0) / 3
+    assert methods[PCA_FLOOR]["gap_closed"] == pytest.approx(1.0) and methods[MEAN_SHAPE]["gap_closed"] == 0.0
+    assert methods["base"]["gap_closed"] > 1.0  # better than the floor: it is not restricted to 4 modes
+    # a mesh rebuilt from the true points lies close to the true mesh: the warp itself costs little
+    assert methods["base"]["surface_mean_mm"] < 0.5 * methods[MEAN_SHAPE]["surface_mean_mm"]
+    assert methods["base"]["surface_mean_mm"] < methods["tl"]["surface_mean_mm"]
+    # the 1 mm shift: points are 1 mm off, the surface (which slides along itself) at most that
+    assert 0.1 < methods["tl"]["surface_mean_mm"] < 1.0 + methods["base"]["surface_mean_mm"]
+
+    per_point = np.load(out / "per_point.npz")
+    assert list(per_point["methods"]) == ["base", "tl", MEAN_SHAPE, PCA_FLOOR]
+    assert per_point["mean"][1] == pytest.approx(np.full(per_point["mean"].shape[1], np.sqrt(1 / 3)))
+    timing = pd.read_csv(out / "tables" / "inference_time.csv").set_index("method")
+    assert timing.loc["base", "per_scan_s"] == 2.5 and timing.loc["Base-DeepSSM", "network_s"] == 1.25
+    assert "reported in the paper" in timing.loc["ShapeWorks", "source"]
+    assert timing.loc["ShapeWorks", "per_scan_s"] == 65 * 60
+    per_subject = pd.read_csv(out / "tables" / "accuracy_per_subject.csv")
+    assert len(per_subject) == 4 * len(test_ids) and per_subject["surface_mean_mm"].notna().all()
+    figures = json.loads((out / "figures.json").read_text())
+    assert [f["file"] for f in figures] == ["per_point_rmse.png", "surface_boxplot.png", "surface_heatmaps.png"]
+    for entry in figures:
+        image = mpimg.imread(out / entry["file"])
+        assert image.shape[0] > 200 and image.std() > 0.05 and entry["caption"]
+    for entry in json.loads((out / "tables.json").read_text()):
+        assert (out / entry["file"]).is_file()
+    assert not list(out.glob(".staging*"))
+
+
+def test_subjects_without_meshes_are_named_not_dropped(evaluated_layout, tmp_path):
+    root = tmp_path / "results"
+    root.mkdir()
+    for name in ("preprocess", "predictions", "models"):
+        (root / name).symlink_to(evaluated_layout / name)
+    (root / "cohort").mkdir()
+    for name in ("shapes_train.npz", "shapes_test.npz", "report.json"):
+        (root / "cohort" / name).symlink_to(evaluated_layout / "cohort" / name)
+    subjects = pd.read_csv(evaluated_layout / "cohort" / "subjects.csv")
+    test = subjects.index[subjects["split"] == "test"]
+    subjects.loc[test[0], "mesh"] = np.nan
+    subjects.to_csv(root / "cohort" / "subjects.csv", index=False)
+    summary = evaluate_dataset(root, ["base"], tmp_path / "partial")
+    unmeasured = subjects.loc[test[0], "id"]
+    assert any(unmeasured in note for note in summary["notes"])
+    assert unmeasured not in summary["surface_measured_subjects"]
+    table = pd.read_csv(tmp_path / "partial" / "tables" / "accuracy_per_subject.csv")
+    assert table.loc[table["id"] == unmeasured, "surface_mean_mm"].isna().all()
+    assert table.loc[table["id"] != unmeasured, "surface_mean_mm"].notna().all()
+
+    subjects["mesh"] = np.nan  # a cohort without meshes: the metric is skipped, visibly
+    subjects.to_csv(root / "cohort" / "subjects.csv", index=False)
+    summary = evaluate_dataset(root, ["base"], tmp_path / "none")
+    assert summary["surface_measured_subjects"] == [] and "Surface distance not measured" in summary["notes"][0]
+    figures = json.loads((tmp_path / "none" / "figures.json").read_text())
+    assert [f["file"] for f in figures] == ["per_point_rmse.png"]
+    assert (tmp_path / "none" / "surface_boxplot.png").is_file()  # the note, as the declared output
+
+    # a broken prediction file: named, and no partial evaluation left behind
+    bad = tmp_path / "bad_predictions" / "base"
+    bad.mkdir(parents=True)
+    table = pd.read_csv(evaluated_layout / "predictions" / "base" / "predictions.csv")
+    table.to_csv(bad / "predictions.csv", index=False)
+    (bad / "particles").mkdir()
+    for path in table["local_particles"]:
+        (bad / path).write_text("1 2 3\n")
+    (root / "predictions").unlink()
+    (root / "predictions").symlink_to(bad.parent)
+    with pytest.raises(ValueError, match=rf"{table['id'][0]}_local\.particles: subject {table['id'][0]} has 1 points"):
+        evaluate_dataset(root, ["base"], tmp_path / "broken")
+    assert not (tmp_path / "broken").exists()

@@ -71,9 +71,20 @@ def _predict_image(args) -> None:
 
 
 def _evaluate(args) -> None:
-    from .evaluate import summarize
+    from .evaluate import evaluate_dataset, summarize
 
-    print(summarize(args.dataset_dir, args.variants).to_string(index=False, float_format="%.3f"))
+    if args.out_dir:
+        summary = evaluate_dataset(args.dataset_dir, args.variants, args.out_dir)
+        print(json.dumps(summary, indent=2))
+    else:
+        print(summarize(args.dataset_dir, args.variants).to_string(index=False, float_format="%.3f"))
+
+
+def _report(args) -> None:
+    from .report import build_report
+
+    build_report(args.dataset_dir, args.dataset, json.loads(args.settings), args.variants, args.out)
+    print(f"wrote {args.out}")
 
 
 def _qc_preprocess(args) -> None:
@@ -155,7 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = steps.add_parser("evaluate", help="mean test RMSE per variant beside the mean-shape predictor and PCA floor")
     p.add_argument("--dataset-dir", required=True, help="results/{dataset}")
     p.add_argument("--variants", nargs="+", default=["base", "base_focal", "tl", "tl_focal"])
+    p.add_argument("--out-dir", help="write the full evaluation here (tables, figures, surface distances, timing)")
     p.set_defaults(run=_evaluate)
+
+    p = steps.add_parser("report", help="self-contained report.html of a dataset (figures embedded)")
+    p.add_argument("--dataset-dir", required=True, help="results/{dataset} with evaluation/ and study/")
+    p.add_argument("--dataset", required=True, help="the dataset's name in the config")
+    p.add_argument("--settings", required=True, help="JSON of the dataset's config block")
+    p.add_argument("--variants", nargs="+", default=["base", "base_focal", "tl", "tl_focal"])
+    p.add_argument("--out", required=True, help="report.html to write")
+    p.set_defaults(run=_report)
 
     p = steps.add_parser("qc-preprocess", help="QC figure of preprocessing: training overlay, registered test images")
     p.add_argument("--preprocess-dir", required=True)

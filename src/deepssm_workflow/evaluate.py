@@ -2,41 +2,135 @@
 
 Errors are measured in each test scan's own (scanner) frame, where a user gets the
 points: prediction and baselines alike pass through the image-only registration.
+
+Two baselines sit beside every variant: the mean-shape predictor (the training mean
+shape placed in the scan by the same registration: what a network that learnt nothing
+would score) and the PCA-truncation floor (the true shape projected onto the K modes
+of the training shapes: the best any model predicting K scores through this basis can
+do). A variant's "gap closed" is how far it got from the first towards the second.
+
+`evaluate_dataset` writes results/{dataset}/evaluation/: summary.json, tables/*.csv
+with tables.json (title and caption of each), the figures with figures.json, and
+per_point.npz.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .atomic import staged
 from .io import apply_transform, read_particles
 from .shape_space import ShapeSpace, rmse
+
+MEAN_SHAPE, PCA_FLOOR = "mean shape", "PCA floor"
+
+# DeepSSM paper, Table 1: inference time for one scan (CPU, inference only; for ShapeWorks
+# the optimization of a new shape, without the segmentation it needs first).
+PAPER_TABLE1 = {
+    "metopic": {"particles": 2048, "shapeworks_minutes": 39, "deepssm_seconds": 0.56},
+    "left_atrium": {"particles": 1024, "shapeworks_minutes": 31, "deepssm_seconds": 0.28},
+    "femur": {"particles": 1024, "shapeworks_minutes": 65, "deepssm_seconds": 1.25},
+}
+PAPER_MACHINE = "reported in the paper (Table 1): Xeon Gold 6252 CPU cluster, inference only"
+
+
+def per_point_rmse(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Paper's per-point RMSE_i = sqrt(((dx)^2 + (dy)^2 + (dz)^2) / 3) for each point: (..., M, 3) -> (..., M)."""
+    pred, true = np.asarray(pred, dtype=np.float64), np.asarray(true, dtype=np.float64)
+    if pred.shape != true.shape or pred.ndim < 2 or pred.shape[-1] != 3:
+        raise ValueError(f"per_point_rmse needs two arrays of equal shape (..., M, 3), got {pred.shape} and {true.shape}")
+    return np.sqrt(((pred - true) ** 2).mean(axis=-1))
+
+
+@dataclass
+class TestCohort:
+    """What evaluation needs of the test subjects (truth) and the training shapes."""
+
+    ids: list[str]
+    groups: list[str]
+    true_local: np.ndarray  # (N, M, 3) scanner frame
+    true_world: np.ndarray  # (N, M, 3) world frame
+    true_to_world: np.ndarray  # (N, 4, 4) the shape model's image-to-world transforms
+    registered_to_world: np.ndarray  # (N, 4, 4) the image-only registration's estimate
+    meshes: list[str]  # true mesh per test subject, "" when the cohort has none
+    train: dict  # ids, world, image_to_world, meshes of the training subjects
+
+
+def _mesh_column(table: pd.DataFrame, ids) -> list[str]:
+    if "mesh" not in table:
+        return [""] * len(ids)
+    meshes = table.set_index("id")["mesh"].astype(object).fillna("").astype(str)
+    return [meshes.get(i, "") for i in ids]
+
+
+def load_test_cohort(cohort_dir, preprocess_dir) -> TestCohort:
+    cohort_dir, preprocess_dir = Path(cohort_dir), Path(preprocess_dir)
+    truth = np.load(cohort_dir / "shapes_test.npz")
+    train = np.load(cohort_dir / "shapes_train.npz")
+    registered = np.load(preprocess_dir / "test.npz")
+    subjects = pd.read_csv(cohort_dir / "subjects.csv", dtype={"id": str})
+    ids = [str(i) for i in truth["ids"]]
+    estimated = {str(i): m for i, m in zip(registered["ids"], registered["image_to_world"])}
+    missing = [i for i in ids if i not in estimated]
+    if missing:
+        raise ValueError(f"{preprocess_dir / 'test.npz'}: no registered image for test subject(s) {', '.join(missing)}")
+    groups = subjects.set_index("id")["group"].astype(str) if "group" in subjects else pd.Series(dtype=str)
+    train_ids = [str(i) for i in train["ids"]]
+    return TestCohort(
+        ids=ids, groups=[groups.get(i, "") for i in ids], true_local=truth["local"].astype(np.float64),
+        true_world=truth["world"].astype(np.float64),
+        true_to_world=truth["image_to_world"].astype(np.float64),
+        registered_to_world=np.stack([estimated[i] for i in ids]).astype(np.float64),
+        meshes=_mesh_column(subjects, ids),
+        train={"ids": train_ids, "world": train["world"].astype(np.float64),
+               "image_to_world": train["image_to_world"].astype(np.float64),
+               "meshes": _mesh_column(subjects, train_ids)})
+
+
+def baseline_shapes(cohort: TestCohort, n_modes: int) -> tuple[dict[str, np.ndarray], ShapeSpace]:
+    """The two baselines' shapes per test subject, in each scan's frame (N, M, 3)."""
+    space = ShapeSpace(n_modes=n_modes).fit(cohort.train["world"])
+    projected = space.inverse_transform(space.transform(cohort.true_world))
+    return {
+        MEAN_SHAPE: np.stack([apply_transform(np.linalg.inv(t), space.mean) for t in cohort.registered_to_world]),
+        PCA_FLOOR: np.stack([apply_transform(np.linalg.inv(t), p) for t, p in zip(cohort.true_to_world, projected)]),
+    }, space
+
+
+def read_predictions(predictions_dir, ids, n_points: int) -> np.ndarray:
+    """Predicted scanner-frame points of the given subjects, in that order (N, M, 3)."""
+    predictions_dir = Path(predictions_dir)
+    table_path = predictions_dir / "predictions.csv"
+    table = pd.read_csv(table_path, dtype={"id": str}).set_index("id")
+    shapes = []
+    for subject in ids:
+        if subject not in table.index:
+            raise ValueError(f"{table_path}: no prediction for test subject {subject}")
+        path = predictions_dir / table.loc[subject, "local_particles"]
+        points = read_particles(path)
+        if points.shape != (n_points, 3):
+            raise ValueError(f"{path}: subject {subject} has {len(points)} points, the cohort has {n_points}")
+        if not np.isfinite(points).all():
+            raise ValueError(f"{path}: subject {subject} has non-finite coordinates")
+        shapes.append(points)
+    return np.stack(shapes)
 
 
 def rmse_against_baselines(cohort_dir, preprocess_dir, predictions_dir, n_modes: int) -> pd.DataFrame:
     """Per test subject: RMSE (paper eq. 12, mm) of the prediction, of the mean-shape
     predictor, and the PCA-truncation floor (the true shape projected on `n_modes`
     modes of the training shapes: the best any such linear model can do)."""
-    cohort_dir, predictions_dir = Path(cohort_dir), Path(predictions_dir)
-    truth = np.load(cohort_dir / "shapes_test.npz")
-    train_world = np.load(cohort_dir / "shapes_train.npz")["world"]
-    registered = np.load(Path(preprocess_dir) / "test.npz")
-    predictions = pd.read_csv(predictions_dir / "predictions.csv").set_index("id")
-    space = ShapeSpace(n_modes=n_modes).fit(train_world)
-    floor = space.truncation_rmse(truth["world"])
-    estimated = {str(i): m for i, m in zip(registered["ids"], registered["image_to_world"])}
-    rows = []
-    for k, subject in enumerate(map(str, truth["ids"])):
-        true_local = truth["local"][k]
-        predicted = read_particles(predictions_dir / predictions.loc[subject, "local_particles"])
-        mean_in_scan = apply_transform(np.linalg.inv(estimated[subject]), space.mean)
-        rows.append({"id": subject, "rmse_mm": float(rmse(predicted, true_local)),
-                     "mean_shape_rmse_mm": float(rmse(mean_in_scan, true_local)),
-                     "pca_floor_rmse_mm": float(floor[k])})
-    return pd.DataFrame(rows)
+    cohort = load_test_cohort(cohort_dir, preprocess_dir)
+    baselines, _ = baseline_shapes(cohort, n_modes)
+    predicted = read_predictions(predictions_dir, cohort.ids, cohort.true_local.shape[1])
+    return pd.DataFrame({"id": cohort.ids, "rmse_mm": rmse(predicted, cohort.true_local),
+                         "mean_shape_rmse_mm": rmse(baselines[MEAN_SHAPE], cohort.true_local),
+                         "pca_floor_rmse_mm": rmse(baselines[PCA_FLOOR], cohort.true_local)})
 
 
 def summarize(dataset_results, variants) -> pd.DataFrame:
@@ -52,3 +146,300 @@ def summarize(dataset_results, variants) -> pd.DataFrame:
                      "pca_floor_rmse_mm": table["pca_floor_rmse_mm"].mean(),
                      "best_epoch": card["best_epoch"], "val_rmse_mm": card["val_rmse"]})
     return pd.DataFrame(rows)
+
+
+def gap_closed(value: float, mean_shape: float, floor: float) -> float:
+    """Fraction of the way from the mean-shape predictor's error to the PCA floor's (1 = at the floor)."""
+    return float((mean_shape - value) / (mean_shape - floor)) if mean_shape > floor else float("nan")
+
+
+# -- the evaluation folder of a dataset
+
+FIGURES = ("per_point_rmse.png", "surface_boxplot.png", "surface_heatmaps.png")
+
+
+def evaluate_dataset(dataset_dir, variants, out_dir) -> dict:
+    """Every metric of the test set for each variant and both baselines: RMSE (eq. 12), per-point
+    RMSE on the mean shape, surface-to-surface distance of meshes rebuilt from the points, and
+    inference time. Writes out_dir atomically; returns the summary."""
+    from .surface import read_mesh, surface_distance, template_from_training
+
+    root = Path(dataset_dir)
+    anatomy = json.loads((root / "cohort" / "report.json").read_text())["anatomy"]
+    cohort = load_test_cohort(root / "cohort", root / "preprocess")
+    n_points = cohort.true_local.shape[1]
+    cards = {v: json.loads((root / "models" / v / "model_card.json").read_text()) for v in variants}
+    n_modes = _shared_modes(cards, root)
+    shapes = {v: read_predictions(root / "predictions" / v, cohort.ids, n_points) for v in variants}
+    baselines, space = baseline_shapes(cohort, n_modes)
+    shapes.update(baselines)
+    methods = list(shapes)
+    point_errors = {m: per_point_rmse(s, cohort.true_local) for m, s in shapes.items()}
+
+    per_subject = pd.DataFrame([
+        {"method": m, "kind": "variant" if m in variants else "baseline", "id": subject, "group": group,
+         "rmse_mm": float(rmse(shapes[m][k], cohort.true_local[k]))}
+        for m in methods for k, (subject, group) in enumerate(zip(cohort.ids, cohort.groups))])
+
+    notes = []
+    template = None
+    try:
+        template = template_from_training(cohort.train["ids"], cohort.train["world"],
+                                          cohort.train["image_to_world"], cohort.train["meshes"])
+    except ValueError as error:
+        if any(cohort.train["meshes"]):
+            raise
+        notes.append(f"Surface distance not measured: {error} (meshes are optional in a cohort).")
+    measured = [k for k, path in enumerate(cohort.meshes) if path] if template else []
+    if template and not measured:
+        notes.append("Surface distance not measured: no test subject has a true mesh.")
+    elif template and len(measured) < len(cohort.ids):
+        unmeasured = [s for k, s in enumerate(cohort.ids) if k not in measured]
+        notes.append(f"Surface distance not measured for test subject(s) without a true mesh: {', '.join(unmeasured)}.")
+    surface_maps = {}
+    if measured:
+        true_meshes = {k: read_mesh(cohort.meshes[k]) for k in measured}
+        distance_rows = []
+        for m in methods:
+            for k in measured:
+                distance = surface_distance(template.warp(shapes[m][k]), true_meshes[k])
+                distance_rows.append({"method": m, "id": cohort.ids[k], "surface_mean_mm": distance.mean_mm,
+                                      "hausdorff_mm": distance.hausdorff_mm})
+                if m in variants:
+                    surface_maps[m, k] = distance.from_true
+        per_subject = per_subject.merge(pd.DataFrame(distance_rows), on=["method", "id"], how="left")
+    else:
+        per_subject["surface_mean_mm"] = per_subject["hausdorff_mm"] = np.nan
+
+    summary_table = _summary_table(per_subject, point_errors, methods, cards)
+    timing = _timing_table(root, variants, anatomy, n_points)
+    mean_surface = template.warp(space.mean) if template else None
+
+    with staged(out_dir, ["tables", "per_point.npz", "summary.json", "figures.json", "tables.json", *FIGURES]) as staging:
+        (staging / "tables").mkdir()
+        per_subject.to_csv(staging / "tables" / "accuracy_per_subject.csv", index=False)
+        summary_table.to_csv(staging / "tables" / "accuracy_summary.csv", index=False)
+        timing.to_csv(staging / "tables" / "inference_time.csv", index=False)
+        np.savez(staging / "per_point.npz", mean_shape=space.mean, methods=np.array(methods),
+                 mean=np.stack([point_errors[m].mean(0) for m in methods]),
+                 std=np.stack([point_errors[m].std(0) for m in methods]))
+        _per_point_figure(mean_surface, space.mean, point_errors, variants, summary_table,
+                          staging / "per_point_rmse.png")
+        if measured:
+            _surface_boxplot(per_subject, methods, staging / "surface_boxplot.png")
+            _surface_heatmaps(cohort, measured, per_subject, surface_maps, variants,
+                              staging / "surface_heatmaps.png")
+        else:
+            for name in FIGURES[1:]:
+                _note_figure(" ".join(notes), staging / name)
+        figures = _figure_entries(n_modes, template, bool(measured), variants)
+        (staging / "figures.json").write_text(json.dumps(figures, indent=2))
+        (staging / "tables.json").write_text(json.dumps(_table_entries(n_modes, anatomy), indent=2))
+        summary = {
+            "anatomy": anatomy, "variants": list(variants), "n_test": len(cohort.ids), "n_points": n_points,
+            "n_modes": n_modes, "template_subject": template.subject if template else None,
+            "surface_measured_subjects": [cohort.ids[k] for k in measured], "notes": notes,
+            "methods": {row["method"]: {key: _plain(value) for key, value in row.items() if key != "method"}
+                        for row in summary_table.to_dict("records")},
+        }
+        (staging / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _plain(value):
+    """JSON-friendly scalar: NaN and missing become null."""
+    if value is None or value is pd.NA:
+        return None
+    if isinstance(value, (float, np.floating)):
+        return None if np.isnan(value) else float(value)
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _shared_modes(cards: dict, root: Path) -> int:
+    modes = {v: card["model_config"]["n_modes"] for v, card in cards.items()}
+    if len(set(modes.values())) != 1:
+        raise ValueError(f"{root / 'models'}: the variants' model cards disagree on the number of PCA modes "
+                         f"({modes}); the PCA-floor baseline needs one")
+    return next(iter(modes.values()))
+
+
+def _summary_table(per_subject: pd.DataFrame, point_errors: dict, methods, cards: dict) -> pd.DataFrame:
+    grouped = per_subject.groupby("method", sort=False)
+    means = grouped[["rmse_mm", "surface_mean_mm", "hausdorff_mm"]].mean()
+    sds = grouped[["rmse_mm", "surface_mean_mm"]].std()
+    rows = []
+    for m in methods:
+        rows.append({
+            "method": m, "kind": "variant" if m in cards else "baseline",
+            "rmse_mm": means.loc[m, "rmse_mm"], "rmse_sd_mm": sds.loc[m, "rmse_mm"],
+            "gap_closed": gap_closed(means.loc[m, "rmse_mm"], means.loc[MEAN_SHAPE, "rmse_mm"],
+                                     means.loc[PCA_FLOOR, "rmse_mm"]),
+            "worst_point_rmse_mm": float(point_errors[m].mean(0).max()),
+            "surface_mean_mm": means.loc[m, "surface_mean_mm"], "surface_sd_mm": sds.loc[m, "surface_mean_mm"],
+            "hausdorff_mm": means.loc[m, "hausdorff_mm"],
+            "best_epoch": cards[m]["best_epoch"] if m in cards else None,
+            "val_rmse_mm": cards[m]["val_rmse"] if m in cards else None,
+        })
+    table = pd.DataFrame(rows)
+    table["best_epoch"] = table["best_epoch"].astype("Int64")  # integers, empty for the baselines
+    return table
+
+
+def _timing_table(root: Path, variants, anatomy: str, n_points: int) -> pd.DataFrame:
+    rows = []
+    for v in variants:
+        table = pd.read_csv(root / "predictions" / v / "predictions.csv")
+        rows.append({"method": v, "source": "this run (predict rule, CPU), mean over the test scans",
+                     "particles": n_points, "registration_resampling_s": table["preprocess_seconds"].mean(),
+                     "network_s": table["network_seconds"].mean(), "per_scan_s": table["seconds_per_scan"].mean()})
+    paper = PAPER_TABLE1.get(anatomy)
+    if paper:
+        rows.append({"method": "Base-DeepSSM", "source": PAPER_MACHINE, "particles": paper["particles"],
+                     "registration_resampling_s": np.nan, "network_s": paper["deepssm_seconds"],
+                     "per_scan_s": paper["deepssm_seconds"]})
+        rows.append({"method": "ShapeWorks", "source": PAPER_MACHINE + " (needs a segmentation first)",
+                     "particles": paper["particles"], "registration_resampling_s": np.nan, "network_s": np.nan,
+                     "per_scan_s": paper["shapeworks_minutes"] * 60.0})
+    return pd.DataFrame(rows)
+
+
+def _figure_entries(n_modes: int, template, surface: bool, variants) -> list[dict]:
+    on = f"the mean training shape (subject {template.subject}'s mesh warped onto it)" if template else \
+        "the mean training shape's points (the cohort has no meshes)"
+    entries = [{"file": "per_point_rmse.png", "title": "Per-point RMSE on the mean shape",
+                "caption": f"Mean (top) and standard deviation (bottom) over the test subjects of each point's "
+                           f"RMSE on {on}, per variant and for the mean-shape predictor and the PCA floor "
+                           f"({n_modes} modes), average eq. 12 RMSE below: look for where the variants' error "
+                           f"concentrates (colours saturate at the variants' largest value)."}]
+    if surface:
+        entries += [
+            {"file": "surface_boxplot.png", "title": "Surface-to-surface distance per test subject",
+             "caption": "Symmetric mean distance (mm) between each true mesh and the mesh rebuilt from the "
+                        "predicted points (one dot per test subject; black median, purple dashed mean): a "
+                        "variant's box should sit well below the mean-shape predictor and near the PCA floor."},
+            {"file": "surface_heatmaps.png", "title": "Surface distance on the best, median and worst test subjects",
+             "caption": f"Each true mesh coloured by its distance (mm) to the mesh rebuilt from the prediction, "
+                        f"one row per variant ({', '.join(variants)}) ranked by that variant's mean surface "
+                        f"distance: look for errors at thin or variable structures rather than everywhere."},
+        ]
+    return entries
+
+
+def _table_entries(n_modes: int, anatomy: str) -> list[dict]:
+    paper = "beside the paper's Table 1 figures, labelled as reported" if anatomy in PAPER_TABLE1 else \
+        "(the paper reports no time for this anatomy)"
+    return [
+        {"file": "tables/accuracy_summary.csv", "title": "Test accuracy per variant and baselines",
+         "caption": f"Means over the test subjects (mm, scanner frame) of the eq. 12 RMSE and of the surface "
+                    f"distances, where gap_closed says how far a variant got from the mean-shape predictor (0) "
+                    f"towards the PCA floor with {n_modes} modes (1)."},
+        {"file": "tables/accuracy_per_subject.csv", "title": "Accuracy per test subject",
+         "caption": "Every test subject's RMSE and surface distances for each variant and baseline."},
+        {"file": "tables/inference_time.csv", "title": "Inference time per scan",
+         "caption": f"Seconds per test scan in this run (image-only registration and resampling, then the "
+                    f"network), {paper}."},
+    ]
+
+
+# -- figures (one look: plotting.py)
+
+def _colorbar(fig, axes, top: float, label: str) -> None:
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    from .plotting import HEAT_CMAP
+
+    fig.colorbar(ScalarMappable(Normalize(0.0, top), cmap=HEAT_CMAP), ax=list(np.ravel(axes)), shrink=0.8,
+                 label=label)
+
+
+def _per_point_figure(mean_surface, mean_points, point_errors: dict, variants, summary: pd.DataFrame, path) -> None:
+    import pyvista as pv
+
+    from .plotting import figure, render_heatmap, save_figure
+    from .surface import values_at_vertices
+
+    methods = list(point_errors)
+    shown = mean_surface if mean_surface is not None else pv.PolyData(np.asarray(mean_points))
+    average = summary.set_index("method")["rmse_mm"]
+    fig, axes = figure(2, len(methods), cell=(2.3, 2.5))
+    for row, (name, statistic) in enumerate((("mean", np.mean), ("standard deviation", np.std))):
+        values = {m: statistic(point_errors[m], axis=0) for m in methods}
+        top = max(float(values[v].max()) for v in variants) or 1.0
+        for col, m in enumerate(methods):
+            scalars = values[m] if mean_surface is None else \
+                values_at_vertices(shown.points, mean_points, values[m])
+            ax = axes[row, col]
+            ax.imshow(render_heatmap(shown, scalars, (0.0, top)))
+            ax.set_axis_off()
+            if row == 0:
+                ax.set_title(m)
+            else:
+                ax.text(0.5, -0.04, f"RMSE {average[m]:.2f} mm", transform=ax.transAxes, ha="center", va="top")
+        axes[row, 0].text(-0.08, 0.5, name, transform=axes[row, 0].transAxes, rotation=90, ha="right", va="center")
+        _colorbar(fig, axes[row], top, "per-point RMSE (mm)")
+    save_figure(fig, path)
+
+
+def _surface_boxplot(per_subject: pd.DataFrame, methods, path) -> None:
+    from .plotting import POINT_COLOR, figure, save_figure
+
+    fig, axes = figure(1, 1, cell=(max(4.0, 1.1 * len(methods)), 3.2))
+    ax = axes[0, 0]
+    data = [per_subject.loc[per_subject["method"] == m, "surface_mean_mm"].dropna().to_numpy() for m in methods]
+    ax.boxplot(data, showmeans=True, meanline=True, showfliers=False,
+               medianprops={"color": "black"}, meanprops={"color": "purple", "linestyle": "--"})
+    jitter = np.random.default_rng(0)
+    for position, values in enumerate(data, start=1):
+        ax.scatter(position + jitter.uniform(-0.12, 0.12, len(values)), values, s=10, color=POINT_COLOR, zorder=3)
+    ax.set_xticks(range(1, len(methods) + 1), methods, rotation=20)
+    ax.set_ylabel("surface-to-surface distance (mm)")
+    ax.set_ylim(bottom=0)
+    save_figure(fig, path)
+
+
+def _ranked_picks(order: list[int]) -> list[tuple[str, int]]:
+    """Best, median and worst of subjects ranked best first; each subject shown once."""
+    picks, seen = [], set()
+    for label, position in (("best", 0), ("median", (len(order) - 1) // 2), ("worst", len(order) - 1)):
+        if order[position] not in seen:
+            seen.add(order[position])
+            picks.append((label, order[position]))
+    return picks
+
+
+def _surface_heatmaps(cohort: TestCohort, measured, per_subject, surface_maps: dict, variants, path) -> None:
+    from .plotting import figure, render_heatmap, save_figure
+    from .surface import read_mesh
+
+    scores = per_subject.set_index(["method", "id"])["surface_mean_mm"]
+    picks = {v: _ranked_picks(sorted(measured, key=lambda k: scores[v, cohort.ids[k]])) for v in variants}
+    top = max(float(surface_maps[v, k].max()) for v in variants for _, k in picks[v]) or 1.0
+    columns = max(len(p) for p in picks.values())
+    fig, axes = figure(len(variants), columns, cell=(2.5, 2.6))
+    world_meshes = {}
+    for row, v in enumerate(variants):
+        for col in range(columns):
+            axes[row, col].set_axis_off()
+        for col, (label, k) in enumerate(picks[v]):
+            if k not in world_meshes:  # display in the world frame: one pose for every subject
+                mesh = read_mesh(cohort.meshes[k])
+                mesh.points = apply_transform(cohort.true_to_world[k], np.asarray(mesh.points, dtype=np.float64))
+                world_meshes[k] = mesh
+            ax = axes[row, col]
+            ax.imshow(render_heatmap(world_meshes[k], surface_maps[v, k], (0.0, top)))
+            ax.set_title(f"{v}: {label}\n{cohort.ids[k]} ({scores[v, cohort.ids[k]]:.2f} mm)")
+    _colorbar(fig, axes, top, "distance to the rebuilt mesh (mm)")
+    save_figure(fig, path)
+
+
+def _note_figure(text: str, path) -> None:
+    """A figure that says why there is nothing to show (kept so that the declared output exists)."""
+    import textwrap
+
+    from .plotting import figure, save_figure
+
+    fig, axes = figure(1, 1, cell=(5.0, 1.6))
+    axes[0, 0].set_axis_off()
+    axes[0, 0].text(0.5, 0.5, textwrap.fill(text, 70), ha="center", va="center", transform=axes[0, 0].transAxes)
+    save_figure(fig, path)

@@ -1,0 +1,132 @@
+"""report.html: the builder's parts on hand-made folders, and the real tiny workflow's reports
+opened in headless Chromium (every section there, no broken image, nothing fetched from outside)."""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import re
+import subprocess
+import zipfile
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import pytest
+
+from conftest import REPORT_DATASETS, run_snakemake
+from deepssm_workflow.report import SECTIONS, artifact_section, build_report
+
+INSPECT = """<script>
+window.addEventListener("load", () => {
+  const images = Array.from(document.images);
+  const found = {
+    images: images.length,
+    broken: images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt),
+    sections: Array.from(document.querySelectorAll("h2")).map(h => h.textContent),
+    headings: Array.from(document.querySelectorAll("h3")).map(h => h.textContent),
+  };
+  const out = document.createElement("pre");
+  out.id = "inspection";
+  out.textContent = JSON.stringify(found);
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def inspect_in_chromium(chromium: str, report, tmp_path) -> dict:
+    """Open a copy of the report (plus an inspecting script) in headless Chromium; what the page shows."""
+    page = tmp_path / f"inspect_{report.parent.name}.html"
+    page.write_text(report.read_text().replace("</body>", INSPECT + "</body>"))
+    result = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+         "--virtual-time-budget=10000", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=300)
+    found = re.search(r'<pre id="inspection">(.*?)</pre>', result.stdout, re.S)
+    assert found, f"Chromium did not render the page: {result.stderr[-2000:]}"
+    return json.loads(html.unescape(found.group(1)))
+
+
+def png(path, color="tab:blue") -> None:
+    fig, ax = plt.subplots(figsize=(2, 1.5))
+    ax.plot([0, 1], [0, 1], color=color)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def test_artifact_folders_are_read_alike_and_bad_ones_are_named(tmp_path):
+    folder = tmp_path / "study"
+    (folder / "tables").mkdir(parents=True)
+    png(folder / "a.png")
+    (folder / "figures.json").write_text(json.dumps([{"file": "a.png", "title": "Group difference",
+                                                      "caption": "Look at the head-neck junction."}]))
+    (folder / "summary.json").write_text(json.dumps({"auc": {"base": 0.81}, "dims": [1, 2], "notes": ["few subjects"]}))
+    pd.DataFrame({"variant": ["base"], "pearson": [0.7]}).to_csv(folder / "tables" / "severity_vs_ratings.csv",
+                                                                   index=False)
+    pd.DataFrame({"id": range(20)}).to_csv(folder / "tables" / "per_subject.csv", index=False)
+    section = artifact_section(folder, show_summary=True)
+    assert "<h3>Severity vs ratings</h3>" in section and "<td>0.7</td>" in section  # titled by the file name
+    assert "<details><summary>20 rows</summary>" in section  # a long table is folded
+    assert 'class="note">few subjects' in section and "Look at the head-neck junction." in section
+    assert "<td>auc.base</td><td>0.81</td>" in section and "<td>dims</td><td>1, 2</td>" in section
+    assert section.count('src="data:image/png;base64,') == 1
+
+    (folder / "figures.json").write_text(json.dumps([{"file": "missing.png", "title": "t", "caption": "c"}]))
+    with pytest.raises(ValueError, match=r"missing\.png: figure not found \(listed by .*figures\.json\)"):
+        artifact_section(folder, show_summary=True)
+    (folder / "fake.png").write_text("not a picture")
+    (folder / "figures.json").write_text(json.dumps([{"file": "fake.png", "title": "t", "caption": "c"}]))
+    with pytest.raises(ValueError, match=r"fake\.png: not a PNG image"):
+        artifact_section(folder, show_summary=True)
+    (folder / "summary.json").write_text("{broken")
+    with pytest.raises(ValueError, match=r"summary\.json: not valid JSON"):
+        artifact_section(folder, show_summary=True)
+
+
+def test_a_report_with_a_missing_input_names_it_and_writes_nothing(tmp_path):
+    (tmp_path / "cohort").mkdir()
+    (tmp_path / "cohort" / "report.json").write_text(json.dumps({"anatomy": "femur"}))
+    with pytest.raises(ValueError, match=r"evaluation/summary\.json: not found"):
+        build_report(tmp_path, "femur", {}, ["base"], tmp_path / "report.html")
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_tiny_workflow_reports_render_completely_in_headless_chromium(tiny_reports, chromium, tmp_path):
+    workdir, run = tiny_reports
+    assert run.returncode == 0, run.stderr[-4000:]
+    for dataset in REPORT_DATASETS:
+        results = workdir / "results" / dataset
+        report = results / "report.html"
+        text = report.read_text()
+        # self-contained: no script, stylesheet link or remote source of any kind
+        assert "<script" not in text and "<link" not in text and not re.search(r'(src|href)="(?!data:|#)', text)
+        page = inspect_in_chromium(chromium, report, tmp_path)
+        assert page["sections"] == list(SECTIONS)
+        assert page["broken"] == []
+        expected = [json.loads((results / folder / "figures.json").read_text()) for folder in ("evaluation", "study")]
+        titles = [entry["title"] for entries in expected for entry in entries]
+        titles += [entry["title"] for entry in json.loads((results / "evaluation" / "tables.json").read_text())]
+        titles += ["Cohort QC", "Preprocessing QC", "Augmentation QC"]
+        titles += [f"Training curve: {v}" for v in ("base", "base_focal", "tl", "tl_focal")]
+        assert set(titles) <= set(page["headings"]), set(titles) - set(page["headings"])
+        assert page["images"] == len(titles) - 3  # every figure, no table, is an image
+        # provenance: the hash of an input as it is now, and the pinned torch
+        digest = hashlib.sha256((results / "cohort" / "subjects.csv").read_bytes()).hexdigest()
+        assert f"<td>{dataset}/cohort/subjects.csv</td><td>{digest}</td>" in text
+        assert re.search(r"<td>torch</td><td>2\.13\.0", text)
+        # the evaluation tables carry the baselines and the paper's timing, labelled
+        assert "mean shape" in text and "PCA floor" in text and "reported in the paper" in text
+
+    # Snakemake's own report: every evaluation figure with its caption
+    archive = workdir / "snakemake_report.zip"
+    result = run_snakemake(workdir, *[f"results/{d}/report.html" for d in REPORT_DATASETS],
+                           "--report", str(archive))
+    assert result.returncode == 0, result.stderr[-3000:]
+    with zipfile.ZipFile(archive) as bundle:
+        names = bundle.namelist()
+        content = "".join(bundle.read(n).decode("utf-8", "replace") for n in names if n.endswith((".html", ".js")))
+    for dataset in REPORT_DATASETS:
+        for figure in ("per_point_rmse.png", "surface_boxplot.png", "surface_heatmaps.png"):
+            assert any(n.endswith(f"{dataset}/evaluation/{figure}") for n in names), (dataset, figure)
+    assert "Surface-to-surface distance on femur" in content
