@@ -1,0 +1,200 @@
+"""AF recurrence from left-atrium shape descriptors (paper sec. 4.3, Table 3, Fig. 12).
+
+Descriptors, per source:
+  ground_truth  PCA scores (95 % variance) of the ground-truth training shapes, for
+                the training subjects and the test subjects' true shapes;
+  base*         scores in the variant's own PCA layer: of the ground-truth training
+                shapes, and of the shapes it predicts for the test images (its network's
+                output scores);
+  tl*           the autoencoder latent g(C) of the ground-truth training shapes, and
+                the T-flank's latent f(I) predicted from each preprocessed test image.
+So every classifier is trained on the training split's true shapes, as the network
+was, and tested on the test split, where a deployed model sees only images.
+
+The 10 dimensions with the largest |mean difference| between recurrence groups in
+the training descriptors are kept (paper's trimming); an MLP (one hidden layer of 16,
+ReLU, Adam, weight decay) is trained on the standardized trimmed descriptors for each
+of several seeds (mean and sd of test accuracy), beside a ridge-penalized logistic
+regression fitted by maximum likelihood with statsmodels (a calibrated probabilistic
+baseline, deterministic) and the majority-class rate. Brier scores measure the
+calibration of the predicted probabilities.
+
+TL latent swim (Fig. 12): no-recurrence mean to recurrence mean in each TL latent space.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import statsmodels.api as sm
+import torch
+from torch import nn
+
+from ..shape_space import ShapeSpace
+from . import figures as fig
+from .data import Cohort, Shapes, variant_model
+from .output import StudyOutput
+from .swim import encode, latent_swim, swim_figure
+
+N_DIMS = 10
+VARIANCE = 0.95
+SEEDS = (0, 1, 2, 3, 4)
+HIDDEN = 16
+EPOCHS = 300
+RIDGE = 0.01
+
+
+def trim(train_x: np.ndarray, train_y: np.ndarray, n_dims: int = N_DIMS) -> np.ndarray:
+    """Indices of the n_dims descriptor dimensions with the largest |mean difference| between classes."""
+    difference = np.abs(train_x[train_y == 1].mean(0) - train_x[train_y == 0].mean(0))
+    return np.argsort(-difference, kind="stable")[:min(n_dims, train_x.shape[1])]
+
+
+def _standardize(train_x: np.ndarray, test_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean, sd = train_x.mean(0), train_x.std(0)
+    sd = np.where(sd > 0, sd, 1.0)
+    return (train_x - mean) / sd, (test_x - mean) / sd
+
+
+def mlp_probabilities(train_x, train_y, test_x, seed: int) -> np.ndarray:
+    """P(recurrence) of the test descriptors from an MLP trained full-batch on the training ones."""
+    torch.manual_seed(seed)
+    x, t = (torch.as_tensor(a, dtype=torch.float32) for a in _standardize(train_x, test_x))
+    y = torch.tensor(train_y, dtype=torch.float32)
+    net = nn.Sequential(nn.Linear(x.shape[1], HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 1))
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=1e-3)
+    for _ in range(EPOCHS):
+        optimizer.zero_grad()
+        loss = nn.functional.binary_cross_entropy_with_logits(net(x)[:, 0], y)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return torch.sigmoid(net(t)[:, 0]).double().numpy()
+
+
+def logistic_probabilities(train_x, train_y, test_x) -> np.ndarray:
+    """Ridge-penalized logistic regression (statsmodels GLM, binomial) on standardized descriptors;
+    the penalty keeps the coefficients finite when the training classes are separable."""
+    x, t = _standardize(train_x, test_x)
+    model = sm.GLM(train_y.astype(float), sm.add_constant(x, has_constant="add"), family=sm.families.Binomial())
+    penalty = np.r_[0.0, np.full(x.shape[1], RIDGE)]  # the intercept is not penalized
+    params = model.fit_regularized(alpha=penalty, L1_wt=0.0).params
+    return 1.0 / (1.0 + np.exp(-(sm.add_constant(t, has_constant="add") @ params)))
+
+
+def classify(train_x, train_y, test_x, test_y, seeds=SEEDS) -> dict:
+    dims = trim(train_x, train_y)
+    train_x, test_x = train_x[:, dims], test_x[:, dims]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a net this small only loses time to thread start-up and contention
+    try:
+        mlp = [mlp_probabilities(train_x, train_y, test_x, s) for s in seeds]
+    finally:
+        torch.set_num_threads(threads)
+    mlp_accuracy = [float(((p > 0.5) == test_y).mean()) for p in mlp]
+    logistic = logistic_probabilities(train_x, train_y, test_x)
+    majority = int(train_y.mean() > 0.5)
+    return {"n_train": len(train_y), "n_test": len(test_y), "n_dims": len(dims), "dims": " ".join(map(str, dims)),
+            "mlp_accuracy_mean": float(np.mean(mlp_accuracy)), "mlp_accuracy_sd": float(np.std(mlp_accuracy, ddof=1))
+            if len(seeds) > 1 else 0.0, "mlp_brier": float(np.mean([((p - test_y) ** 2).mean() for p in mlp])),
+            "logistic_accuracy": float(((logistic > 0.5) == test_y).mean()),
+            "logistic_brier": float(((logistic - test_y) ** 2).mean()),
+            "majority_accuracy": float((test_y == majority).mean()), "n_seeds": len(seeds)}
+
+
+def _scores_in_layer(model, world: np.ndarray) -> np.ndarray:
+    """Coordinates of shapes in a base model's fixed PCA layer (least squares; exact for its own output)."""
+    weight = model.pca_weight.double().numpy()  # (3M, K)
+    bias = model.pca_bias.double().numpy()
+    return np.linalg.lstsq(weight, (world.reshape(len(world), -1) - bias).T, rcond=None)[0].T
+
+
+def _tflank_latents(model, dataset_dir: Path, ids) -> np.ndarray:
+    path = Path(dataset_dir) / "preprocess" / "test.npz"
+    if not path.is_file():
+        raise ValueError(f"{path}: the preprocessed test images the T-flank needs are missing")
+    with np.load(path) as data:
+        order = {str(i): k for k, i in enumerate(data["ids"])}
+        missing = [i for i in ids if i not in order]
+        if missing:
+            raise ValueError(f"{path}: no preprocessed image of test subject {missing[0]}")
+        images = data["images"][[order[i] for i in ids]]
+    with torch.no_grad():
+        return np.concatenate([model.tflank(torch.as_tensor(images[i:i + 8], dtype=torch.float32)).double().numpy()
+                               for i in range(0, len(images), 8)])
+
+
+def descriptors(cohort: Cohort, source: str, test_shapes: Shapes) -> tuple[np.ndarray, np.ndarray]:
+    """(training descriptors, test descriptors) of one source (see the module docstring)."""
+    if source == "ground_truth":
+        space = ShapeSpace(variance=VARIANCE).fit(cohort.train.world)
+        return space.transform(cohort.train.world), space.transform(test_shapes.world)
+    model = variant_model(cohort.dataset_dir, source)
+    if source.startswith("base"):
+        return _scores_in_layer(model, cohort.train.world), _scores_in_layer(model, test_shapes.world)
+    return encode(model, cohort.train.world), _tflank_latents(model, cohort.dataset_dir, list(test_shapes.ids))
+
+
+def labels(cohort: Cohort, ids) -> np.ndarray:
+    values = pd.to_numeric(pd.Series(cohort.column(ids, "af_recurrence"), index=list(ids)), errors="coerce")
+    bad = values[~values.isin([0, 1])]
+    if len(bad):
+        raise ValueError(f"{cohort.table_path}: subject {bad.index[0]} has af_recurrence "
+                         f"{cohort.subjects.loc[bad.index[0], 'af_recurrence']!r}; expected 0 or 1")
+    return values.to_numpy(dtype=int)
+
+
+def run(cohort: Cohort, sources: dict[str, Shapes], out_dir: Path, tl_variants=()) -> StudyOutput:
+    out = StudyOutput()
+    train_y = labels(cohort, cohort.train.ids)
+    if train_y.min() == train_y.max():
+        raise ValueError(f"{cohort.table_path}: every training subject has af_recurrence {train_y[0]}; "
+                         f"a recurrence classifier needs both outcomes in the training split")
+    rows = []
+    for source, shapes in sources.items():
+        train_x, test_x = descriptors(cohort, source, shapes)
+        row = {"source": source, "descriptor": "latent" if source.startswith("tl") else "pca_scores",
+               **classify(train_x, train_y, test_x, labels(cohort, shapes.ids))}
+        rows.append(row)
+        out.summary[source] = {k: v for k, v in row.items() if k not in ("source", "descriptor", "dims")}
+    table = pd.DataFrame(rows)
+    out.tables["left_atrium_recurrence_table3"] = table
+    _accuracy_figure(table, out_dir / "left_atrium_recurrence.png")
+    out.figures.append({"file": "left_atrium_recurrence.png", "title": "AF recurrence prediction accuracy (Table 3)",
+                        "caption": "Test accuracy of the MLP (mean and sd over seeds) and of logistic regression on "
+                                   "each source's 10 trimmed descriptors; the dashed line is the majority-class rate "
+                                   "a useless classifier gets, so only bars above it carry shape information."})
+
+    swims = {}
+    everyone = cohort.all
+    recurrence = labels(cohort, everyone.ids) == 1
+    for variant in tl_variants:
+        model = variant_model(cohort.dataset_dir, variant)
+        swims[variant] = latent_swim(model, everyone.world[~recurrence], everyone.world[recurrence])
+        out.summary.setdefault(variant, {})["swim_max_displacement_mm"] = float(
+            np.linalg.norm(swims[variant][-1] - swims[variant][0], axis=1).max())
+    if swims:
+        swim_figure(cohort.template_mesh(), swims, out_dir / "left_atrium_latent_swim.png")
+        out.figures.append({"file": "left_atrium_latent_swim.png",
+                            "title": "TL-DeepSSM latent swim, no recurrence to recurrence (Fig. 12)",
+                            "caption": "Shapes decoded along the line from the no-recurrence to the recurrence mean "
+                                       "latent code, coloured by movement along the normal; red growing on the body "
+                                       "means the atrium bulges (becomes rounder) towards recurrence."})
+    return out
+
+
+def _accuracy_figure(table: pd.DataFrame, path: Path) -> None:
+    figure, axes = fig.figure(1, 1, cell=(1.2 * len(table) + 2.0, 2.8))
+    ax = axes[0, 0]
+    x = np.arange(len(table))
+    ax.bar(x - 0.2, table["mlp_accuracy_mean"], 0.4, yerr=table["mlp_accuracy_sd"], label="MLP", color="#0077bb")
+    ax.bar(x + 0.2, table["logistic_accuracy"], 0.4, label="logistic", color="#ee7733")
+    for k, rate in enumerate(table["majority_accuracy"]):
+        ax.hlines(rate, k - 0.45, k + 0.45, colors="black", linestyles="dashed")
+    ax.set_xticks(x, table["source"])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("test accuracy")
+    ax.legend(frameon=False)
+    fig.save_figure(figure, path)
