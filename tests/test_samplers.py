@@ -22,10 +22,12 @@ def test_bandwidth_is_the_mean_nearest_neighbour_distance():
     assert np.isclose(kde_bandwidth(scores), np.mean(brute), rtol=1e-10)
 
 
-def test_kde_samples_follow_the_training_statistics_plus_the_kernel():
+@pytest.mark.parametrize("kernel", ["paper", "neighbour"])
+def test_kde_samples_follow_the_training_statistics_plus_the_kernel(kernel):
     scores = training_scores()
-    sampler = KDESampler().fit(scores)
-    sigma = sampler.bandwidth
+    sampler = KDESampler(kernel=kernel).fit(scores)
+    # eq. 1 literally: sigma per mode; "neighbour": sigma over the whole displacement
+    sigma = sampler.bandwidth if kernel == "paper" else sampler.bandwidth / np.sqrt(scores.shape[1])
     new, source = sampler.sample(np.random.default_rng(1), 100_000)
     assert new.shape == (100_000, scores.shape[1]) and source.shape == (100_000,)
     assert source.min() >= 0 and source.max() < len(scores)
@@ -34,6 +36,9 @@ def test_kde_samples_follow_the_training_statistics_plus_the_kernel():
     assert np.allclose(new.var(0), scores.var(0) + sigma**2, rtol=0.05)
     assert np.allclose((new - scores[source]).std(0), sigma, rtol=0.02)
     assert np.allclose(np.bincount(source, minlength=len(scores)) / len(source), 1 / len(scores), atol=0.005)
+    if kernel == "neighbour":  # a sample lies about one nearest-neighbour gap from its source
+        gap = np.linalg.norm(new - scores[source], axis=1)
+        assert np.isclose(np.sqrt((gap**2).mean()), sampler.bandwidth, rtol=0.02)
 
 
 def test_kde_on_all_modes_of_a_shape_space():
@@ -107,5 +112,7 @@ def test_bad_inputs_are_refused():
         MixtureSampler(n_components=0)
     with pytest.raises(ValueError, match="non-negative"):
         KDESampler(sigma=-1.0)
+    with pytest.raises(ValueError, match="unknown KDE kernel 'wide'"):
+        KDESampler(kernel="wide")
     with pytest.raises(ValueError, match="not fitted"):
         GaussianSampler().sample(np.random.default_rng(0), 3)

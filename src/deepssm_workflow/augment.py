@@ -11,7 +11,8 @@ Artifacts (out_dir, written atomically):
     images.npy       (n, Z, Y, X) float32 on the preprocessing grid, written sample by sample
                      through a memory map (memory does not grow with n); load with mmap_mode="r"
     samples.npz      points (n, M, 3) world, scores (n, N-1), source_index (n,), source_ids (n,),
-                     bandwidth (KDE sigma; NaN for other samplers), sampler
+                     bandwidth (KDE sigma), noise_std (KDE kernel sd per mode; both NaN for other
+                     samplers), sampler
     shape_space.npz  the N-1-mode ShapeSpace (ShapeSpace.load)
     qc.png           real vs generated score distributions, a few generated images with points
 """
@@ -67,14 +68,16 @@ def _load_inputs(cohort_dir: Path, preprocess_dir: Path):
     return shape_ids, world, images, origin, spacing
 
 
-def _fit_sampler(name: str, scores: np.ndarray, seed: int, mixture_components: int):
+def _fit_sampler(name: str, scores: np.ndarray, seed: int, mixture_components: int, kde_kernel: str):
     if name == "mixture":
         return make_sampler(name, n_components=mixture_components, seed=seed).fit(scores)
+    if name == "kde":
+        return make_sampler(name, kernel=kde_kernel).fit(scores)
     return make_sampler(name).fit(scores)
 
 
 def augment(cohort_dir, preprocess_dir, out_dir, n_samples: int, sampler: str = "kde", n_control: int = 256,
-            seed: int = 0, mixture_components: int = 4) -> dict:
+            seed: int = 0, mixture_components: int = 4, kde_kernel: str = "neighbour") -> dict:
     """Generate `n_samples` augmented (image, correspondences, scores) triples; see the module doc.
 
     Returns a summary: n, seconds, samples_per_second, images_bytes, sampler, bandwidth, n_modes.
@@ -92,12 +95,13 @@ def augment(cohort_dir, preprocess_dir, out_dir, n_samples: int, sampler: str = 
 
     space = ShapeSpace(n_modes=len(world) - 1).fit(world)  # all N - 1 modes (paper eq. 1)
     train_scores = space.transform(world)
-    model = _fit_sampler(sampler, train_scores, seed, mixture_components)
+    model = _fit_sampler(sampler, train_scores, seed, mixture_components, kde_kernel)
     rng = np.random.default_rng(seed)
     scores, source = model.sample(rng, n_samples)
     source = np.asarray(source, dtype=np.int64)
     points = space.inverse_transform(scores)
     bandwidth = float(model.bandwidth) if sampler == "kde" else float("nan")
+    noise_std = float(model.noise_std) if sampler == "kde" else float("nan")
 
     with staged(out_dir, list(OUTPUTS)) as staging:
         stack = np.lib.format.open_memmap(staging / "images.npy", mode="w+", dtype=np.float32,
@@ -108,19 +112,29 @@ def augment(cohort_dir, preprocess_dir, out_dir, n_samples: int, sampler: str = 
         preview = np.array(stack[:QC_IMAGES])  # a few images for the figure, copied before unmapping
         del stack
         np.savez(staging / "samples.npz", points=points, scores=scores, source_index=source,
-                 source_ids=np.array(ids)[source], bandwidth=np.float64(bandwidth), sampler=np.array(sampler))
+                 source_ids=np.array(ids)[source], bandwidth=np.float64(bandwidth),
+                 noise_std=np.float64(noise_std), sampler=np.array(sampler))
         space.save(staging / "shape_space.npz")
         _qc_figure(staging / "qc.png", train_scores, scores, preview, points[:QC_IMAGES],
-                   [ids[s] for s in source[:QC_IMAGES]], origin, spacing, sampler, bandwidth)
+                   [ids[s] for s in source[:QC_IMAGES]], origin, spacing, sampler, noise_std,
+                   _spread(world, space.mean), _spread(points, space.mean))
         images_bytes = (staging / "images.npy").stat().st_size
 
     seconds = time.perf_counter() - start
     return {"n": n_samples, "seconds": seconds, "samples_per_second": n_samples / seconds,
-            "images_bytes": int(images_bytes), "sampler": sampler, "bandwidth": bandwidth,
-            "n_modes": int(space.n_modes)}
+            "images_bytes": int(images_bytes), "sampler": sampler, "bandwidth": bandwidth, "noise_std": noise_std,
+            "n_modes": int(space.n_modes), "real_spread_mm": _spread(world, space.mean),
+            "generated_spread_mm": _spread(points, space.mean)}
 
 
-def _qc_figure(path, real, generated, images, points, source_ids, origin, spacing, sampler, bandwidth) -> None:
+def _spread(shapes: np.ndarray, mean: np.ndarray) -> float:
+    """Mean over shapes of the RMS point distance to the mean shape (mm): generated shapes should
+    spread about as far as the real ones."""
+    return float(np.sqrt(((shapes - mean) ** 2).sum(-1).mean(-1)).mean())
+
+
+def _qc_figure(path, real, generated, images, points, source_ids, origin, spacing, sampler, noise_std,
+               real_spread, generated_spread) -> None:
     """Top row: per-mode histograms of generated scores with the real scores as ticks.
     Bottom row: mid-axial slices of generated images with their points (those near the slice bold)."""
     modes = min(QC_MODES, real.shape[1])
@@ -153,6 +167,7 @@ def _qc_figure(path, real, generated, images, points, source_ids, origin, spacin
         ax.scatter(voxel[~near, 0], voxel[~near, 1], s=2, color=POINT_COLOR, alpha=0.25, lw=0)
         ax.scatter(voxel[near, 0], voxel[near, 1], s=6, color="#ee7733", lw=0)
         ax.set_title(f"sample {k} (from {source_ids[k]}), z={z}")
-    width = f", sigma={bandwidth:.3g}" if np.isfinite(bandwidth) else ""
-    fig.suptitle(f"augmentation: {sampler} sampler{width}, {real.shape[1]} modes")
+    width = f", kernel sd {noise_std:.3g} per mode" if np.isfinite(noise_std) else ""
+    fig.suptitle(f"augmentation: {sampler} sampler{width}, {real.shape[1]} modes; RMS distance to the mean shape: "
+                 f"training {real_spread:.2f} mm, generated {generated_spread:.2f} mm")
     save_figure(fig, path)

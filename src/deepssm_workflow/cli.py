@@ -45,7 +45,7 @@ def _augment(args) -> None:
 
     cfg = json.loads(args.settings)
     summary = augment(args.cohort, args.preprocess_dir, args.out_dir, cfg["n_samples"], cfg.get("sampler", "kde"),
-                      cfg.get("n_control", 256), cfg.get("seed", 0))
+                      cfg.get("n_control", 256), cfg.get("seed", 0), kde_kernel=cfg.get("kde_kernel", "neighbour"))
     print(json.dumps(summary, indent=2))
 
 

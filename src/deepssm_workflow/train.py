@@ -70,6 +70,7 @@ class TrainConfig:
     val_fraction: float = 0.1        # of the real subjects (paper: 0.2 for the left atrium)
     focal_a_points: float = 10.0
     focal_a_latent: float = 1.0
+    focal_percentile: float = 90.0   # c of eq. 7 = this percentile of the training deviations (sec. 3.3)
     seed: int = 0
     model: dict = field(default_factory=dict)  # further ModelConfig fields (channels, ae_hidden, ...)
 
@@ -86,6 +87,8 @@ class TrainConfig:
             problems.append("a base variant needs epochs >= 1")
         if self.batch_size < 1:
             problems.append(f"batch_size must be positive, got {self.batch_size}")
+        if not 0.0 < self.focal_percentile <= 100.0:
+            problems.append(f"focal_percentile must be in (0, 100], got {self.focal_percentile}")
         if not 0.0 < self.val_fraction < 1.0:
             problems.append(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if problems:
@@ -271,7 +274,7 @@ def train(images, points, train_idx, val_idx, shape_space: ShapeSpace, config: T
     model = build_model(config.variant, model_config, space.mean, space.basis[:k]).to(device)
 
     val_points = np.asarray(points[val_idx], dtype=np.float64)
-    focal_c = {"points": focal_threshold(points[train_idx]) if config.is_focal else None, "latent": None}
+    focal_c = {"points": focal_threshold(points[train_idx], config.focal_percentile) if config.is_focal else None, "latent": None}
 
     # -- resume
     signature = {"format": CHECKPOINT_FORMAT, "config": asdict(config), "model_config": asdict(model_config),
@@ -322,7 +325,7 @@ def train(images, points, train_idx, val_idx, shape_space: ShapeSpace, config: T
                 with torch.no_grad():
                     codes = np.concatenate([model.encode(_tensor(points, b, device)).cpu().numpy()
                                             for b in _batches(train_idx, config.batch_size, 0, 0, shuffle=False)])
-                focal_c["latent"] = latent_focal_threshold(codes)
+                focal_c["latent"] = latent_focal_threshold(codes, config.focal_percentile)
                 log(f"latent focal threshold c = {focal_c['latent']:.4g}")
 
             for epoch_in_phase in range(first, n_epochs):
