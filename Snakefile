@@ -1,8 +1,13 @@
 # DeepSSM workflow: statistical shape models predicted from unsegmented 3D images.
 # Stages live in workflow/rules/; all logic lives in the deepssm_workflow package.
+import os
+
 from snakemake.utils import min_version
 
 min_version("9.0")
+
+# The rules' conda env (envs/deepssm.yaml) installs this checkout from this variable.
+os.environ.update(DEEPSSM_WORKFLOW_ROOT=workflow.current_basedir.get_path_or_uri(secret_free=True))
 
 
 configfile: "config/config.yaml"
