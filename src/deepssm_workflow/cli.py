@@ -80,6 +80,14 @@ def _evaluate(args) -> None:
         print(summarize(args.dataset_dir, args.variants).to_string(index=False, float_format="%.3f"))
 
 
+def _study(args) -> None:
+    from .studies import run_study
+
+    variants = [v for v in args.variants.split(",") if v]
+    summary = run_study(args.anatomy, args.dataset_dir, variants, args.out_dir, resources_dir=args.resources_dir)
+    print(json.dumps(summary, indent=2))
+
+
 def _report(args) -> None:
     from .report import build_report
 
@@ -168,6 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", nargs="+", default=["base", "base_focal", "tl", "tl_focal"])
     p.add_argument("--out-dir", help="write the full evaluation here (tables, figures, surface distances, timing)")
     p.set_defaults(run=_evaluate)
+
+    p = steps.add_parser("study", help="the anatomy's clinical study (paper sec. 4) on ground truth and predictions")
+    p.add_argument("--anatomy", required=True, choices=["metopic", "femur", "left_atrium"])
+    p.add_argument("--dataset-dir", required=True, help="results/{dataset}")
+    p.add_argument("--resources-dir", help="resources/{dataset}: expert ratings (data/ratings.csv), ground_truth.csv")
+    p.add_argument("--variants", default="base,base_focal,tl,tl_focal", help="comma-separated; those without "
+                   "predictions are skipped and listed in summary.json")
+    p.add_argument("--out-dir", required=True, help="results/{dataset}/study")
+    p.set_defaults(run=_study)
 
     p = steps.add_parser("report", help="self-contained report.html of a dataset (figures embedded)")
     p.add_argument("--dataset-dir", required=True, help="results/{dataset} with evaluation/ and study/")
