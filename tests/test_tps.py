@@ -56,6 +56,20 @@ def test_grid_evaluation_matches_pointwise_evaluation():
     assert np.abs(on_grid - expected).max() < 1e-3  # float32 on the grid, mm
 
 
+def test_coarse_lattice_is_exact_on_its_knots_and_close_between():
+    source = np.random.default_rng(9).uniform(-35, 35, (200, 3))
+    spline = ThinPlateSpline(source, smooth_displacement(source))
+    size = (23, 17, 12)  # 12 is not 1 + a multiple of 2: the lattice reaches one knot past the far end
+    exact = spline.on_grid(ORIGIN, SPACING, size)
+    coarse = spline.on_grid(ORIGIN, SPACING, size, step=2)
+    assert coarse.shape == exact.shape and coarse.dtype == np.float32
+    assert np.abs(coarse[::2, ::2, ::2] - exact[::2, ::2, ::2]).max() < 1e-3
+    error = np.linalg.norm(coarse - exact, axis=-1)
+    assert 1e-3 < error.max() < 0.25 * SPACING[0] and error.mean() < 0.02 * SPACING[0]
+    with pytest.raises(ValueError, match="step"):
+        spline.on_grid(ORIGIN, SPACING, size, step=0)
+
+
 def blob_image(centres: np.ndarray, sigma: float = 2.0) -> np.ndarray:
     world = voxel_centres()
     image = np.zeros(world.shape[:3], np.float32)

@@ -1,0 +1,62 @@
+"""The benchmark suite: the quick mode runs every section and writes its table (no timing is
+asserted: the machine is shared), and the optimized inference copy gives the trained model's outputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from deepssm_workflow import bench
+from deepssm_workflow.predict import inference_model
+from deepssm_workflow.train import predict
+
+
+def test_quick_benchmark_writes_its_table(tmp_path):
+    assert bench.main(["--quick", "--out", str(tmp_path), "--threads", "1"]) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    table = (tmp_path / "bench.md").read_text()
+    assert "| measure | baseline | this workflow | ratio | target | met |" in table
+    for measure in ("inference base femur", "inference tl left_atrium", "training epoch", "augmentation, femur size",
+                    "5000 femur-size samples", "coarse-lattice warp position error", "training peak RSS"):
+        assert measure in table, measure
+
+    # what the timings stand on must hold: same outputs, same warp, both memory runs done
+    assert len(result["inference"]) == 3 * 2 * 2  # datasets x variants x (batch 1, batched)
+    assert max(row["max_abs_difference_mm"] for row in result["inference"]) < 1e-3
+    assert [row["samples"] for row in result["training"]] == [bench.QUICK.train_samples] * 3
+    augmentation = result["augmentation"]
+    assert augmentation["samples"] == bench.QUICK.augment_samples
+    assert augmentation["store_bytes_per_sample"] >= 4 * np.prod(bench.QUICK.inputs["femur"])
+    assert augmentation["max_abs_difference_exact_vs_baseline"] < 1e-3
+    assert [row["samples"] for row in result["memory"]] == list(bench.QUICK.memory_counts)
+    assert all(row["peak_rss_kib"] >= row["peak_anon_kib"] > 0 for row in result["memory"])
+
+
+def test_unknown_section_is_named(tmp_path):
+    with pytest.raises(ValueError, match="'speed'"):
+        bench.run(["inference", "speed"], quick=True, out_dir=tmp_path, threads=1)
+    assert not (tmp_path / "bench.md").exists()
+
+
+@pytest.mark.parametrize("variant", ["base", "tl"])
+def test_inference_copy_matches_the_model(variant):
+    model = bench._random_model(variant, (12, 10, 14), n_points=40)
+    fast = inference_model(model)
+    # the batch norms are folded away in the copy and still there in the original
+    assert not any(isinstance(m, nn.BatchNorm3d) for m in fast.modules())
+    assert sum(isinstance(m, nn.BatchNorm3d) for m in model.modules()) == 5
+    images = np.random.default_rng(0).normal(size=(3, 12, 10, 14)).astype(np.float32)
+    for batch in (1, 3):
+        expected, _ = predict(model, images, batch)
+        got, _ = predict(fast, images, batch)
+        assert got.shape == expected.shape == (3, 40, 3)
+        assert np.abs(got - expected).max() < 1e-4 * np.abs(expected).max()
+    assert not any(p.requires_grad for p in fast.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    with torch.no_grad():  # the copy rejects images of another size, as the model does
+        with pytest.raises(ValueError, match="built for"):
+            fast(torch.zeros(1, 1, 12, 10, 12))
