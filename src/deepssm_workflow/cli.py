@@ -10,6 +10,8 @@ import json
 import sys
 import time
 
+from .provenance import verify, write_sidecar
+
 
 def _synthesize(args) -> None:
     from .synthetic.cohort import SyntheticSettings, generate_cohort
@@ -107,6 +109,16 @@ def _qc_cohort(args) -> None:
     cohort_figure(args.subjects, args.out, count=args.count)
 
 
+def _artifact_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of the steps whose outputs carry a provenance sidecar (see `deepssm_workflow.provenance`)."""
+    parser.add_argument("--verify", nargs="+", default=[], metavar="FILE",
+                        help="input artifacts to check against the provenance.json beside them first; a corrupted "
+                             "one is removed (with its cache entry) so that the next run rebuilds it")
+    parser.add_argument("--inputs", nargs="+", default=[], metavar="FILE", help="input files, for the sidecar")
+    parser.add_argument("--outputs", nargs="+", default=[], metavar="FILE", help="output files, for the sidecar")
+    parser.add_argument("--provenance", metavar="JSON", help="write this provenance sidecar when the step succeeds")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepssm-wf", description=__doc__)
     steps = parser.add_subparsers(dest="step", required=True)
@@ -144,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preprocess-dir", required=True, help="folder with train.npz and grid.json")
     p.add_argument("--settings", required=True, help="JSON of the config's `augmentation` block")
     p.add_argument("--out-dir", required=True)
+    _artifact_flags(p)
     p.set_defaults(run=_augment)
 
     p = steps.add_parser("train", help="train one DeepSSM variant (CUDA when visible, else CPU)")
@@ -154,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", required=True, help="JSON of the config's `training` block")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--threads", type=int, default=1)
+    _artifact_flags(p)
     p.set_defaults(run=_train)
 
     p = steps.add_parser("predict", help="predict the preprocessed images of a split")
@@ -162,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--threads", type=int, default=1)
+    _artifact_flags(p)
     p.set_defaults(run=_predict)
 
     p = steps.add_parser("predict-image", help="correspondences for one new, unsegmented image")
@@ -209,9 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "verify", None):
+            verify(args.verify)
         args.run(args)
+        if getattr(args, "provenance", None):
+            settings = json.loads(args.settings) if getattr(args, "settings", None) else None
+            write_sidecar(args.provenance, args.step, args.inputs, args.outputs, settings=settings,
+                          command=["deepssm-wf", *argv])
     except (ValueError, OSError, RuntimeError) as error:
         print(f"deepssm-wf {args.step}: error: {error}", file=sys.stderr)
         return 1

@@ -20,12 +20,13 @@ the correspondences predicted from the image (in the autoencoder phase, of the
 autoencoder's reconstruction, which sees no image). The final model is the weights of
 the epoch with the lowest image-based validation RMSE (per epoch, over all validation
 samples; the reference code picked per sample). After each epoch the full training
-state is written atomically to `checkpoint.pt`; a rerun resumes from it and ends with
+state is written atomically to `checkpoint.pt` (its sha256 in `checkpoint.pt.sha256`: a
+corrupted checkpoint is ignored with a warning); a rerun resumes from it and ends with
 the same weights as an uninterrupted run: batches are shuffled by a numpy Generator
 seeded by (seed, epoch), and nothing else in training draws random numbers.
 
 Outputs in `out_dir`: `model.pt` (best state_dict), `model_card.json`, `log.csv` (one
-row per epoch, flushed as it runs), `loss_curve.png`, and `checkpoint.pt`.
+row per epoch, flushed as it runs), `loss_curve.png`, and `checkpoint.pt` (+ `.sha256`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from .models import (
     VARIANTS, ModelConfig, build_model, correspondence_loss, focal_loss, focal_threshold, latent_focal_threshold,
 )
 from .plotting import figure, save_figure
+from .provenance import checksum_problem, record_checksum
 from .shape_space import ShapeSpace, rmse
 
 LOG_COLUMNS = ("epoch", "phase", "train_loss", "val_rmse", "lr", "seconds")
@@ -186,6 +188,13 @@ def _atomic_torch_save(obj, path: Path) -> None:
         torch.save(obj, tmp)
 
 
+def _save_checkpoint(state: dict, path: Path) -> None:
+    """Atomically, with its sha256 recorded in path.sha256 (checked before a resume)."""
+    with replaced(path) as tmp:
+        torch.save(state, tmp)
+        record_checksum(path, tmp)
+
+
 def _atomic_json(obj, path: Path) -> None:
     with replaced(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
@@ -281,7 +290,10 @@ def train(images, points, train_idx, val_idx, shape_space: ShapeSpace, config: T
                  "data_hash": data_hash, "train_idx": train_idx.tolist(), "val_idx": val_idx.tolist()}
     ckpt_path, log_path = out_dir / "checkpoint.pt", out_dir / "log.csv"
     ckpt = None
-    if ckpt_path.exists():
+    corrupted = checksum_problem(ckpt_path) if ckpt_path.exists() else None
+    if corrupted:
+        log(f"WARNING: ignoring {ckpt_path}: {corrupted}; starting afresh")
+    elif ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
         if ckpt.get("signature") != signature:
             log(f"ignoring {ckpt_path}: written for another configuration, data or split; starting afresh")
@@ -367,10 +379,10 @@ def train(images, points, train_idx, val_idx, shape_space: ShapeSpace, config: T
                 row = {"epoch": epoch, "phase": phase, "train_loss": total / count, "val_rmse": val_rmse,
                        "lr": lr, "seconds": round(time.perf_counter() - start, 4)}
                 history.append(row)
-                _atomic_torch_save({"signature": signature, "model": model.state_dict(),
-                                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                    "phase_index": phase_index, "phase_epoch": epoch_in_phase + 1,
-                                    "history": history, "best": best, "focal_c": focal_c}, ckpt_path)
+                _save_checkpoint({"signature": signature, "model": model.state_dict(),
+                                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                  "phase_index": phase_index, "phase_epoch": epoch_in_phase + 1,
+                                  "history": history, "best": best, "focal_c": focal_c}, ckpt_path)
                 _append_log(log_path, row)
                 log(f"epoch {epoch} [{phase}] loss {row['train_loss']:.5g} val RMSE {val_rmse:.4g} "
                     f"lr {lr:.3g} ({row['seconds']:.2f} s)")
