@@ -126,7 +126,10 @@ def test_tiny_workflow_reports_render_completely_in_headless_chromium(tiny_repor
     with zipfile.ZipFile(archive) as bundle:
         names = bundle.namelist()
         content = "".join(bundle.read(n).decode("utf-8", "replace") for n in names if n.endswith((".html", ".js")))
+    for figure in ("per_point_rmse.png", "surface_boxplot.png", "surface_heatmaps.png"):
+        assert sum(n.endswith(f"/{figure}") for n in names) == len(REPORT_DATASETS), figure
+    assert sum("/figures/" in n and n.endswith(".png") for n in names) >= len(REPORT_DATASETS)  # the studies'
     for dataset in REPORT_DATASETS:
-        for figure in ("per_point_rmse.png", "surface_boxplot.png", "surface_heatmaps.png"):
-            assert any(n.endswith(f"{dataset}/evaluation/{figure}") for n in names), (dataset, figure)
-    assert "Surface-to-surface distance on femur" in content
+        for caption in ("Per-point RMSE on", "Surface-to-surface distance on", "Surface distance maps on",
+                        "Clinical study on"):
+            assert f"{caption} {dataset}" in content, (caption, dataset)

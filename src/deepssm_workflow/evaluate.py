@@ -162,8 +162,6 @@ def evaluate_dataset(dataset_dir, variants, out_dir) -> dict:
     """Every metric of the test set for each variant and both baselines: RMSE (eq. 12), per-point
     RMSE on the mean shape, surface-to-surface distance of meshes rebuilt from the points, and
     inference time. Writes out_dir atomically; returns the summary."""
-    from .surface import read_mesh, surface_distance, template_from_training
-
     root = Path(dataset_dir)
     anatomy = json.loads((root / "cohort" / "report.json").read_text())["anatomy"]
     cohort = load_test_cohort(root / "cohort", root / "preprocess")
@@ -181,35 +179,8 @@ def evaluate_dataset(dataset_dir, variants, out_dir) -> dict:
          "rmse_mm": float(rmse(shapes[m][k], cohort.true_local[k]))}
         for m in methods for k, (subject, group) in enumerate(zip(cohort.ids, cohort.groups))])
 
-    notes = []
-    template = None
-    try:
-        template = template_from_training(cohort.train["ids"], cohort.train["world"],
-                                          cohort.train["image_to_world"], cohort.train["meshes"])
-    except ValueError as error:
-        if any(cohort.train["meshes"]):
-            raise
-        notes.append(f"Surface distance not measured: {error} (meshes are optional in a cohort).")
-    measured = [k for k, path in enumerate(cohort.meshes) if path] if template else []
-    if template and not measured:
-        notes.append("Surface distance not measured: no test subject has a true mesh.")
-    elif template and len(measured) < len(cohort.ids):
-        unmeasured = [s for k, s in enumerate(cohort.ids) if k not in measured]
-        notes.append(f"Surface distance not measured for test subject(s) without a true mesh: {', '.join(unmeasured)}.")
-    surface_maps = {}
-    if measured:
-        true_meshes = {k: read_mesh(cohort.meshes[k]) for k in measured}
-        distance_rows = []
-        for m in methods:
-            for k in measured:
-                distance = surface_distance(template.warp(shapes[m][k]), true_meshes[k])
-                distance_rows.append({"method": m, "id": cohort.ids[k], "surface_mean_mm": distance.mean_mm,
-                                      "hausdorff_mm": distance.hausdorff_mm})
-                if m in variants:
-                    surface_maps[m, k] = distance.from_true
-        per_subject = per_subject.merge(pd.DataFrame(distance_rows), on=["method", "id"], how="left")
-    else:
-        per_subject["surface_mean_mm"] = per_subject["hausdorff_mm"] = np.nan
+    template, measured, distances, surface_maps, notes = _surface_metrics(cohort, shapes, variants)
+    per_subject = per_subject.merge(distances, on=["method", "id"], how="left")
 
     summary_table = _summary_table(per_subject, point_errors, methods, cards)
     timing = _timing_table(root, variants, anatomy, n_points)
@@ -244,6 +215,42 @@ def evaluate_dataset(dataset_dir, variants, out_dir) -> dict:
         }
         (staging / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _surface_metrics(cohort: TestCohort, shapes: dict, variants):
+    """Surface distances of every method's rebuilt meshes, where meshes exist: the template (or
+    None), the measured test subjects' indices, a (method, id) table, the variants' per-vertex
+    distance maps on the true meshes, and notes naming what could not be measured."""
+    from .surface import read_mesh, surface_distance, template_from_training
+
+    def table(rows):
+        frame = pd.DataFrame(rows, columns=["method", "id", "surface_mean_mm", "hausdorff_mm"])
+        return frame.astype({"method": str, "id": str, "surface_mean_mm": float, "hausdorff_mm": float})
+
+    try:
+        template = template_from_training(cohort.train["ids"], cohort.train["world"],
+                                          cohort.train["image_to_world"], cohort.train["meshes"])
+    except ValueError as error:
+        if any(cohort.train["meshes"]):  # a broken mesh file is an error; no meshes at all is allowed
+            raise
+        note = f"Surface distance not measured: {error} (meshes are optional in a cohort)."
+        return None, [], table([]), {}, [note]
+    measured = [k for k, path in enumerate(cohort.meshes) if path]
+    notes = []
+    if not measured:
+        notes.append("Surface distance not measured: no test subject has a true mesh.")
+    elif len(measured) < len(cohort.ids):
+        unmeasured = [s for k, s in enumerate(cohort.ids) if k not in measured]
+        notes.append(f"Surface distance not measured for test subject(s) without a true mesh: {', '.join(unmeasured)}.")
+    true_meshes = {k: read_mesh(cohort.meshes[k]) for k in measured}
+    rows, maps = [], {}
+    for method, points in shapes.items():
+        for k in measured:
+            distance = surface_distance(template.warp(points[k]), true_meshes[k])
+            rows.append([method, cohort.ids[k], distance.mean_mm, distance.hausdorff_mm])
+            if method in variants:
+                maps[method, k] = distance.from_true
+    return template, measured, table(rows), maps, notes
 
 
 def _plain(value):
@@ -416,7 +423,7 @@ def _surface_heatmaps(cohort: TestCohort, measured, per_subject, surface_maps: d
     picks = {v: _ranked_picks(sorted(measured, key=lambda k: scores[v, cohort.ids[k]])) for v in variants}
     top = max(float(surface_maps[v, k].max()) for v in variants for _, k in picks[v]) or 1.0
     columns = max(len(p) for p in picks.values())
-    fig, axes = figure(len(variants), columns, cell=(2.5, 2.6))
+    fig, axes = figure(len(variants), columns, cell=(3.0, 2.7))
     world_meshes = {}
     for row, v in enumerate(variants):
         for col in range(columns):

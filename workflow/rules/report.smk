@@ -7,7 +7,9 @@ def study_inputs(wildcards):
         "subjects": f"results/{wildcards.dataset}/cohort/subjects.csv",
         "shapes_train": f"results/{wildcards.dataset}/cohort/shapes_train.npz",
         "shapes_test": f"results/{wildcards.dataset}/cohort/shapes_test.npz",
+        "test": f"results/{wildcards.dataset}/preprocess/test.npz",
         "models": [f"results/{wildcards.dataset}/models/{v}/model.pt" for v in variants],
+        "cards": [f"results/{wildcards.dataset}/models/{v}/model_card.json" for v in variants],
         "predictions": [f"results/{wildcards.dataset}/predictions/{v}/predictions.csv" for v in variants],
     }
     if wildcards.dataset in SYNTHETIC:  # the generator's extra data (metopic expert ratings)
@@ -25,7 +27,7 @@ rule study:
     output:
         report(
             directory("results/{dataset}/study"),
-            patterns=["{name}.png"],
+            patterns=["figures/{name}.png"],
             caption="../report/study.rst",
             category="Clinical study",
             subcategory="{dataset}",
