@@ -1,24 +1,6 @@
 # Evaluation of the trained variants on the test images, beside the mean-shape and PCA-floor baselines.
 
 
-def dataset_variants(wildcards):
-    """The variants a dataset's evaluation, study and report cover (config `variants`, default all four)."""
-    return config["datasets"][wildcards.dataset].get("variants", VARIANTS)
-
-
-def evaluation_inputs(wildcards):
-    variants = dataset_variants(wildcards)
-    return {
-        "subjects": f"results/{wildcards.dataset}/cohort/subjects.csv",
-        "cohort_report": f"results/{wildcards.dataset}/cohort/report.json",
-        "shapes_train": f"results/{wildcards.dataset}/cohort/shapes_train.npz",
-        "shapes_test": f"results/{wildcards.dataset}/cohort/shapes_test.npz",
-        "test": f"results/{wildcards.dataset}/preprocess/test.npz",
-        "cards": [f"results/{wildcards.dataset}/models/{v}/model_card.json" for v in variants],
-        "predictions": [f"results/{wildcards.dataset}/predictions/{v}/predictions.csv" for v in variants],
-    }
-
-
 rule evaluate:
     input:
         unpack(evaluation_inputs),
