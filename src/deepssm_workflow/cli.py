@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "provenance", None):
             settings = json.loads(args.settings) if getattr(args, "settings", None) else None
             write_sidecar(args.provenance, args.step, args.inputs, args.outputs, settings=settings,
-                          command=["deepssm-wf", *argv])
+                          command=shlex.join(["deepssm-wf", *argv]))
     except (ValueError, OSError, RuntimeError) as error:
         print(f"deepssm-wf {args.step}: error: {error}", file=sys.stderr)
         return 1

@@ -125,7 +125,7 @@ def _device() -> str:
     return "cpu"
 
 
-def write_sidecar(sidecar, step: str, inputs, outputs, settings=None, command=None) -> dict:
+def write_sidecar(sidecar, step: str, inputs, outputs, settings=None, command: str | None = None) -> dict:
     """Write the provenance sidecar of a finished step; every output must lie in the sidecar's folder
     (outputs are recorded by their path relative to it, so the record survives moving the folder or
     Snakemake's cache renaming the files). The sidecar itself may be among `outputs`."""

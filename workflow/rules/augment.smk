@@ -16,15 +16,19 @@ rule augment:
             category="Augmentation",
             subcategory="{dataset}",
         ),
+        provenance="results/{dataset}/augmentation/provenance.json",
     log:
         "logs/{dataset}/augment.log",
+    cache: True
     conda:
         "../../envs/deepssm.yaml"
     params:
         settings=lambda wildcards: json.dumps(config["datasets"][wildcards.dataset]["augmentation"], sort_keys=True),
+        software=SOFTWARE,  # only for the cache key and the params rerun trigger (see common.smk)
         cohort=subpath(input.shapes_train, parent=True),
         preprocess_dir=subpath(input.train, parent=True),
         out_dir=subpath(output.images, parent=True),
     shell:
         "deepssm-wf augment --cohort {params.cohort} --preprocess-dir {params.preprocess_dir}"
-        " --settings {params.settings:q} --out-dir {params.out_dir} > {log} 2>&1"
+        " --settings {params.settings:q} --out-dir {params.out_dir}"
+        " --inputs {input} --outputs {output} --provenance {output.provenance} > {log} 2>&1"

@@ -4,11 +4,19 @@ import json
 from snakemake.utils import validate
 
 from deepssm_workflow.config import load as load_config
+from deepssm_workflow.provenance import software_id
 
 # Our own pass first: one line per bad key. Snakemake's validate then fills schema defaults.
 DATASETS = load_config(config, workflow.source_path("../schemas/config.schema.yaml"))
 validate(config, schema="../schemas/config.schema.yaml")
 SYNTHETIC = [name for name, ds in DATASETS.items() if ds.source == "synthetic"]
+
+# Snakemake's between-workflow cache (--cache) keys an artifact by its rule's command, params, the
+# rules upstream and the conda env, but not by the code of this package, which the commands run.
+# The cached rules take this hash of the installed package's sources and of its dependencies'
+# versions as a param: a changed library (or torch) then misses the cache, and reruns those rules
+# through the params rerun trigger, rather than reusing models that the new code would not make.
+SOFTWARE = software_id()
 
 
 wildcard_constraints:

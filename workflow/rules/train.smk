@@ -9,6 +9,7 @@ rule train:
         train="results/{dataset}/preprocess/train.npz",
         samples="results/{dataset}/augmentation/samples.npz",
         images="results/{dataset}/augmentation/images.npy",
+        augmentation_provenance="results/{dataset}/augmentation/provenance.json",
     output:
         model="results/{dataset}/models/{variant}/model.pt",
         card="results/{dataset}/models/{variant}/model_card.json",
@@ -19,10 +20,12 @@ rule train:
             category="Training",
             subcategory="{dataset}",
         ),
+        provenance="results/{dataset}/models/{variant}/provenance.json",
     log:
         "logs/{dataset}/train_{variant}.log",
     wildcard_constraints:
         variant="|".join(VARIANTS),
+    cache: True
     conda:
         "../../envs/deepssm.yaml"
     threads: 2
@@ -30,26 +33,32 @@ rule train:
         gpu=1,
     params:
         settings=lambda wildcards: json.dumps(config["datasets"][wildcards.dataset]["training"], sort_keys=True),
+        software=SOFTWARE,  # only for the cache key and the params rerun trigger (see common.smk)
         cohort=subpath(input.shapes_train, parent=True),
         preprocess_dir=subpath(input.train, parent=True),
         augmentation_dir=subpath(input.samples, parent=True),
         out_dir=subpath(output.model, parent=True),
     shell:
-        # out_dir/checkpoint.pt is written every epoch and not declared, so that a rerun of a
-        # killed job (--rerun-incomplete) resumes from it instead of starting over
+        # out_dir/checkpoint.pt (+ .sha256) is written every epoch and not declared, so that a rerun of
+        # a killed job (--rerun-incomplete) resumes from it instead of starting over. The augmentation
+        # store is checked against its sidecar first: a corrupted one is removed and rebuilt next run.
         "deepssm-wf train --cohort {params.cohort} --preprocess-dir {params.preprocess_dir}"
         " --augmentation-dir {params.augmentation_dir} --variant {wildcards.variant}"
-        " --settings {params.settings:q} --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
+        " --settings {params.settings:q} --out-dir {params.out_dir} --threads {threads}"
+        " --verify {input.samples} {input.images} --inputs {input} --outputs {output}"
+        " --provenance {output.provenance} > {log} 2>&1"
 
 
 rule predict:
     input:
         model="results/{dataset}/models/{variant}/model.pt",
         card="results/{dataset}/models/{variant}/model_card.json",
+        model_provenance="results/{dataset}/models/{variant}/provenance.json",
         test="results/{dataset}/preprocess/test.npz",
     output:
         table="results/{dataset}/predictions/{variant}/predictions.csv",
         particles=directory("results/{dataset}/predictions/{variant}/particles"),
+        provenance="results/{dataset}/predictions/{variant}/provenance.json",
     log:
         "logs/{dataset}/predict_{variant}.log",
     wildcard_constraints:
@@ -63,4 +72,5 @@ rule predict:
         out_dir=subpath(output.table, parent=True),
     shell:
         "deepssm-wf predict --model-dir {params.model_dir} --preprocess-dir {params.preprocess_dir}"
-        " --split test --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
+        " --split test --out-dir {params.out_dir} --threads {threads} --verify {input.model} {input.card}"
+        " --inputs {input} --outputs {output} --provenance {output.provenance} > {log} 2>&1"
