@@ -3,8 +3,9 @@
 Debian's slurmctld and slurmd run on this machine, reachable on 127.0.0.1 only, without
 authentication (auth/none, cred/none) and with one fake GPU (a gpu gres backed by /dev/null).
 The tiny config's target is built through the repository's profile, with only its site-specific
-placeholders filled in, and every job is then checked on the Slurm side: each rule ran as a
-Slurm job, the GPU rule with a GPU request, the CPU rules without one.
+placeholders filled in, and every job is then checked in the sbatch calls and on the Slurm side:
+each rule ran as a Slurm job, the GPU rule with a GPU requested and allocated, the CPU rules
+without one.
 """
 
 import os
@@ -19,10 +20,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, run_snakemake
+from conftest import REPO, TINY, run_snakemake
 
-# Switch to "results/femur/report.html" once the report rule exists: one dataset keeps CI short.
-TARGET = "results/femur/predictions/base/predictions.csv"
+# The tiny config's report of one dataset, with one variant: every stage, one GPU job, CI-sized.
+DATASET = "femur"
+VARIANTS = ["base"]
+TARGET = f"results/{DATASET}/report.html"
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 GPU_RULES = {"train"}
 PACKAGES = ("slurmctld", "slurmd", "slurm-client")
@@ -144,7 +147,7 @@ def _wait_for_idle_node(daemons: list[subprocess.Popen], state: Path) -> None:
 
 @pytest.fixture(scope="module")
 def slurm_cluster(tmp_path_factory):
-    """A running single-node cluster; yields its state folder (daemon logs)."""
+    """A running single-node cluster for the module's tests."""
     _install_slurm()
     if os.geteuid() != 0:
         _unavailable(f"starting slurmctld/slurmd and writing {CONF_DIR}/slurm.conf needs root")
@@ -170,7 +173,7 @@ def slurm_cluster(tmp_path_factory):
         # with no authentication, nothing but this machine may reach the daemons
         for daemon, port in ports.items():
             assert _listening_addresses(port) == {"127.0.0.1"}, f"{daemon} listens on {_listening_addresses(port)}"
-        yield state
+        yield
     finally:
         for daemon in daemons:
             daemon.terminate()
@@ -197,17 +200,25 @@ def _site_profile(folder: Path) -> Path:
     assert profile["default-resources"].pop("slurm_account") == "YOUR_ACCOUNT"
     # what the profile's header says to set on a cluster without accounting
     profile.update({"slurm-no-account": True, "slurm-status-command": "squeue"})
-    # test-run only: keep the per-job Slurm logs, and poll a cluster that answers at once
-    profile.update({"slurm-keep-successful-logs": True, "slurm-init-seconds-before-status-checks": 10,
-                    "seconds-between-status-checks": 2})
+    # test run only: keep each job's Slurm log, and ask for the first status after 10 s, not
+    # the 40 s a busy cluster needs (each further check waits 10 s longer, set by the plugin)
+    profile.update({"slurm-keep-successful-logs": True, "slurm-init-seconds-before-status-checks": 10})
     folder.mkdir()
     (folder / "config.yaml").write_text(yaml.safe_dump(profile))
     return folder
 
 
-def _planned_jobs(workdir: Path, profile: Path) -> Counter:
+def _tiny_config(folder: Path) -> Path:
+    config = yaml.safe_load(TINY.read_text())
+    config["datasets"] = {DATASET: {**config["datasets"][DATASET], "variants": VARIANTS}}
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _planned_jobs(workdir: Path, profile: Path, config: Path) -> Counter:
     """Jobs per rule in the target's DAG, from a dry run's job stats."""
-    result = run_snakemake(workdir, TARGET, "--dry-run", "--profile", str(profile))
+    result = run_snakemake(workdir, TARGET, "--dry-run", "--profile", str(profile), configfile=config)
     assert result.returncode == 0, result.stderr
     table = re.search(r"^job\s+count\n-+\s+-+\n(.*?)^total", result.stdout + result.stderr, re.M | re.S)
     assert table, result.stdout
@@ -215,8 +226,8 @@ def _planned_jobs(workdir: Path, profile: Path) -> Counter:
 
 
 def _slurm_jobs() -> dict[str, dict[str, str]]:
-    """Every job slurmctld knows, as its `scontrol show job` fields."""
-    out = subprocess.run(["scontrol", "-o", "show", "job"], capture_output=True, text=True, check=True).stdout
+    """Every job slurmctld knows, as its detailed `scontrol show job` fields (JOB_GRES: allocated)."""
+    out = subprocess.run(["scontrol", "-o", "-d", "show", "job"], capture_output=True, text=True, check=True).stdout
     jobs = {}
     for line in out.splitlines():
         fields = dict(re.findall(r"(\w+)=(\S*)", line))
@@ -224,15 +235,21 @@ def _slurm_jobs() -> dict[str, dict[str, str]]:
     return jobs
 
 
+def _rule_of(sbatch_call: str) -> str:
+    """The rule a submission is for, from the job comment the executor sets (rule_<rule>_wildcards_...)."""
+    return re.search(r"--comment '?rule_(\w+?)(?:_wildcards_\S*?)?'? ", sbatch_call).group(1)
+
+
 def test_profile_runs_every_rule_as_a_slurm_job(slurm_cluster, tmp_path):
     profile = _site_profile(tmp_path / "profile")
     workdir = tmp_path / "work"
     workdir.mkdir()
-    planned = _planned_jobs(workdir, profile)
+    config = _tiny_config(tmp_path)
+    planned = _planned_jobs(workdir, profile, config)
     assert GPU_RULES <= set(planned) and set(planned) - GPU_RULES, planned
 
     started = time.monotonic()
-    result = run_snakemake(workdir, TARGET, "--profile", str(profile), "--verbose")
+    result = run_snakemake(workdir, TARGET, "--profile", str(profile), "--verbose", configfile=config)
     seconds = time.monotonic() - started
     output = result.stdout + result.stderr
     (tmp_path / "snakemake.log").write_text(output)
@@ -241,11 +258,9 @@ def test_profile_runs_every_rule_as_a_slurm_job(slurm_cluster, tmp_path):
 
     # What the executor asked of Slurm: one sbatch call per job, named by its rule.
     sbatch = re.findall(r"sbatch call: (sbatch .*)", output)
-    submitted_rules = Counter(re.search(r"--comment '?rule_(\w+?)(?:_wildcards_\S*?)?'? ", call).group(1)
-                              for call in sbatch)
-    assert submitted_rules == planned
+    assert Counter(map(_rule_of, sbatch)) == planned
     for call in sbatch:
-        rule = re.search(r"--comment '?rule_(\w+?)(?:_wildcards_\S*?)?'? ", call).group(1)
+        rule = _rule_of(call)
         asks_gpu = re.search(r"--gpus=\d|--gres=\S*gpu", call) is not None
         assert asks_gpu == (rule in GPU_RULES), call
         expected_partition = PARTITIONS["YOUR_GPU_PARTITION" if rule in GPU_RULES else "YOUR_PARTITION"]
@@ -262,7 +277,10 @@ def test_profile_runs_every_rule_as_a_slurm_job(slurm_cluster, tmp_path):
         rule = re.match(r"rule_(\w+?)(?:_wildcards_|$)", job["Comment"]).group(1)
         ran_rules[rule] += 1
         assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", job
-        assert ("gpu" in job.get("TresPerJob", "")) == (rule in GPU_RULES), job
+        if rule in GPU_RULES:
+            assert job["TresPerJob"] == "gres:gpu:1" and job["JOB_GRES"] == "gpu:1", job
+        else:
+            assert "TresPerJob" not in job and job["JOB_GRES"] == "(null)", job
     assert ran_rules == planned
 
     gpu_call = next(call for call in sbatch if "rule_train" in call)
