@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from conftest import REPO, TINY
-from deepssm_workflow.provenance import read_sidecar, sha256_of, source_sha256, verify
+from deepssm_workflow.provenance import PACKAGE_DIR, read_sidecar, sha256_of, software_id, source_sha256, verify
 
 TARGET = "results/femur/predictions/base/predictions.csv"
 MODEL_FILES = ("model.pt", "model_card.json", "log.csv", "loss_curve.png", "provenance.json")
@@ -207,3 +207,18 @@ def test_a_corrupted_cache_entry_is_detected_removed_and_rebuilt(two_checkouts):
     for name, value in good.items():
         assert torch.equal(rebuilt_weights[name], value), name
     assert (predictions / "predictions.csv").is_file() and (predictions / "provenance.json").is_file()
+
+
+def test_the_cache_key_changes_with_the_library_source_only(tmp_path):
+    package = tmp_path / "deepssm_workflow"
+    shutil.copytree(PACKAGE_DIR, package, ignore=shutil.ignore_patterns("__pycache__"))
+    before = software_id(package)
+    assert software_id(package) == before and source_sha256(package) == source_sha256(PACKAGE_DIR)
+    # byte caches and editors' hidden files are not code
+    (package / "__pycache__").mkdir()
+    (package / "__pycache__" / "train.cpython-311.pyc").write_bytes(b"\0")
+    (package / ".train.py.swp").write_bytes(b"\0")
+    assert software_id(package) == before
+    with open(package / "train.py", "a") as handle:
+        handle.write("\n# an edit\n")
+    assert software_id(package) != before

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from deepssm_workflow.provenance import checksum_problem, read_sidecar
+from deepssm_workflow.provenance import checksum_problem, read_sidecar, record_checksum, verify, write_sidecar
 from deepssm_workflow.train import train_from_artifacts
 from test_cache import run_workflow, small_config, snakemake_command, workflow_env
 
@@ -185,3 +185,61 @@ def test_a_job_failing_on_bad_input_leaves_no_partial_outputs_and_a_log_that_say
     augmentation = work / "results" / "femur" / "augmentation"
     assert not [name for name in STORE if (augmentation / name).exists()]
     assert not list(augmentation.glob(".*"))  # no staging folder or temporary file either
+
+
+# -- the library under the rules
+
+
+def test_verify_removes_a_corrupted_artifact_with_the_cache_entry_it_links_to(tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    out.mkdir()
+    cache.mkdir()
+    (out / "table.csv").write_text("a,b\n1,2\n")
+    (cache / "abc_model.pt").write_bytes(b"weights" * 100)
+    (out / "model.pt").symlink_to(cache / "abc_model.pt")  # as Snakemake's --cache leaves an output
+    (out / "particles").mkdir()
+    (out / "particles" / "s1.particles").write_text("0 0 0\n")
+    write_sidecar(out / "provenance.json", "demo", [], [out / "table.csv", out / "model.pt", out / "particles",
+                                                        out / "provenance.json"], settings={"k": 1})
+    verify([out / "table.csv", out / "model.pt", out / "particles"])
+
+    flip_a_byte(cache / "abc_model.pt")
+    (out / "particles" / "s1.particles").write_text("0 0 1\n")
+    with pytest.raises(ValueError) as error:
+        verify([out / "table.csv", out / "model.pt", out / "particles"])
+    message = str(error.value)
+    assert f"{out / 'model.pt'}: corrupted" in message and f"cache entry {cache / 'abc_model.pt'}" in message
+    assert f"{out / 'particles'}: corrupted" in message and "table.csv" not in message
+    assert not (out / "model.pt").is_symlink() and not (cache / "abc_model.pt").exists()
+    assert not (out / "particles").exists() and (out / "table.csv").is_file()
+
+    (out / "provenance.json").write_text("{ not json")
+    with pytest.raises(ValueError, match="not a readable provenance sidecar"):
+        verify([out / "table.csv"])
+    assert not (out / "provenance.json").exists()  # so that its rule reruns
+    with pytest.raises(ValueError, match="no provenance sidecar"):
+        verify([out / "table.csv"])
+
+
+def test_write_sidecar_refuses_an_output_outside_its_folder_or_missing(tmp_path):
+    (tmp_path / "elsewhere.txt").write_text("x")
+    with pytest.raises(ValueError, match="outside the sidecar's folder"):
+        write_sidecar(tmp_path / "out" / "provenance.json", "demo", [], [tmp_path / "elsewhere.txt"])
+    with pytest.raises(ValueError, match="did not write this output"):
+        write_sidecar(tmp_path / "provenance.json", "demo", [], [tmp_path / "never.txt"])
+    assert not (tmp_path / "provenance.json").exists() and not (tmp_path / "out" / "provenance.json").exists()
+
+
+def test_a_checkpoint_killed_between_its_checksum_and_its_rename_still_verifies(tmp_path):
+    checkpoint, staged = tmp_path / "checkpoint.pt", tmp_path / "staged.pt"
+    assert "no checksum recorded" in checksum_problem(checkpoint.with_name("absent.pt"))
+    for epoch in (1, 2):
+        staged.write_bytes(f"epoch {epoch}".encode())
+        record_checksum(checkpoint, staged)
+        os.replace(staged, checkpoint)
+        assert checksum_problem(checkpoint) is None
+    staged.write_bytes(b"epoch 3")
+    record_checksum(checkpoint, staged)  # ... and killed here: epoch 2's checkpoint is still good
+    assert checksum_problem(checkpoint) is None
+    flip_a_byte(checkpoint)
+    assert "(corrupted)" in checksum_problem(checkpoint)
