@@ -109,7 +109,7 @@ def test_template_is_the_training_subject_nearest_the_mean_that_has_a_mesh(tmp_p
     with pytest.raises(ValueError, match="no training subject has a mesh"):
         template_from_training(["a"], world[:1], to_world[:1], [""])
     (tmp_path / "bad.vtk").write_text("not a mesh")
-    with pytest.raises(ValueError, match="bad.vtk"):
+    with pytest.raises(ValueError, match=r"bad\.vtk: subject a: not a readable mesh"):
         template_from_training(["a"], world[:1], to_world[:1], [str(tmp_path / "bad.vtk")])
 
 
@@ -211,6 +211,14 @@ def test_subjects_without_meshes_are_named_not_dropped(evaluated_layout, tmp_pat
     figures = json.loads((tmp_path / "none" / "figures.json").read_text())
     assert [f["file"] for f in figures] == ["per_point_rmse.png"]
     assert (tmp_path / "none" / "surface_boxplot.png").is_file()  # the note, as the declared output
+
+    # a test subject's mesh that is gone: named with its subject, and nothing written
+    subjects = pd.read_csv(evaluated_layout / "cohort" / "subjects.csv")
+    subjects.loc[test[0], "mesh"] = str(tmp_path / "gone.vtk")
+    subjects.to_csv(root / "cohort" / "subjects.csv", index=False)
+    with pytest.raises(ValueError, match=rf"gone\.vtk: subject {unmeasured}: mesh file not found"):
+        evaluate_dataset(root, ["base"], tmp_path / "gone")
+    assert not (tmp_path / "gone").exists()
 
     # a broken prediction file: named, and no partial evaluation left behind
     bad = tmp_path / "bad_predictions" / "base"

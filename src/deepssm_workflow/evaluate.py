@@ -242,7 +242,7 @@ def _surface_metrics(cohort: TestCohort, shapes: dict, variants):
     elif len(measured) < len(cohort.ids):
         unmeasured = [s for k, s in enumerate(cohort.ids) if k not in measured]
         notes.append(f"Surface distance not measured for test subject(s) without a true mesh: {', '.join(unmeasured)}.")
-    true_meshes = {k: read_mesh(cohort.meshes[k]) for k in measured}
+    true_meshes = {k: read_mesh(cohort.meshes[k], cohort.ids[k]) for k in measured}
     rows, maps = [], {}
     for method, points in shapes.items():
         for k in measured:

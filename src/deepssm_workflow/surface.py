@@ -26,20 +26,21 @@ from .shape_space import rmse
 from .tps import ThinPlateSpline
 
 
-def read_mesh(path):
-    """A surface mesh as pyvista PolyData (triangles), with a clear error for a bad file."""
+def read_mesh(path, subject: str = ""):
+    """A surface mesh as pyvista PolyData (triangles); a bad file is an error naming it (and its subject)."""
     import pyvista as pv
 
     path = Path(path)
+    where = f"{path}: subject {subject}" if subject else str(path)
     if not path.is_file():
-        raise ValueError(f"{path}: mesh file not found")
+        raise ValueError(f"{where}: mesh file not found")
     try:
         mesh = pv.read(str(path))
     except Exception as error:  # pyvista raises several types for unreadable files
-        raise ValueError(f"{path}: not a readable mesh ({error})") from None
+        raise ValueError(f"{where}: not a readable mesh ({error})") from None
     mesh = mesh.extract_surface() if not isinstance(mesh, pv.PolyData) else mesh
     if mesh.n_points == 0 or mesh.n_cells == 0:
-        raise ValueError(f"{path}: mesh has no surface (no points or no cells)")
+        raise ValueError(f"{where}: mesh has no surface (no points or no cells)")
     return mesh.triangulate()
 
 
@@ -73,7 +74,7 @@ def template_from_training(ids, world: np.ndarray, image_to_world: np.ndarray, m
     # nearest to the mean of all training shapes, chosen among the subjects that have a mesh
     distances = rmse(world[available], np.broadcast_to(world.mean(0), world[available].shape))
     k = available[int(np.argmin(distances))]
-    mesh = read_mesh(meshes[k])
+    mesh = read_mesh(meshes[k], str(ids[k]))
     mesh.points = apply_transform(np.asarray(image_to_world[k]), np.asarray(mesh.points, dtype=np.float64))
     return TemplateMesh(mesh=mesh, handles=world[k].copy(), subject=str(ids[k]))
 
