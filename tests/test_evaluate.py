@@ -13,7 +13,7 @@ import pyvista as pv
 from deepssm_workflow.evaluate import (MEAN_SHAPE, PCA_FLOOR, evaluate_dataset, gap_closed, per_point_rmse,
                                        rmse_against_baselines)
 from deepssm_workflow.ingest import ingest_cohort
-from deepssm_workflow.io import apply_transform, write_particles
+from deepssm_workflow.io import write_particles
 from deepssm_workflow.surface import (TemplateMesh, distances_to_surface, surface_distance, template_from_training,
                                       values_at_vertices)
 
