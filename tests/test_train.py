@@ -112,7 +112,9 @@ def test_base_learns_and_keeps_pca_layer(data, tmp_path):
     assert any("no CUDA device visible, using CPU" in m or "CUDA visible:" in m for m in messages)
 
     state = model_weights(tmp_path / "model.pt")  # weights_only=True
-    assert np.array_equal(state["pca_weight"].cpu().numpy(), space.basis.T.astype(np.float32))
+    # the fixed layer is the PCA reconstruction in whitened units, untouched by training
+    whitened_basis = space.basis * np.sqrt(space.variances)[:, None]
+    assert np.array_equal(state["pca_weight"].cpu().numpy(), whitened_basis.T.astype(np.float32))
     assert np.array_equal(state["pca_bias"].cpu().numpy(), space.mean.reshape(-1).astype(np.float32))
 
     rows = read_log(tmp_path)

@@ -4,7 +4,8 @@ One function, `train`, runs every variant:
 
 * base / base_focal: one phase ("train"): Adam (lr 1e-3, weight decay 5e-5) with
   cosine annealing over `epochs`; the loss is eq. 2 on correspondences, or the focal
-  loss (eq. 7, a = 10, c = `focal_threshold` of the training shapes).
+  loss (eq. 7, a = 10, c = `focal_threshold` of the training shapes). The encoder
+  predicts whitened PCA scores (`pca_layer_basis`).
 * tl / tl_focal: three phases, as the paper trains them:
   "autoencoder"  g and h on the correspondences, Adam at a fixed lr 1e-4;
   "tflank"       the T-flank f on the latent target g(C), autoencoder frozen;
@@ -108,6 +109,15 @@ class TrainConfig:
         if self.is_tl:
             return [("autoencoder", self.ae_epochs), ("tflank", self.tflank_epochs), ("joint", self.joint_epochs)]
         return [("train", self.epochs)]
+
+
+def pca_layer_basis(space: ShapeSpace, k: int) -> np.ndarray:
+    """The fixed output layer's weight: the leading k modes scaled by their standard deviations,
+    so the encoder predicts whitened (unit-variance) scores. The layer is still the PCA
+    reconstruction, mean + basis . z, only in whitened units: raw femur scores reach +-60
+    while a freshly initialized linear head outputs about +-1, and Adam's ~1e-3 steps took
+    most of a short run just to reach that scale."""
+    return space.basis[:k] * np.sqrt(space.variances[:k])[:, None]
 
 
 # -- data
@@ -280,10 +290,11 @@ def train(images, points, train_idx, val_idx, shape_space: ShapeSpace, config: T
     model_config = ModelConfig(input_shape=tuple(images.shape[1:]), n_points=points.shape[1], n_modes=k,
                                latent_dim=config.latent_dim, **config.model)
     torch.manual_seed(config.seed)
-    model = build_model(config.variant, model_config, space.mean, space.basis[:k]).to(device)
+    model = build_model(config.variant, model_config, space.mean, pca_layer_basis(space, k)).to(device)
 
     val_points = np.asarray(points[val_idx], dtype=np.float64)
-    focal_c = {"points": focal_threshold(points[train_idx], config.focal_percentile) if config.is_focal else None, "latent": None}
+    point_c = focal_threshold(points[train_idx], config.focal_percentile) if config.is_focal else None
+    focal_c = {"points": point_c, "latent": None}
 
     # -- resume
     signature = {"format": CHECKPOINT_FORMAT, "config": asdict(config), "model_config": asdict(model_config),
