@@ -16,7 +16,9 @@ import torch
 import yaml
 
 from conftest import REPO, TINY
-from deepssm_workflow.provenance import PACKAGE_DIR, read_sidecar, sha256_of, software_id, source_sha256, verify
+from deepssm_workflow.provenance import (
+    PACKAGE_DIR, read_sidecar, sha256_of, sidecar_rows, software_id, source_sha256, verify,
+)
 
 TARGET = "results/femur/predictions/base/predictions.csv"
 MODEL_FILES = ("model.pt", "model_card.json", "log.csv", "loss_curve.png", "provenance.json")
@@ -149,6 +151,11 @@ def test_the_cached_model_carries_its_provenance(two_checkouts):
     predictions = read_sidecar(b / "results/femur/predictions/base/provenance.json")
     assert predictions["step"] == "predict" and set(predictions["outputs"]) == {"predictions.csv", "particles"}
     assert predictions["inputs"]["results/femur/models/base/model.pt"] == sha256_of(model_dir(b) / "model.pt")
+    # what the report shows: every artifact as recorded, a folder the workflow did not make said so
+    rows = sidecar_rows(b / "results" / "femur", ["augmentation", "models/base", "predictions/base", "models/tl"])
+    assert [(r["step"], r["outputs match"]) for r in rows[:3]] == [("augment", "yes"), ("train", "yes"),
+                                                                   ("predict", "yes")]
+    assert rows[3]["outputs match"] == "no provenance.json (not made by the workflow)"
 
 
 def test_changing_a_training_parameter_reruns_training_and_what_follows_it_only(two_checkouts):

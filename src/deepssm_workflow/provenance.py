@@ -45,12 +45,17 @@ ENGINE_PACKAGES = ("snakemake",)
 # -- hashes
 
 
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
 def sha256_of(path) -> str:
-    """sha256 of a file's bytes; of a folder, over its files' relative paths and hashes (sorted)."""
+    """sha256 of a file's bytes; of a folder, over its files' relative paths and hashes (sorted). Hidden
+    files are left out: Snakemake marks a finished folder output with a `.snakemake_timestamp` file."""
     path = Path(path)
     if path.is_dir():
         digest = hashlib.sha256()
-        for item in sorted(p for p in path.rglob("*") if p.is_file()):
+        for item in sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path))):
             digest.update(f"{item.relative_to(path).as_posix()}\0{sha256_of(item)}\n".encode())
         return digest.hexdigest()
     digest = hashlib.sha256()
@@ -66,8 +71,7 @@ def source_sha256(package_dir=PACKAGE_DIR) -> str:
     digest = hashlib.sha256()
     for item in sorted(package_dir.rglob("*")):
         relative = item.relative_to(package_dir)
-        if (not item.is_file() or "__pycache__" in relative.parts or item.suffix == ".pyc"
-                or any(part.startswith(".") for part in relative.parts)):
+        if not item.is_file() or "__pycache__" in relative.parts or item.suffix == ".pyc" or _hidden(relative):
             continue
         digest.update(relative.as_posix().encode() + b"\0" + item.read_bytes() + b"\0")
     return digest.hexdigest()
@@ -217,21 +221,28 @@ def verify(paths) -> None:
         raise ValueError("\n".join(problems))
 
 
-def sidecar_summary(sidecar) -> dict:
-    """What the report shows of one sidecar: step, date, host, code and whether the outputs still match."""
-    sidecar = Path(sidecar)
-    record = read_sidecar(sidecar)
-    changed = [name for name, digest in record["outputs"].items()
-               if not (sidecar.parent / name).exists() or sha256_of(sidecar.parent / name) != digest]
-    code, host = record.get("code", {}), record.get("host", {})
-    git = code.get("git") or {}
-    return {"step": record.get("step", "?"), "created": record.get("created", "?"),
-            "host": f"{host.get('name', '?')} ({host.get('device', '?')})",
-            "git commit": (git.get("commit", "not a git checkout")[:12]
-                           + (" + uncommitted changes" if git.get("uncommitted_changes") else "")),
-            "source sha256": code.get("source_sha256", "?")[:12],
-            "outputs": ", ".join(record["outputs"]),
-            "outputs match": "yes" if not changed else "NO: " + ", ".join(changed)}
+def sidecar_rows(dataset_dir, folders) -> list[dict]:
+    """For the report: per artifact folder, what its sidecar says (step, date, host, code) and whether
+    the outputs still have the recorded bytes; a folder without a sidecar gets a row saying so."""
+    rows = []
+    for folder in folders:
+        sidecar = Path(dataset_dir) / folder / SIDECAR
+        if not sidecar.exists():
+            rows.append({"artifact": folder, "step": "—", "created": "—", "host": "—", "git commit": "—",
+                         "source sha256": "—", "outputs match": f"no {SIDECAR} (not made by the workflow)"})
+            continue
+        record = read_sidecar(sidecar)
+        changed = [name for name, digest in record["outputs"].items()
+                   if not (sidecar.parent / name).exists() or sha256_of(sidecar.parent / name) != digest]
+        code, host = record.get("code", {}), record.get("host", {})
+        git = code.get("git") or {"commit": "not a git checkout"}
+        rows.append({"artifact": folder, "step": record.get("step", "?"), "created": record.get("created", "?"),
+                     "host": f"{host.get('name', '?')} ({host.get('device', '?')})",
+                     "git commit": git["commit"][:12] + (" + uncommitted changes" if git.get("uncommitted_changes")
+                                                         else ""),
+                     "source sha256": code.get("source_sha256", "?")[:12],
+                     "outputs match": "yes" if not changed else "NO: " + ", ".join(changed)})
+    return rows
 
 
 # -- checksums of files rewritten in place (the training checkpoint)

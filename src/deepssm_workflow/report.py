@@ -25,6 +25,7 @@ import pandas as pd
 import yaml
 
 from .atomic import replaced
+from .provenance import sidecar_rows
 
 PACKAGE = "deepssm-workflow"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -284,4 +285,11 @@ def _provenance(root: Path, dataset: str, settings: dict, variants) -> str:
     return ("<h3>Run</h3>" + _table(pd.DataFrame(facts, columns=["", "value"]), key_value=True)
             + "<h3>Package versions</h3>"
             + _table(pd.DataFrame(list(package_versions().items()), columns=["package", "version"]), key_value=True)
-            + "<h3>Input files (SHA-256)</h3>" + _table(pd.DataFrame(hashes, columns=["file", "sha256"]), key_value=True))
+            + "<h3>Input files (SHA-256)</h3>" + _table(pd.DataFrame(hashes, columns=["file", "sha256"]), key_value=True)
+            + "<h3>Artifacts</h3>" + _table(pd.DataFrame(sidecar_rows(root, _artifact_folders(variants))))
+            + '<p class="caption">From the provenance.json written beside each expensive artifact (its settings, '
+            "input and output SHA-256, code and package versions); <i>outputs match</i> re-hashes the files now.</p>")
+
+
+def _artifact_folders(variants) -> list[str]:
+    return ["augmentation"] + [f"{stage}/{v}" for stage in ("models", "predictions") for v in variants]

@@ -103,6 +103,8 @@ def report_inputs(wildcards):
         "cards": [f"results/{d}/models/{v}/model_card.json" for v in variants],
         "curves": [f"results/{d}/models/{v}/loss_curve.png" for v in variants],
         "predictions": [f"results/{d}/predictions/{v}/predictions.csv" for v in variants],
+        "provenance": [f"results/{d}/augmentation/provenance.json"]
+        + [f"results/{d}/{stage}/{v}/provenance.json" for stage in ("models", "predictions") for v in variants],
         "evaluation": [
             f"results/{d}/evaluation/{name}"
             for name in (
