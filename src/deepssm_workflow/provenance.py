@@ -78,15 +78,18 @@ def source_sha256(package_dir=PACKAGE_DIR) -> str:
 
 
 def git_version(package_dir=PACKAGE_DIR) -> dict | None:
-    """{"commit", "uncommitted_changes"} of the git checkout the package is installed from, else None."""
+    """{"commit", "uncommitted_changes"} of the git checkout the package is installed from (an editable
+    install), else None: a copy installed into a virtual environment inside some checkout is not
+    tracked there, and that checkout's commit would say nothing about it."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(package_dir), *args], capture_output=True, text=True, timeout=30)
+
     try:
-        commit = subprocess.run(["git", "-C", str(package_dir), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=30)
-        status = subprocess.run(["git", "-C", str(package_dir), "status", "--porcelain", "--untracked-files=no",
-                                 "--", "."], capture_output=True, text=True, timeout=30)
+        tracked, commit = git("ls-files", "--", "__init__.py"), git("rev-parse", "HEAD")
+        status = git("status", "--porcelain", "--untracked-files=no", "--", ".")
     except (OSError, subprocess.TimeoutExpired):
         return None
-    if commit.returncode != 0 or status.returncode != 0:
+    if not tracked.stdout.strip() or commit.returncode != 0 or status.returncode != 0:
         return None
     return {"commit": commit.stdout.strip(), "uncommitted_changes": bool(status.stdout.strip())}
 
