@@ -124,12 +124,13 @@ def software_id(package_dir=PACKAGE_DIR) -> str:
 # -- sidecars
 
 
-def _device() -> str:
-    # asked only when the step already imported torch: importing it just for this costs seconds
+def _visible_gpu() -> str | None:
+    """The CUDA device the step could use (the model card says which device training did use). Asked
+    only when the step imported torch: importing it just for this costs seconds."""
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
-        return f"cuda ({torch.cuda.get_device_name()})"
-    return "cpu"
+        return torch.cuda.get_device_name()
+    return None
 
 
 def write_sidecar(sidecar, step: str, inputs, outputs, settings=None, command: str | None = None) -> dict:
@@ -158,7 +159,7 @@ def write_sidecar(sidecar, step: str, inputs, outputs, settings=None, command: s
         "code": {"source_sha256": source_sha256(), "git": git_version(), "software_id": software_id()},
         "packages": package_versions(),
         "host": {"name": platform.node(), "platform": platform.platform(), "cpus": os.cpu_count(),
-                 "device": _device()},
+                 "cuda_device": _visible_gpu()},
     }
     with replaced(sidecar) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
@@ -240,7 +241,7 @@ def sidecar_rows(dataset_dir, folders) -> list[dict]:
         code, host = record.get("code", {}), record.get("host", {})
         git = code.get("git") or {"commit": "not a git checkout"}
         rows.append({"artifact": folder, "step": record.get("step", "?"), "created": record.get("created", "?"),
-                     "host": f"{host.get('name', '?')} ({host.get('device', '?')})",
+                     "host": f"{host.get('name', '?')} ({host.get('cuda_device') or 'no GPU'})",
                      "git commit": git["commit"][:12] + (" + uncommitted changes" if git.get("uncommitted_changes")
                                                          else ""),
                      "source sha256": code.get("source_sha256", "?")[:12],
