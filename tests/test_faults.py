@@ -24,8 +24,6 @@ MODEL = "results/femur/models/base/model.pt"
 # The cached rules take a hash of the library as a param (see common.smk), so an edit of the library
 # between two runs would rerun them; these tests are about faults, not changed settings.
 TRIGGERS = ("--rerun-triggers", "mtime", "input", "code", "software-env")
-# Exactly the same weights after a resume is a CPU promise (CUDA kernels may differ run to run).
-CPU_ONLY = workflow_env(CUDA_VISIBLE_DEVICES="")
 MODEL_OUTPUTS = ("model.pt", "model_card.json", "log.csv", "loss_curve.png", "provenance.json")
 STORE = ("images.npy", "samples.npz", "shape_space.npz", "qc.png", "provenance.json")
 
@@ -61,7 +59,7 @@ def prepared(tmp_path_factory):
 
 
 def run(work: Path, *args: str, configfile: Path):
-    return run_workflow(work, *args, "--cores", "2", *TRIGGERS, configfile=configfile, env=CPU_ONLY)
+    return run_workflow(work, *args, "--cores", "2", *TRIGGERS, configfile=configfile)
 
 
 def copy_of(prepared_work: Path, dest: Path) -> Path:
@@ -74,7 +72,7 @@ def reference_model(work: Path, out_dir: Path) -> Path:
     another output folder, on the work folder's artifacts."""
     command = shlex.split(read_sidecar(work / "results/femur/models/base/provenance.json")["command"])
     command = command[:command.index("--out-dir") + 1] + [str(out_dir), "--threads", "2"]
-    done = subprocess.run(command, cwd=work, env=CPU_ONLY, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=work, env=workflow_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return out_dir / "model.pt"
 
@@ -86,7 +84,7 @@ def killed_and_resumed(prepared, tmp_path_factory):
     configfile = prepared[1]
     models = work / "results" / "femur" / "models" / "base"
     job = subprocess.Popen(snakemake_command(work, MODEL, "--cores", "2", *TRIGGERS, configfile=configfile),
-                           env=CPU_ONLY, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env=workflow_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)
     deadline = time.monotonic() + 600
     while epochs_logged(models / "log.csv") < 3:
@@ -99,7 +97,7 @@ def killed_and_resumed(prepared, tmp_path_factory):
                # (a kill inside an atomic write can leave its hidden temporary file, never a partial output)
                "present": sorted(p.name for p in models.iterdir() if not p.name.startswith(".")),
                "checkpoint": checksum_problem(models / "checkpoint.pt")}
-    unlock = run_workflow(work, "--unlock", configfile=configfile, env=CPU_ONLY)
+    unlock = run_workflow(work, "--unlock", configfile=configfile)
     assert unlock.returncode == 0, unlock.stderr[-3000:]
     plain = run(work, MODEL, configfile=configfile)
     resumed = run(work, MODEL, "--rerun-incomplete", configfile=configfile)

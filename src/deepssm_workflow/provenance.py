@@ -116,9 +116,13 @@ def package_versions() -> dict[str, str]:
 def software_id(package_dir=PACKAGE_DIR) -> str:
     """One hash of what computes an artifact: this package's sources and the installed versions of
     Python and of the dependencies (the workflow engine left out)."""
-    versions = {name: v for name, v in package_versions().items() if name not in ENGINE_PACKAGES}
-    payload = json.dumps({"source_sha256": source_sha256(package_dir), "packages": versions}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
+    return _software_id(source_sha256(package_dir), package_versions())
+
+
+def _software_id(source: str, versions: dict[str, str]) -> str:
+    computing = {name: version for name, version in versions.items() if name not in ENGINE_PACKAGES}
+    return hashlib.sha256(json.dumps({"source_sha256": source, "packages": computing}, sort_keys=True).encode()
+                          ).hexdigest()
 
 
 # -- sidecars
@@ -148,6 +152,7 @@ def write_sidecar(sidecar, step: str, inputs, outputs, settings=None, command: s
         if not output.exists():
             raise ValueError(f"{output}: the step did not write this output")
         recorded[output.name] = sha256_of(output)
+    source, versions = source_sha256(), package_versions()
     record = {
         "format": FORMAT,
         "step": step,
@@ -156,8 +161,8 @@ def write_sidecar(sidecar, step: str, inputs, outputs, settings=None, command: s
         "command": command,
         "inputs": {str(path): sha256_of(path) for path in inputs},
         "outputs": recorded,
-        "code": {"source_sha256": source_sha256(), "git": git_version(), "software_id": software_id()},
-        "packages": package_versions(),
+        "code": {"source_sha256": source, "git": git_version(), "software_id": _software_id(source, versions)},
+        "packages": versions,
         "host": {"name": platform.node(), "platform": platform.platform(), "cpus": os.cpu_count(),
                  "cuda_device": _visible_gpu()},
     }
