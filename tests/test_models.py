@@ -242,6 +242,26 @@ def test_tl_inference_is_decoder_of_tflank_and_mean_centred():
                                    atol=1e-4)
 
 
+def test_tflank_predicts_standardized_codes_mapped_back_by_fixed_buffers():
+    torch.manual_seed(0)
+    mean, _ = pca_arrays()
+    model = TLDeepSSM(tiny_config(), mean).eval()
+    codes = np.random.default_rng(0).normal(loc=5.0, scale=[10.0] * 7 + [0.0], size=(20, 8))
+    model.standardize_latent(codes)
+    np.testing.assert_allclose(model.latent_shift.numpy(), codes.mean(0), rtol=1e-6)
+    # a constant dimension keeps scale 1 rather than collapsing the output
+    np.testing.assert_allclose(model.latent_scale.numpy(), [*codes.std(0)[:7], 1.0], rtol=1e-6)
+    image = torch.randn(2, 1, *TINY)
+    with torch.no_grad():
+        expected = model.t_flank(image) * torch.as_tensor(model.latent_scale) + model.latent_shift
+        assert torch.allclose(model.tflank(image), expected)
+    # buffers: in the state dict, never trained in any phase
+    assert {"latent_shift", "latent_scale"} <= set(model.state_dict())
+    assert all(p is not model.latent_scale for p in model.set_phase("joint"))
+    with pytest.raises(ValueError, match="codes must be"):
+        model.standardize_latent(codes[:, :3])
+
+
 # -- losses
 
 

@@ -170,7 +170,24 @@ class TLDeepSSM(nn.Module):
         self.decoder = nn.Sequential(nn.Linear(latent, hidden), nn.LeakyReLU(config.leaky_slope),
                                      nn.Linear(hidden, 3 * m))
         self.t_flank = ImageEncoder(config, latent)
+        # f predicts standardized codes; these fixed buffers map them to the latent's own scale
+        # (set from the trained autoencoder's codes by `standardize_latent`)
+        self.register_buffer("latent_shift", torch.zeros(latent))
+        self.register_buffer("latent_scale", torch.ones(latent))
         xavier_init(self)
+
+    def standardize_latent(self, codes: np.ndarray) -> None:
+        """Set the T-flank's output mean and scale to those of the training codes g(C), (N, L).
+
+        Like the base model's whitened scores: a freshly initialized linear head outputs about
+        +-1, far from codes of tens. A dimension that never varies gets scale 1 (its mean is
+        still exact)."""
+        codes = np.asarray(codes, dtype=np.float64)
+        if codes.ndim != 2 or codes.shape[1] != self.config.latent_dim:
+            raise ValueError(f"codes must be (N, {self.config.latent_dim}), got {codes.shape}")
+        sd = codes.std(0)
+        self.latent_shift.copy_(torch.as_tensor(codes.mean(0)))
+        self.latent_scale.copy_(torch.as_tensor(np.where(sd > 0, sd, 1.0)))
 
     def encode(self, points: torch.Tensor) -> torch.Tensor:
         """g: (B, M, 3) -> (B, latent_dim)."""
@@ -187,7 +204,7 @@ class TLDeepSSM(nn.Module):
 
     def tflank(self, image: torch.Tensor) -> torch.Tensor:
         """f: image -> (B, latent_dim)."""
-        return self.t_flank(image)
+        return self.t_flank(image) * self.latent_scale + self.latent_shift
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference from the image alone: (f(I), h(f(I)))."""

@@ -54,7 +54,7 @@ from .provenance import checksum_problem, record_checksum
 from .shape_space import ShapeSpace, rmse
 
 LOG_COLUMNS = ("epoch", "phase", "train_loss", "val_rmse", "lr", "seconds")
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: TL models carry latent_shift/latent_scale
 
 
 @dataclass
@@ -326,6 +326,8 @@ def train(images, points, train_idx, val_idx, shape_space: ShapeSpace, config: T
             return focal_loss(pred, target, a=a, c=focal_c[kind])
         return correspondence_loss(pred, target)
 
+    # the first phase that trains the T-flank (tflank, or joint when tflank has no epochs)
+    first_image_phase = next((phase for phase, n in config.phases() if phase != "autoencoder" and n > 0), None)
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
@@ -343,13 +345,17 @@ def train(images, points, train_idx, val_idx, shape_space: ShapeSpace, config: T
                 optimizer.load_state_dict(ckpt["optimizer"])
                 scheduler.load_state_dict(ckpt["scheduler"])
                 first = start_epoch
-            if phase == "tflank" and config.is_focal and focal_c["latent"] is None:
+            if config.is_tl and phase == first_image_phase and first == 0:
+                # the trained autoencoder's codes of the training shapes set the T-flank's output
+                # scale and, for tl_focal, the latent focal threshold
                 model.eval()
                 with torch.no_grad():
                     codes = np.concatenate([model.encode(_tensor(points, b, device)).cpu().numpy()
                                             for b in _batches(train_idx, config.batch_size, 0, 0, shuffle=False)])
-                focal_c["latent"] = latent_focal_threshold(codes, config.focal_percentile)
-                log(f"latent focal threshold c = {focal_c['latent']:.4g}")
+                model.standardize_latent(codes)
+                if config.is_focal:
+                    focal_c["latent"] = latent_focal_threshold(codes, config.focal_percentile)
+                    log(f"latent focal threshold c = {focal_c['latent']:.4g}")
 
             for epoch_in_phase in range(first, n_epochs):
                 epoch = len(history) + 1
