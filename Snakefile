@@ -25,5 +25,4 @@ include: "workflow/rules/report.smk"
 rule all:
     input:
         expand("results/{dataset}/qc/cohort.png", dataset=SYNTHETIC),
-        expand("results/{dataset}/qc/preprocess.png", dataset=DATASETS),
-        expand("results/{dataset}/augmentation/qc.png", dataset=DATASETS),
+        expand("results/{dataset}/report.html", dataset=DATASETS),

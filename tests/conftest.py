@@ -54,11 +54,11 @@ REPORT_DATASETS = ("femur", "metopic", "left_atrium")
 
 @pytest.fixture(scope="session")
 def tiny_reports(tmp_path_factory):
-    """One real run of the tiny preset up to every dataset's report.html (the whole DAG: cohorts,
-    training of every variant, evaluation, studies); returns the work folder and the run."""
+    """One real run of the tiny preset's `all` (the whole DAG up to every dataset's report.html:
+    cohorts, training of every variant, evaluation, studies); returns the work folder and the run.
+    Shared by the workflow and report tests so CI trains the tiny models once."""
     workdir = tmp_path_factory.mktemp("tiny_reports")
-    targets = [f"results/{d}/report.html" for d in REPORT_DATASETS]
-    return workdir, run_snakemake(workdir, *targets, "--cores", "2", "--resources", "gpu=1")
+    return workdir, run_snakemake(workdir, "all", "--cores", "2", "--resources", "gpu=1")
 
 
 @pytest.fixture(scope="session")
