@@ -45,9 +45,19 @@ def snakemake_command(workdir: Path, *args: str, configfile: Path | None, snakef
     return [sys.executable, "-m", "snakemake", "-s", str(snakefile), "--directory", str(workdir), *args, *extra]
 
 
-def workflow_env(cache: Path | None = None) -> dict[str, str]:
-    # CPU only: these tests compare retrained weights bit for bit, which CUDA kernels do not promise
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+def with_source(workdir: Path) -> Path:
+    """Copy the package's sources, as they are now, into workdir/src, whence the runs in workdir import
+    them: the cache key hashes the sources, and the library being edited while the tests run must
+    not change it under them."""
+    shutil.copytree(PACKAGE_DIR, workdir / "src" / PACKAGE_DIR.name, ignore=shutil.ignore_patterns("__pycache__"))
+    return workdir
+
+
+def workflow_env(workdir: Path, cache: Path | None = None) -> dict[str, str]:
+    """The environment of a run in `workdir`: its own copy of the sources, CPU only (these tests
+    compare retrained weights bit for bit, which CUDA kernels do not promise), the cache if given."""
+    assert (workdir / "src" / PACKAGE_DIR.name).is_dir(), f"{workdir} has no copy of the sources"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(workdir / "src"))
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.pop("SNAKEMAKE_OUTPUT_CACHE", None)
     if cache is not None:
@@ -58,7 +68,7 @@ def workflow_env(cache: Path | None = None) -> dict[str, str]:
 def run_workflow(workdir: Path, *args: str, configfile: Path | None, snakefile: Path = REPO / "Snakefile",
                  cache: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(snakemake_command(workdir, *args, configfile=configfile, snakefile=snakefile),
-                          capture_output=True, text=True, env=workflow_env(cache), timeout=1200)
+                          capture_output=True, text=True, env=workflow_env(workdir, cache), timeout=1200)
 
 
 def planned_rules(dry_run: subprocess.CompletedProcess) -> set[str]:
@@ -66,9 +76,8 @@ def planned_rules(dry_run: subprocess.CompletedProcess) -> set[str]:
 
 
 def checkout(root: Path) -> Path:
-    """A copy of this checkout's workflow (the installed package is the same) whose config/config.yaml
-    is the small preset."""
-    root.mkdir()
+    """A copy of this checkout (workflow and package sources) whose config/config.yaml is the small preset."""
+    with_source(root)
     shutil.copy2(REPO / "Snakefile", root / "Snakefile")
     for name in ("workflow", "config", "envs"):
         shutil.copytree(REPO / name, root / name)
@@ -145,7 +154,9 @@ def test_the_cached_model_carries_its_provenance(two_checkouts):
     # inputs as they are in b (made in a: the same bytes), code as installed
     store = b / "results/femur/augmentation/images.npy"
     assert sidecar["inputs"]["results/femur/augmentation/images.npy"] == sha256_of(store)
-    assert sidecar["code"]["source_sha256"] == source_sha256() and sidecar["code"]["software_id"] == software_id()
+    package = b / "src" / PACKAGE_DIR.name
+    assert sidecar["code"]["source_sha256"] == source_sha256(package)
+    assert sidecar["code"]["software_id"] == software_id(package)
     assert sidecar["packages"]["torch"] == torch.__version__
     assert sidecar["host"]["cuda_device"] is None  # hidden from the workflow by these tests
     assert "--variant base" in sidecar["command"]

@@ -17,13 +17,10 @@ import pytest
 import torch
 
 from deepssm_workflow.provenance import checksum_problem, read_sidecar, record_checksum, verify, write_sidecar
-from test_cache import run_workflow, small_config, snakemake_command, workflow_env
+from test_cache import run_workflow, small_config, snakemake_command, with_source, workflow_env
 
 EPOCHS = 10
 MODEL = "results/femur/models/base/model.pt"
-# The cached rules take a hash of the library as a param (see common.smk), so an edit of the library
-# between two runs would rerun them; these tests are about faults, not changed settings.
-TRIGGERS = ("--rerun-triggers", "mtime", "input", "code", "software-env")
 MODEL_OUTPUTS = ("model.pt", "model_card.json", "log.csv", "loss_curve.png", "provenance.json")
 STORE = ("images.npy", "samples.npz", "shape_space.npz", "qc.png", "provenance.json")
 
@@ -52,14 +49,14 @@ def prepared(tmp_path_factory):
     """A work folder with the cut-down preset built up to the augmentation store (no cache)."""
     tmp = tmp_path_factory.mktemp("faults")
     configfile = small_config(tmp / "config.yaml", epochs=EPOCHS)
-    work = tmp / "prepared"
+    work = with_source(tmp / "prepared")
     result = run(work, "results/femur/augmentation/samples.npz", configfile=configfile)
     assert result.returncode == 0, result.stderr[-3000:]
     return work, configfile
 
 
 def run(work: Path, *args: str, configfile: Path):
-    return run_workflow(work, *args, "--cores", "2", *TRIGGERS, configfile=configfile)
+    return run_workflow(work, *args, "--cores", "2", configfile=configfile)
 
 
 def copy_of(prepared_work: Path, dest: Path) -> Path:
@@ -72,7 +69,7 @@ def reference_model(work: Path, out_dir: Path) -> Path:
     another output folder, on the work folder's artifacts."""
     command = shlex.split(read_sidecar(work / "results/femur/models/base/provenance.json")["command"])
     command = command[:command.index("--out-dir") + 1] + [str(out_dir), "--threads", "2"]
-    done = subprocess.run(command, cwd=work, env=workflow_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=work, env=workflow_env(work), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return out_dir / "model.pt"
 
@@ -83,8 +80,8 @@ def killed_and_resumed(prepared, tmp_path_factory):
     work = copy_of(prepared[0], tmp_path_factory.mktemp("killed") / "work")
     configfile = prepared[1]
     models = work / "results" / "femur" / "models" / "base"
-    job = subprocess.Popen(snakemake_command(work, MODEL, "--cores", "2", *TRIGGERS, configfile=configfile),
-                           env=workflow_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    job = subprocess.Popen(snakemake_command(work, MODEL, "--cores", "2", configfile=configfile),
+                           env=workflow_env(work), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)
     deadline = time.monotonic() + 600
     while epochs_logged(models / "log.csv") < 3:
