@@ -15,19 +15,16 @@ import html
 import json
 import platform
 import re
-import subprocess
 import sys
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
 from .atomic import replaced
-from .provenance import sidecar_rows
+from .provenance import git_version, package_versions, sha256_of, sidecar_rows
 
-PACKAGE = "deepssm-workflow"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SECTIONS = ("What was run", "Quality control", "Augmentation", "Training", "Evaluation", "Clinical study",
             "Provenance")
@@ -144,46 +141,13 @@ def artifact_section(folder: Path, show_summary: bool) -> str:
 
 # -- provenance
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def code_version() -> str:
-    """Git commit of the package's source tree (with a mark for uncommitted changes), or "unknown"."""
-    source = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=30)
-        status = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
+    """Git commit of the checkout the package is installed from (marked when it has uncommitted
+    changes), or "unknown" for an installed copy."""
+    git = git_version()
+    if git is None:
         return "unknown"
-    if commit.returncode != 0:
-        return "unknown"
-    return commit.stdout.strip() + (" + uncommitted changes" if status.stdout.strip() else "")
-
-
-def package_versions() -> dict[str, str]:
-    """Python, this package and every dependency it declares, as installed."""
-    versions = {"python": platform.python_version()}
-    try:
-        versions[PACKAGE] = metadata.version(PACKAGE)
-        requirements = metadata.requires(PACKAGE) or []
-    except metadata.PackageNotFoundError:
-        versions[PACKAGE], requirements = "not installed", []
-    for requirement in requirements:
-        if "extra ==" in requirement:
-            continue
-        name = re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
+    return git["commit"] + (" + uncommitted changes" if git["uncommitted_changes"] else "")
 
 
 def _inputs(dataset_dir: Path, variants) -> list[Path]:
@@ -276,7 +240,7 @@ def _training(root: Path, variants, cards: dict) -> str:
 
 
 def _provenance(root: Path, dataset: str, settings: dict, variants) -> str:
-    hashes = [(f"{dataset}/{path.relative_to(root)}", sha256(path)) for path in _inputs(root, variants)]
+    hashes = [(f"{dataset}/{path.relative_to(root)}", sha256_of(path)) for path in _inputs(root, variants)]
     hashes.append(("configuration block (JSON, sorted keys)",
                    hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()))
     facts = [("date (UTC)", datetime.now(timezone.utc).isoformat(timespec="seconds")),
