@@ -245,3 +245,22 @@ def test_resume_after_sigkill(data, tmp_path):
         assert result.returncode == 0, result.stderr
     assert len(read_log(tmp_path / "killed")) == epochs
     assert_same_weights(model_weights(tmp_path / "full" / "model.pt"), model_weights(tmp_path / "killed" / "model.pt"))
+
+
+def test_npy_rows_reads_the_rows_asked_for_and_refuses_bad_stores(tmp_path):
+    from deepssm_workflow.train import NpyRows
+
+    stack = np.random.default_rng(0).normal(size=(6, 3, 4, 5)).astype(np.float32)
+    np.save(tmp_path / "images.npy", stack)
+    rows = NpyRows(tmp_path / "images.npy")
+    assert rows.shape == stack.shape and len(rows) == 6
+    assert np.array_equal(rows[[5, 0, 3, 3]], stack[[5, 0, 3, 3]])
+    with pytest.raises(IndexError, match="row 6 outside"):
+        rows[[6]]
+    np.save(tmp_path / "double.npy", stack.astype(np.float64))
+    with pytest.raises(ValueError, match="double.npy: expected a C-ordered float32"):
+        NpyRows(tmp_path / "double.npy")
+    data = (tmp_path / "images.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(data[:-10])
+    with pytest.raises(ValueError, match="cut.npy: truncated"):
+        NpyRows(tmp_path / "cut.npy")

@@ -458,6 +458,50 @@ def load_model(out_dir, device="cpu") -> nn.Module:
 # -- from the workflow's artifacts
 
 
+class NpyRows:
+    """Rows of a C-ordered float32 .npy file read on demand with os.pread.
+
+    Unlike a memory map, the pages read stay in the kernel's page cache and out of this
+    process's resident set, so training's peak RSS does not grow with the number of
+    augmented samples (a memory map's touched pages count toward it)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        with open(self.path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                           np.lib.format.read_array_header_2_0)
+            shape, fortran_order, dtype = read_header(handle)
+            self.data_offset = handle.tell()
+        if fortran_order or dtype != np.float32 or len(shape) < 2:
+            raise ValueError(f"{self.path}: expected a C-ordered float32 stack of images, got dtype {dtype}, "
+                             f"shape {shape}{', Fortran order' if fortran_order else ''}")
+        self.shape = tuple(shape)
+        self.row_bytes = int(np.prod(shape[1:])) * 4
+        expected = self.data_offset + self.shape[0] * self.row_bytes
+        if self.path.stat().st_size < expected:
+            raise ValueError(f"{self.path}: truncated ({self.path.stat().st_size} bytes, header says {expected})")
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx) -> np.ndarray:
+        idx = np.atleast_1d(np.asarray(idx, dtype=np.int64))
+        out = np.empty((len(idx), *self.shape[1:]), dtype=np.float32)
+        for k, row in enumerate(idx):
+            if not 0 <= row < self.shape[0]:
+                raise IndexError(f"row {row} outside the {self.shape[0]} rows of {self.path}")
+            view = memoryview(out[k]).cast("B")
+            if os.preadv(self._fd, [view], self.data_offset + int(row) * self.row_bytes) != self.row_bytes:
+                raise OSError(f"{self.path}: short read at row {row}")
+        return out
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+
 class StackedImages:
     """Several image arrays (real ones in memory, generated ones memory-mapped) seen as one,
     reading only the rows asked for."""
@@ -503,7 +547,7 @@ def train_from_artifacts(cohort_dir, preprocess_dir, augmentation_dir, variant: 
     real, shapes, samples = (np.load(p) for p in paths[:3])
     if list(real["ids"]) != list(shapes["ids"]):
         raise ValueError(f"{paths[0]} and {paths[1]} list different training subjects")
-    images = StackedImages(real["images"], np.load(paths[3], mmap_mode="r"))
+    images = StackedImages(real["images"], NpyRows(paths[3]))
     points = np.concatenate([shapes["world"], samples["points"]])
     space_settings = {key: settings[key] for key in ("n_modes", "variance") if key in settings}
     space = ShapeSpace(**space_settings).fit(shapes["world"])
