@@ -264,3 +264,9 @@ def test_npy_rows_reads_the_rows_asked_for_and_refuses_bad_stores(tmp_path):
     (tmp_path / "cut.npy").write_bytes(data[:-10])
     with pytest.raises(ValueError, match="cut.npy: truncated"):
         NpyRows(tmp_path / "cut.npy")
+
+
+def test_a_focal_percentile_outside_0_100_is_refused_by_name():
+    for bad in (0.0, 101.0):
+        with pytest.raises(ValueError, match=f"focal_percentile must be in \\(0, 100\\], got {bad}"):
+            TrainConfig(variant="base_focal", focal_percentile=bad)
