@@ -242,24 +242,33 @@ def test_tl_inference_is_decoder_of_tflank_and_mean_centred():
                                    atol=1e-4)
 
 
-def test_tflank_predicts_standardized_codes_mapped_back_by_fixed_buffers():
+def test_tflank_predicts_whitened_codes_mapped_back_by_fixed_buffers():
     torch.manual_seed(0)
     mean, _ = pca_arrays()
     model = TLDeepSSM(tiny_config(), mean).eval()
-    codes = np.random.default_rng(0).normal(loc=5.0, scale=[10.0] * 7 + [0.0], size=(20, 8))
-    model.standardize_latent(codes)
-    np.testing.assert_allclose(model.latent_shift.numpy(), codes.mean(0), rtol=1e-6)
-    # a constant dimension keeps scale 1 rather than collapsing the output
-    np.testing.assert_allclose(model.latent_scale.numpy(), [*codes.std(0)[:7], 1.0], rtol=1e-6)
+    rng = np.random.default_rng(0)
+    # codes that vary in 3 of the 8 dimensions only, along mixed (non-axis) directions
+    mixing = rng.normal(size=(3, 8))
+    codes = 5.0 + rng.normal(scale=[10.0, 3.0, 1.0], size=(200, 3)) @ mixing
+    model.whiten_latent(codes)
+    shift, transform = model.latent_shift.numpy(), model.latent_transform.numpy().astype(np.float64)
+    np.testing.assert_allclose(shift, codes.mean(0), rtol=1e-5)
+    # unit-variance, uncorrelated outputs u map to codes with the training codes' covariance
+    np.testing.assert_allclose(transform.T @ transform, np.cov(codes, rowvar=False), atol=1e-3)
+    # every output lands in the span of the codes: the 5 unused directions are scaled to 0
+    assert np.linalg.matrix_rank(transform, tol=1e-3) == 3
+    u = rng.normal(size=(50, 8))
+    residual = (u @ transform) - np.linalg.lstsq(mixing.T, (u @ transform).T, rcond=None)[0].T @ mixing
+    assert np.abs(residual).max() < 1e-3
     image = torch.randn(2, 1, *TINY)
     with torch.no_grad():
-        expected = model.t_flank(image) * torch.as_tensor(model.latent_scale) + model.latent_shift
+        expected = model.t_flank(image) @ model.latent_transform + model.latent_shift
         assert torch.allclose(model.tflank(image), expected)
     # buffers: in the state dict, never trained in any phase
-    assert {"latent_shift", "latent_scale"} <= set(model.state_dict())
-    assert all(p is not model.latent_scale for p in model.set_phase("joint"))
+    assert {"latent_shift", "latent_transform"} <= set(model.state_dict())
+    assert all(p is not model.latent_transform for p in model.set_phase("joint"))
     with pytest.raises(ValueError, match="codes must be"):
-        model.standardize_latent(codes[:, :3])
+        model.whiten_latent(codes[:, :3])
 
 
 # -- losses

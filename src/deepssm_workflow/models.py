@@ -170,24 +170,32 @@ class TLDeepSSM(nn.Module):
         self.decoder = nn.Sequential(nn.Linear(latent, hidden), nn.LeakyReLU(config.leaky_slope),
                                      nn.Linear(hidden, 3 * m))
         self.t_flank = ImageEncoder(config, latent)
-        # f predicts standardized codes; these fixed buffers map them to the latent's own scale
-        # (set from the trained autoencoder's codes by `standardize_latent`)
+        # f predicts whitened codes; these fixed buffers map them onto the codes' principal axes
+        # (set from the trained autoencoder's codes by `whiten_latent`)
         self.register_buffer("latent_shift", torch.zeros(latent))
-        self.register_buffer("latent_scale", torch.ones(latent))
+        self.register_buffer("latent_transform", torch.eye(latent))
         xavier_init(self)
 
-    def standardize_latent(self, codes: np.ndarray) -> None:
-        """Set the T-flank's output mean and scale to those of the training codes g(C), (N, L).
+    def whiten_latent(self, codes: np.ndarray) -> None:
+        """Make the T-flank predict whitened training codes g(C), (N, L): f's output u maps to
+        the codes as shift + u @ transform, with shift their mean and the rows of transform
+        their principal axes scaled by the standard deviation along each.
 
-        Like the base model's whitened scores: a freshly initialized linear head outputs about
-        +-1, far from codes of tens. A dimension that never varies gets scale 1 (its mean is
-        still exact)."""
+        Like the base model's fixed PCA layer with whitened scores: a freshly initialized
+        linear head outputs about +-1, far from codes of tens, and f can only move along the
+        directions the training codes span (an axis they do not vary along gets scale 0).
+        With few training shapes the codes fill a small part of the L dimensions, and an
+        unconstrained f strayed off it, where the decoder has seen nothing: on the accuracy
+        test's 16 femurs (300 autoencoder epochs at lr 1e-3, 8 T-flank epochs), scaling each
+        dimension alone gave a test RMSE of 1.38 mm, this 1.21 mm (mean shape 1.37 mm)."""
         codes = np.asarray(codes, dtype=np.float64)
-        if codes.ndim != 2 or codes.shape[1] != self.config.latent_dim:
-            raise ValueError(f"codes must be (N, {self.config.latent_dim}), got {codes.shape}")
-        sd = codes.std(0)
+        if codes.ndim != 2 or codes.shape[1] != self.config.latent_dim or len(codes) < 2:
+            raise ValueError(f"codes must be (N >= 2, {self.config.latent_dim}), got {codes.shape}")
+        variances, axes = np.linalg.eigh(np.cov(codes, rowvar=False))
+        # eigh may return tiny negative variances for directions the codes do not span
+        transform = (axes * np.sqrt(np.clip(variances, 0.0, None))).T
         self.latent_shift.copy_(torch.as_tensor(codes.mean(0)))
-        self.latent_scale.copy_(torch.as_tensor(np.where(sd > 0, sd, 1.0)))
+        self.latent_transform.copy_(torch.as_tensor(transform))
 
     def encode(self, points: torch.Tensor) -> torch.Tensor:
         """g: (B, M, 3) -> (B, latent_dim)."""
@@ -204,7 +212,7 @@ class TLDeepSSM(nn.Module):
 
     def tflank(self, image: torch.Tensor) -> torch.Tensor:
         """f: image -> (B, latent_dim)."""
-        return self.t_flank(image) * self.latent_scale + self.latent_shift
+        return self.t_flank(image) @ self.latent_transform + self.latent_shift
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference from the image alone: (f(I), h(f(I)))."""

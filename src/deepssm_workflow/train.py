@@ -54,7 +54,7 @@ from .provenance import checksum_problem, record_checksum
 from .shape_space import ShapeSpace, rmse
 
 LOG_COLUMNS = ("epoch", "phase", "train_loss", "val_rmse", "lr", "seconds")
-CHECKPOINT_FORMAT = 2  # 2: TL models carry latent_shift/latent_scale
+CHECKPOINT_FORMAT = 3  # 2: TL models carry latent_shift/latent_scale; 3: latent_transform instead of scale
 
 
 @dataclass
@@ -347,12 +347,12 @@ def train(images, points, train_idx, val_idx, shape_space: ShapeSpace, config: T
                 first = start_epoch
             if config.is_tl and phase == first_image_phase and first == 0:
                 # the trained autoencoder's codes of the training shapes set the T-flank's output
-                # scale and, for tl_focal, the latent focal threshold
+                # whitening and, for tl_focal, the latent focal threshold
                 model.eval()
                 with torch.no_grad():
                     codes = np.concatenate([model.encode(_tensor(points, b, device)).cpu().numpy()
                                             for b in _batches(train_idx, config.batch_size, 0, 0, shuffle=False)])
-                model.standardize_latent(codes)
+                model.whiten_latent(codes)
                 if config.is_focal:
                     focal_c["latent"] = latent_focal_threshold(codes, config.focal_percentile)
                     log(f"latent focal threshold c = {focal_c['latent']:.4g}")
