@@ -257,13 +257,34 @@ def test_npy_rows_reads_the_rows_asked_for_and_refuses_bad_stores(tmp_path):
     assert np.array_equal(rows[[5, 0, 3, 3]], stack[[5, 0, 3, 3]])
     with pytest.raises(IndexError, match="row 6 outside"):
         rows[[6]]
-    np.save(tmp_path / "double.npy", stack.astype(np.float64))
-    with pytest.raises(ValueError, match="double.npy: expected a C-ordered float32"):
-        NpyRows(tmp_path / "double.npy")
+    np.save(tmp_path / "integers.npy", stack.astype(np.int32))
+    with pytest.raises(ValueError, match="integers.npy: expected a C-ordered float32 or float64"):
+        NpyRows(tmp_path / "integers.npy")
     data = (tmp_path / "images.npy").read_bytes()
     (tmp_path / "cut.npy").write_bytes(data[:-10])
     with pytest.raises(ValueError, match="cut.npy: truncated"):
         NpyRows(tmp_path / "cut.npy")
+
+
+def test_npy_rows_read_an_array_inside_an_uncompressed_npz(tmp_path):
+    from deepssm_workflow.train import NpyRows, StackedRows
+
+    rng = np.random.default_rng(1)
+    points, source = rng.normal(size=(7, 5, 3)), np.arange(7)
+    np.savez(tmp_path / "samples.npz", source_index=source, points=points)  # float64, after another array
+    rows = NpyRows(tmp_path / "samples.npz", "points")
+    assert rows.shape == points.shape and rows.dtype == np.float64
+    assert np.array_equal(rows[[6, 2, 2]], points[[6, 2, 2]])
+    assert np.array_equal(rows[:], points)
+    # with real shapes in memory in front, as training stacks them
+    real = rng.normal(size=(3, 5, 3))
+    stacked = StackedRows(real, rows)
+    assert np.array_equal(stacked[[0, 9, 3, 2]], np.concatenate([real, points])[[0, 9, 3, 2]])
+    with pytest.raises(ValueError, match=r"samples.npz: no array 'scores' \(has source_index.npy, points.npy\)"):
+        NpyRows(tmp_path / "samples.npz", "scores")
+    np.savez_compressed(tmp_path / "packed.npz", points=points)
+    with pytest.raises(ValueError, match="packed.npz: points.npy is compressed"):
+        NpyRows(tmp_path / "packed.npz", "points")
 
 
 def test_a_focal_percentile_outside_0_100_is_refused_by_name():

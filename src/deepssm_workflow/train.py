@@ -37,7 +37,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import struct
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -157,8 +159,19 @@ def _batches(indices: np.ndarray, batch_size: int, seed: int, epoch: int, shuffl
 
 
 def _tensor(array, idx, device) -> torch.Tensor:
-    """Rows `idx` of an array or np.memmap (only those rows are read) as a float32 tensor."""
+    """Rows `idx` of an array or a row store (NpyRows, StackedRows: only those rows are read) as a float32 tensor."""
     return torch.from_numpy(np.ascontiguousarray(array[np.asarray(idx)], dtype=np.float32)).to(device)
+
+
+def _memory_format(device: torch.device) -> torch.memory_format:
+    """Channels-last activations on CPU: oneDNN's 3D convs, pools and PReLUs run faster on them
+    (the training benchmark measures it). CUDA keeps the default, where it was not measured."""
+    return torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format
+
+
+def _image_tensor(images, idx, device, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """Rows `idx` of (n, Z, Y, X) images as a (B, 1, Z, Y, X) float32 batch."""
+    return _tensor(images, idx, device).unsqueeze(1).contiguous(memory_format=memory_format)
 
 
 # -- inference
@@ -169,10 +182,11 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def _predict_idx(model: nn.Module, images, idx, batch_size: int) -> np.ndarray:
+def _predict_idx(model: nn.Module, images, idx, batch_size: int,
+                 memory_format=torch.contiguous_format) -> np.ndarray:
     model.eval()
     device = _model_device(model)
-    out = [model(_tensor(images, batch, device))[1].cpu().numpy()
+    out = [model(_image_tensor(images, batch, device, memory_format))[1].cpu().numpy()
            for batch in _batches(idx, batch_size, 0, 0, shuffle=False)]
     return np.concatenate(out)
 
@@ -263,8 +277,8 @@ def train(images, points, train_idx, val_idx, shape_space: ShapeSpace, config: T
           device=None, log=print, data_hash: str | None = None, stop_after_epochs: int | None = None) -> dict | None:
     """Train `config.variant` on images (n, Z, Y, X) and correspondences (n, M, 3).
 
-    `train_idx` / `val_idx` index both arrays (see `split_by_source`); `images` may be an
-    np.memmap, read one batch at a time. `shape_space` gives the mean shape (and, for
+    `train_idx` / `val_idx` index both arrays (see `split_by_source`); either may be a row store
+    (np.memmap, NpyRows, StackedRows), read one batch at a time. `shape_space` gives the mean shape (and, for
     the base variants, the PCA layer). `data_hash` identifies the data for the model card
     and the checkpoint. Resumes from `out_dir/checkpoint.pt` when it was written for the
     same configuration, data and split. `stop_after_epochs=k` returns None after k
@@ -278,7 +292,7 @@ def train(images, points, train_idx, val_idx, shape_space: ShapeSpace, config: T
         raise ValueError(f"need training and validation samples, got {len(train_idx)} and {len(val_idx)}")
     if np.intersect1d(train_idx, val_idx).size:
         raise ValueError("train_idx and val_idx overlap")
-    if len(images) != len(points) or np.asarray(points[:1]).shape[-1] != 3:
+    if len(images) != len(points) or points.shape[-1] != 3:
         raise ValueError(f"need n images and n (M, 3) shapes, got {len(images)} images and points {points.shape}")
     device = _pick_device(device, log)
 
@@ -290,10 +304,12 @@ def train(images, points, train_idx, val_idx, shape_space: ShapeSpace, config: T
     model_config = ModelConfig(input_shape=tuple(images.shape[1:]), n_points=points.shape[1], n_modes=k,
                                latent_dim=config.latent_dim, **config.model)
     torch.manual_seed(config.seed)
-    model = build_model(config.variant, model_config, space.mean, pca_layer_basis(space, k)).to(device)
+    layout = _memory_format(device)
+    model = build_model(config.variant, model_config, space.mean, pca_layer_basis(space, k))
+    model = model.to(device, memory_format=layout)
 
     val_points = np.asarray(points[val_idx], dtype=np.float64)
-    point_c = focal_threshold(points[train_idx], config.focal_percentile) if config.is_focal else None
+    point_c = focal_threshold(points, config.focal_percentile, rows=train_idx) if config.is_focal else None
     focal_c = {"points": point_c, "latent": None}
 
     # -- resume
@@ -336,8 +352,10 @@ def train(images, points, train_idx, val_idx, shape_space: ShapeSpace, config: T
                 continue
             params = model.set_phase(phase) if config.is_tl else list(model.parameters())
             fixed = phase == "autoencoder"
+            # fused: one kernel for all parameters instead of several passes over each tensor
+            # (the encoder's first FC layer alone has 20 M weights at femur size)
             optimizer = torch.optim.Adam(params, lr=config.ae_lr if fixed else config.lr,
-                                         weight_decay=config.weight_decay)
+                                         weight_decay=config.weight_decay, fused=True)
             scheduler = (torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0) if fixed else
                          torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=n_epochs))
             first = 0
@@ -366,15 +384,15 @@ def train(images, points, train_idx, val_idx, shape_space: ShapeSpace, config: T
                 for batch in _batches(train_idx, config.batch_size, config.seed, epoch):
                     target = _tensor(points, batch, device)
                     if phase == "train":
-                        loss = loss_fn(model(_tensor(images, batch, device))[1], target, "points")
+                        loss = loss_fn(model(_image_tensor(images, batch, device, layout))[1], target, "points")
                     else:
                         latent, recon = model.autoencode(target)
                         loss = 0.0
                         if phase in ("autoencoder", "joint"):
                             loss = loss_fn(recon, target, "points")
                         if phase in ("tflank", "joint"):
-                            loss = loss + loss_fn(model.tflank(_tensor(images, batch, device)), latent.detach(),
-                                                  "latent")
+                            predicted = model.tflank(_image_tensor(images, batch, device, layout))
+                            loss = loss + loss_fn(predicted, latent.detach(), "latent")
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -388,7 +406,7 @@ def train(images, points, train_idx, val_idx, shape_space: ShapeSpace, config: T
                         pred = np.concatenate([model.autoencode(_tensor(points, b, device))[1].cpu().numpy()
                                                for b in _batches(val_idx, config.batch_size, 0, 0, shuffle=False)])
                 else:
-                    pred = _predict_idx(model, images, val_idx, config.batch_size)
+                    pred = _predict_idx(model, images, val_idx, config.batch_size, layout)
                 val_rmse = float(rmse(pred, val_points).mean())
                 if phase != "autoencoder" and val_rmse < best["val_rmse"]:
                     best = {"epoch": epoch, "val_rmse": val_rmse, "state": _clone_state(model)}
@@ -459,36 +477,41 @@ def load_model(out_dir, device="cpu") -> nn.Module:
 
 
 class NpyRows:
-    """Rows of a C-ordered float32 .npy file read on demand with os.pread.
+    """Rows of a C-ordered float .npy array read on demand with os.pread: a .npy file, or one
+    array inside an uncompressed .npz (what np.savez writes), e.g. `NpyRows(samples.npz, "points")`.
 
     Unlike a memory map, the pages read stay in the kernel's page cache and out of this
     process's resident set, so training's peak RSS does not grow with the number of
-    augmented samples (a memory map's touched pages count toward it)."""
+    augmented samples (a memory map's touched pages count toward it, and np.load reads a
+    whole array)."""
 
-    def __init__(self, path):
+    def __init__(self, path, member: str | None = None):
         self.path = Path(path)
+        where = f"{self.path}" + (f" [{member}]" if member else "")
+        start = 0 if member is None else _stored_member_offset(self.path, member + ".npy")
         with open(self.path, "rb") as handle:
+            handle.seek(start)
             version = np.lib.format.read_magic(handle)
             read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
                            np.lib.format.read_array_header_2_0)
             shape, fortran_order, dtype = read_header(handle)
             self.data_offset = handle.tell()
-        if fortran_order or dtype != np.float32 or len(shape) < 2:
-            raise ValueError(f"{self.path}: expected a C-ordered float32 stack of images, got dtype {dtype}, "
+        if fortran_order or dtype not in (np.float32, np.float64) or len(shape) < 2:
+            raise ValueError(f"{where}: expected a C-ordered float32 or float64 stack of rows, got dtype {dtype}, "
                              f"shape {shape}{', Fortran order' if fortran_order else ''}")
-        self.shape = tuple(shape)
-        self.row_bytes = int(np.prod(shape[1:])) * 4
+        self.shape, self.dtype = tuple(shape), dtype
+        self.row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
         expected = self.data_offset + self.shape[0] * self.row_bytes
         if self.path.stat().st_size < expected:
-            raise ValueError(f"{self.path}: truncated ({self.path.stat().st_size} bytes, header says {expected})")
+            raise ValueError(f"{where}: truncated ({self.path.stat().st_size} bytes, header says {expected})")
         self._fd = os.open(self.path, os.O_RDONLY)
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def __getitem__(self, idx) -> np.ndarray:
-        idx = np.atleast_1d(np.asarray(idx, dtype=np.int64))
-        out = np.empty((len(idx), *self.shape[1:]), dtype=np.float32)
+        idx = _row_indices(idx, len(self))
+        out = np.empty((len(idx), *self.shape[1:]), dtype=self.dtype)
         for k, row in enumerate(idx):
             if not 0 <= row < self.shape[0]:
                 raise IndexError(f"row {row} outside the {self.shape[0]} rows of {self.path}")
@@ -502,21 +525,46 @@ class NpyRows:
             os.close(self._fd)
 
 
-class StackedImages:
-    """Several image arrays (real ones in memory, generated ones memory-mapped) seen as one,
-    reading only the rows asked for."""
+def _stored_member_offset(path: Path, name: str) -> int:
+    """Byte offset of member `name`'s data in the zip file `path`; it must be stored uncompressed."""
+    with zipfile.ZipFile(path) as archive:
+        try:
+            info = archive.getinfo(name)
+        except KeyError:
+            raise ValueError(f"{path}: no array {name[:-4]!r} (has {', '.join(archive.namelist())})") from None
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise ValueError(f"{path}: {name} is compressed (np.savez_compressed?); rows can only be read "
+                         f"from arrays stored uncompressed, as np.savez writes them")
+    with open(path, "rb") as handle:
+        handle.seek(info.header_offset)
+        header = handle.read(30)  # the zip local file header; name and extra-field lengths at bytes 26-29
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_length + extra_length
+
+
+def _row_indices(idx, n: int) -> np.ndarray:
+    """A slice, an int or a sequence of rows as an int64 array of row numbers."""
+    if isinstance(idx, slice):
+        return np.arange(n)[idx]
+    return np.atleast_1d(np.asarray(idx, dtype=np.int64))
+
+
+class StackedRows:
+    """Several row-indexable arrays (real data in memory, generated samples read by NpyRows)
+    seen as one, reading only the rows asked for."""
 
     def __init__(self, *arrays):
         self.arrays = arrays
         self.offsets = np.cumsum([0] + [len(a) for a in arrays])
         self.shape = (int(self.offsets[-1]), *arrays[0].shape[1:])
+        self.dtype = np.result_type(*(a.dtype for a in arrays))
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def __getitem__(self, idx) -> np.ndarray:
-        idx = np.atleast_1d(np.asarray(idx, dtype=np.int64))
-        out = np.empty((len(idx), *self.shape[1:]), dtype=np.float32)
+        idx = _row_indices(idx, len(self))
+        out = np.empty((len(idx), *self.shape[1:]), dtype=self.dtype)
         for k, array in enumerate(self.arrays):
             inside = (idx >= self.offsets[k]) & (idx < self.offsets[k + 1])
             if inside.any():
@@ -547,8 +595,9 @@ def train_from_artifacts(cohort_dir, preprocess_dir, augmentation_dir, variant: 
     real, shapes, samples = (np.load(p) for p in paths[:3])
     if list(real["ids"]) != list(shapes["ids"]):
         raise ValueError(f"{paths[0]} and {paths[1]} list different training subjects")
-    images = StackedImages(real["images"], NpyRows(paths[3]))
-    points = np.concatenate([shapes["world"], samples["points"]])
+    # generated samples are read a batch at a time, so memory does not grow with their number
+    images = StackedRows(real["images"], NpyRows(paths[3]))
+    points = StackedRows(shapes["world"], NpyRows(paths[2], "points"))
     space_settings = {key: settings[key] for key in ("n_modes", "variance") if key in settings}
     space = ShapeSpace(**space_settings).fit(shapes["world"])
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"variant", "n_modes"}
