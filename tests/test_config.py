@@ -58,6 +58,8 @@ BAD = {
                               "datasets.femur.preprocess.registration: 'affine' is not one of"),
     "group of another anatomy": (lambda c: c["datasets"]["femur"]["synthetic"]["subjects"]["train"].update(metopic=2),
                                  "datasets.femur.synthetic.subjects.train.metopic: femur has no group 'metopic'"),
+    "zero autoencoder learning rate": (lambda c: c["datasets"]["femur"]["training"].update(ae_lr=0),
+                                       "datasets.femur.training.ae_lr: 0 is less than or equal to the minimum of 0"),
     "too few training subjects": (lambda c: c["datasets"]["left_atrium"]["synthetic"]["subjects"].update(
         train={"patient": 2}), "datasets.left_atrium.synthetic.subjects.train: 2 training subjects"),
 }
