@@ -351,6 +351,8 @@ def test_focal_thresholds_match_brute_force():
     expected = distances[lo] + (rank - lo) * (distances[lo + 1] - distances[lo])
     assert focal_threshold(shapes) == pytest.approx(expected, rel=1e-12)
     assert focal_threshold(shapes, 50) == pytest.approx(np.median(distances), rel=1e-12)
+    with pytest.raises(ValueError, match=r"shapes must be \(N, M, 3\), got \(9, 25, 2\)"):
+        focal_threshold(shapes[:, :, :2])
     # read in chunks of rows, from a subset of rows: the same as on that subset's array
     rows = [7, 1, 2, 4, 0]
     assert focal_threshold(shapes, 75, rows=rows, chunk=2) == pytest.approx(focal_threshold(shapes[rows], 75),

@@ -201,9 +201,9 @@ def _manual_epoch(model, read_batch, points, order, batch_size: int) -> float:
 
 
 def bench_training(scale: Scale, cohort: Cohort, work: Path, log) -> list[dict]:
-    epochs = 2
     from .shape_space import ShapeSpace
 
+    epochs = 2
     n_train, n_val = scale.train_samples, 2
     count = n_train + n_val
     picks = np.arange(count) % len(cohort.ids)

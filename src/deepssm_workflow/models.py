@@ -271,14 +271,13 @@ def correspondence_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 def focal_threshold(shapes, percentile: float = 90.0, rows=None, chunk: int = 256) -> float:
     """c for points (sec. 3.3): the percentile of ||C_ij - mu_j|| over all training shapes i, points j.
 
-    `shapes` is an (N, M, 3) array or anything indexed by arrays of rows like one (train.NpyRows
-    on the augmentation store); `rows` picks the training shapes (default: all). Shapes are read
-    `chunk` at a time, so memory holds the distances (N * M floats), never the shapes themselves."""
+    `shapes` is an (N, M, 3) array or a row store with a `shape` (train.NpyRows, StackedRows);
+    `rows` picks the training shapes (default: all). Shapes are read `chunk` at a time, so memory
+    holds the distances (N * M floats), never the shapes themselves."""
+    if len(shapes.shape) != 3 or shapes.shape[2] != 3:
+        raise ValueError(f"shapes must be (N, M, 3), got {tuple(shapes.shape)}")
     rows = np.arange(len(shapes)) if rows is None else np.asarray(rows, dtype=np.int64)
     chunks = [rows[start:start + chunk] for start in range(0, len(rows), chunk)]
-    first = np.asarray(shapes[chunks[0]]) if chunks else np.empty((0,))
-    if first.ndim != 3 or first.shape[2] != 3:
-        raise ValueError(f"shapes must be (N, M, 3), got rows of shape {first.shape[1:]}")
     mean = sum(np.asarray(shapes[c], dtype=np.float64).sum(0) for c in chunks) / len(rows)
     distances = np.concatenate([np.linalg.norm(np.asarray(shapes[c], dtype=np.float64) - mean, axis=2).ravel()
                                 for c in chunks])
