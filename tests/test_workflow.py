@@ -122,7 +122,7 @@ def test_tiny_training_and_prediction_of_every_variant_and_of_a_new_image(tiny_r
     sitk.WriteImage(sitk.Image(16, 16, sitk.sitkFloat32), str(flat))
     garbage = tmp_path / "garbage.nrrd"
     garbage.write_bytes(b"not an image")
-    for path, message in ((flat, "a 3D scalar image is needed, found 2D"), (garbage, "cannot read the image")):
+    for path, message in ((flat, "image is 2D; a 3D image is needed"), (garbage, "not a readable image")):
         cli = run_cli("predict-image", "--model-dir", str(model_dir), "--preprocess-dir", str(preprocess_dir),
                       "--image", str(path), "--out-prefix", str(tmp_path / "bad" / "scan"))
         assert cli.returncode == 1 and str(path) in cli.stderr and message in cli.stderr, cli.stderr

@@ -3,11 +3,16 @@
 Predictions are made on preprocessed images (world grid, training normalization);
 the registration's image -> world transform of each scan maps them back into
 the scanner frame, where a user's image lives.
+
+Nothing is written for a scan whose prediction cannot be a shape of the training anatomy
+(`prediction_problem`): a network fed a scan unlike its training scans, or a broken model,
+returns finite-looking garbage that would otherwise flow silently into evaluation and studies.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import time
 from pathlib import Path
 
@@ -19,8 +24,14 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .atomic import staged
 from .io import apply_transform, write_particles
-from .preprocess import load_reference, preprocess_image
+from .preprocess import WorldGrid, load_reference, preprocess_image
+from .scan_checks import read_scan
 from .train import load_model, predict
+
+# A predicted shape's RMS radius about its centroid, as a multiple of the training mean shape's
+# (the model's own buffer). Shapes of one anatomy differ in size by tens of percent (PCA modes,
+# a similarity alignment's scale near 1); a factor of 4 either way is no shape of it.
+RADIUS_RATIO = (0.25, 4.0)
 
 
 class _OneDNNConv3d(nn.Module):
@@ -79,9 +90,17 @@ def predict_split(model_dir, preprocess_dir, split: str, out_dir, threads: int =
     Per-scan time = registration + resampling (from preprocessing) + the network.
     """
     torch.set_num_threads(max(1, threads))
-    data = np.load(Path(preprocess_dir) / f"{split}.npz")
+    source = Path(preprocess_dir) / f"{split}.npz"
+    data = np.load(source)
     model = inference_model(load_model(model_dir))
     world, network_seconds = predict(model, data["images"], batch_size=1)
+    mean, grid = training_mean(model), _world_grid(preprocess_dir)
+    problems = [f"subject {subject}: {source}: prediction refused: {problem}"
+                for subject, points in zip(data["ids"], world)
+                if (problem := prediction_problem(points, mean, grid))]
+    if problems:
+        raise ValueError(problems[0] if len(problems) == 1 else
+                         f"{len(problems)} predictions refused:\n  " + "\n  ".join(problems))
     rows = []
     files = []
     for i, subject in enumerate(data["ids"]):
@@ -102,14 +121,23 @@ def predict_split(model_dir, preprocess_dir, split: str, out_dir, threads: int =
 
 
 def predict_image(model_dir, preprocess_dir, image_path, out_prefix) -> dict:
-    """A brand-new image, from its file alone: writes {out_prefix}_world.particles and _local.particles."""
+    """A brand-new image, from its file alone: writes {out_prefix}_world.particles and _local.particles.
+
+    The scan is checked first (`scan_checks.read_scan`: path, 3D scalar header, voxels,
+    intensities) so that a broken file is named as such rather than failing inside registration.
+    """
     start = time.perf_counter()
+    read_scan(image_path, str(image_path))
     meta, grid, reference = load_reference(preprocess_dir)
     try:
         array, image_to_world, _ = preprocess_image(image_path, meta, grid, reference)
-    except RuntimeError as error:  # SimpleITK's way of saying it cannot read the file
-        raise ValueError(f"{image_path}: cannot read the image: {str(error).strip()}") from None
-    world, _ = predict(inference_model(load_model(model_dir)), array[None].astype(np.float32), batch_size=1)
+    except RuntimeError as error:  # SimpleITK's way of failing (the file itself was checked above)
+        raise ValueError(f"{image_path}: cannot preprocess the image: {str(error).strip()}") from None
+    model = inference_model(load_model(model_dir))
+    world, _ = predict(model, array[None].astype(np.float32), batch_size=1)
+    problem = prediction_problem(world[0], training_mean(model), grid)
+    if problem:
+        raise ValueError(f"{image_path}: prediction refused: {problem}")
     out_prefix = Path(out_prefix)
     names = [f"{out_prefix.name}_world.particles", f"{out_prefix.name}_local.particles"]
     with staged(out_prefix.parent, names) as staging:
@@ -117,3 +145,59 @@ def predict_image(model_dir, preprocess_dir, image_path, out_prefix) -> dict:
         write_particles(staging / names[1], apply_transform(np.linalg.inv(image_to_world), world[0]))
     return {"world": str(out_prefix.parent / names[0]), "local": str(out_prefix.parent / names[1]),
             "seconds": time.perf_counter() - start}
+
+
+# ---------------------------------------------------------------- plausibility of a prediction
+
+def training_mean(model: nn.Module) -> np.ndarray:
+    """The training mean shape (M, 3) a model carries as a buffer (base: the PCA layer's bias,
+    TL: `mean_shape`); no other file is needed to judge its predictions."""
+    buffers = dict(model.named_buffers())
+    mean = buffers.get("pca_bias", buffers.get("mean_shape"))
+    if mean is None:
+        raise ValueError(f"{type(model).__name__} has no mean shape buffer (pca_bias or mean_shape)")
+    return mean.detach().cpu().numpy().astype(np.float64).reshape(-1, 3)
+
+
+def _world_grid(preprocess_dir) -> WorldGrid:
+    meta = json.loads((Path(preprocess_dir) / "grid.json").read_text())
+    return WorldGrid(**{k: tuple(v) for k, v in meta["grid"].items()})
+
+
+def _rms_radius(points: np.ndarray) -> float:
+    return float(np.sqrt(((points - points.mean(0)) ** 2).sum(1).mean()))
+
+
+def prediction_problem(world: np.ndarray, mean: np.ndarray, grid: WorldGrid) -> str | None:
+    """Why world-frame points (M, 3) cannot be a shape of the training anatomy, or None.
+
+    Every point finite; RMS radius within RADIUS_RATIO of the training mean shape's; centroid
+    inside the world grid (the bounding box of all training shapes plus a margin, so it holds
+    the mean's centroid and every training centroid); no point farther outside the grid than
+    half its size on that axis (which, for a shape filling the grid, also caps growth at about
+    twice the training extent along any one axis).
+    """
+    bad = ~np.isfinite(world).all(1)
+    if bad.any():
+        return f"{int(bad.sum())} of {len(world)} predicted points are not finite (NaN or inf)"
+    radius, expected = _rms_radius(world), _rms_radius(mean)
+    ratio = radius / expected if expected > 0 else np.inf
+    if not RADIUS_RATIO[0] <= ratio <= RADIUS_RATIO[1]:
+        return (f"the predicted shape's RMS radius is {radius:.3g} mm, {ratio:.3g} times the training mean "
+                f"shape's {expected:.3g} mm (plausible: {RADIUS_RATIO[0]:g} to {RADIUS_RATIO[1]:g} times)")
+    low = np.array(grid.origin)
+    high = low + np.array(grid.spacing) * (np.array(grid.size) - 1)
+    box = f"the world grid spans {_fmt(low)} to {_fmt(high)} mm"
+    centroid = world.mean(0)
+    if ((centroid < low) | (centroid > high)).any():
+        return f"the predicted shape's centroid {_fmt(centroid)} mm lies outside the training shapes ({box})"
+    reach = (high - low) / 2
+    outside = ((world < low - reach) | (world > high + reach)).any(1)
+    if outside.any():
+        return (f"{int(outside.sum())} of {len(world)} predicted points lie far outside the world grid "
+                f"(first at {_fmt(world[outside][0])} mm; {box})")
+    return None
+
+
+def _fmt(point) -> str:
+    return "(" + ", ".join(f"{v:.1f}" for v in point) + ")"
