@@ -24,5 +24,5 @@ include: "workflow/rules/report.smk"
 
 rule all:
     input:
-        expand("results/{dataset}/qc/cohort.png", dataset=SYNTHETIC),
+        expand("results/{dataset}/qc/cohort.png", dataset=DATASETS),
         expand("results/{dataset}/report.html", dataset=DATASETS),

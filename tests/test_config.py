@@ -50,8 +50,14 @@ BAD = {
                        "datasets.femur.source: 'dicom' is not one of"),
     "csv source without manifest": (lambda c: c["datasets"]["femur"].update(source="csv"),
                                     "datasets.femur.manifest: required key is missing"),
-    "missing preprocess block": (lambda c: c["datasets"]["metopic"].pop("preprocess"),
-                                 "datasets.metopic.preprocess: required key is missing"),
+    "both n_modes and variance": (lambda c: c["datasets"]["metopic"]["training"].update(variance=0.9),
+                                  "datasets.metopic.training: give exactly one of n_modes or variance (found both)"),
+    "study of another anatomy on a synthetic cohort": (
+        lambda c: c["datasets"]["femur"].update(study="af_recurrence"),
+        "datasets.femur.study: a synthetic femur cohort has the labels of its own study (cam_fai) only"),
+    "unknown study": (lambda c: c["datasets"]["femur"].update(study="survival"),
+                      "datasets.femur.study: unknown study 'survival'; choose one of cam_fai, metopic_severity, "
+                      "af_recurrence, none"),
     "unknown sampler": (lambda c: c["datasets"]["left_atrium"]["augmentation"].update(sampler="gan"),
                         "datasets.left_atrium.augmentation.sampler: 'gan' is not one of"),
     "bad registration mode": (lambda c: c["datasets"]["femur"]["preprocess"].update(registration="affine"),

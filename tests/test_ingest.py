@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import tiny_settings
-from deepssm_workflow.ingest import CohortError, ingest_cohort
+from deepssm_workflow.ingest import SAFE_ID, CohortError, ingest_cohort
 from deepssm_workflow.io import read_particles, read_transform, resolve, write_particles
 
 SPLITS = ("train", "test")
@@ -241,7 +241,7 @@ def millimetres_as_micrometres(folder):
 
 def no_group(folder):
     _edit_table(folder, lambda t: t.pop("group"))
-    return None, "subjects.csv", "femur study needs a `group` column"
+    return None, "subjects.csv", "cam_fai study needs a `group` column"
 
 
 def controls_only(folder):
@@ -261,6 +261,79 @@ def inverted_transform(folder):
     return sid, path.name, "does not map the local particles onto the world particles"
 
 
+def _rewrite_image(folder, edit):
+    """The victim's image replaced by edit(float32 voxels, z y x), with the same geometry."""
+    sid = _victim(folder)
+    path = folder / f"data/images/{sid}.nrrd"
+    image = sitk.ReadImage(str(path))
+    array = edit(sitk.GetArrayFromImage(image).astype(np.float32))
+    broken = sitk.GetImageFromArray(array)
+    broken.CopyInformation(image)
+    sitk.WriteImage(broken, str(path))
+    return sid, path.name
+
+
+def nan_voxels(folder):
+    def edit(array):
+        array[2:4, 3, 3] = np.nan
+        array[5, 5, 5] = np.inf
+        return array
+    return *_rewrite_image(folder, edit), "voxels are not finite (2 NaN, 1 inf)"
+
+
+def all_zero_image(folder):
+    return *_rewrite_image(folder, np.zeros_like), "image is constant (every voxel is 0)"
+
+
+def scaled_by_1e30(folder):
+    return *_rewrite_image(folder, lambda a: a * np.float32(1e30)), "absurd intensities"
+
+
+def image_4d(folder):
+    sid = _victim(folder)
+    path = folder / f"data/images/{sid}.nrrd"
+    image = sitk.ReadImage(str(path))
+    sitk.WriteImage(sitk.JoinSeries([image, image]), str(path))  # a time series: dimension 4 in the header
+    return sid, path.name, "image is 4D; a 3D image is needed"
+
+
+def folder_as_image(folder):
+    sid = _victim(folder)
+    path = folder / f"data/images/{sid}.nrrd"
+    path.unlink()
+    path.mkdir()
+    return sid, path.name, "is a folder, not an image file (column image)"
+
+
+def empty_particles(folder):
+    sid = _victim(folder)
+    path = folder / f"data/particles/{sid}_local.particles"
+    path.write_text("")
+    return sid, path.name, "particles file is empty"
+
+
+def _renamed(folder, new_id):
+    sid = _victim(folder)
+    _edit_table(folder, lambda t: t.__setitem__("id", t["id"].where(t["id"] != sid, new_id)))
+    return new_id, "subjects.csv", f"id {new_id!r} is not a safe file name"
+
+
+def slash_in_id(folder):
+    return _renamed(folder, "femur/003")
+
+
+def backslash_in_id(folder):
+    return _renamed(folder, "femur\\003")
+
+
+def leading_dot_id(folder):
+    return _renamed(folder, ".femur_003")
+
+
+def space_in_id(folder):
+    return _renamed(folder, "femur 003")
+
+
 def two_training_subjects(folder):
     _edit_table(folder, lambda t: t.__setitem__("split", ["train"] * 2 + ["test"] * (len(t) - 2)))
     return None, "subjects.csv", "2 train subjects; at least 3 needed"
@@ -273,12 +346,14 @@ def no_af_recurrence(folder):
 
 BREAKERS = [("femur", b) for b in (truncated_image, image_2d, missing_mesh, dropped_point, nan_point, duplicate_id,
                                    validation_split, no_split, millimetres_as_micrometres, no_group, controls_only,
-                                   world_only, inverted_transform, two_training_subjects)]
+                                   world_only, inverted_transform, two_training_subjects, nan_voxels,
+                                   all_zero_image, scaled_by_1e30, image_4d, folder_as_image,
+                                   empty_particles, slash_in_id, backslash_in_id, leading_dot_id, space_in_id)]
 BREAKERS.append(("left_atrium", no_af_recurrence))
 
 
 @pytest.mark.parametrize("anatomy, breaker", BREAKERS, ids=[b.__name__ for _, b in BREAKERS])
-def test_broken_input_is_refused_naming_subject_file_and_problem(tiny_cohort, tmp_path, anatomy, breaker):
+def test_broken_input_is_refused_naming_subject_file_and_problem(tiny_cohort, tmp_path, capfd, anatomy, breaker):
     folder = tmp_path / "source"
     shutil.copytree(tiny_cohort(anatomy), folder)
     sid, file_name, problem = breaker(folder)
@@ -290,6 +365,14 @@ def test_broken_input_is_refused_naming_subject_file_and_problem(tiny_cohort, tm
     if sid is not None:
         assert f"subject {sid}:" in message, message
     assert not (tmp_path / "results").exists()  # validation happens before anything is written
+    assert "HDF5" not in capfd.readouterr().err  # no reader noise beside the message
+
+
+def test_safe_ids():
+    safe = ["femur_003", "003", "case-1.left", "a+b", "_x", "A" * 200]
+    unsafe = ["a/b", "a\\b", ".hidden", "..", "-rf", "a b", "a\x00b", "caf\u00e9", "a:b", "a*b", "A" * 201, ""]
+    assert all(SAFE_ID.fullmatch(i) for i in safe)
+    assert not any(SAFE_ID.fullmatch(i) for i in unsafe)
 
 
 def test_every_problem_is_reported_at_once(tiny_cohort, tmp_path):
@@ -325,3 +408,66 @@ def test_world_particles_with_transforms_and_local_particles_alone(tiny_cohort, 
         np.testing.assert_array_equal(data["world"], data["local"])
         assert (data["image_to_world"] == np.eye(4)).all() and (data["residual_mm"] == 0).all()
     assert report["transforms"] == "identity" and report["particles_given"] == ["local"]
+
+
+# ---------------------------------------------------------------- ShapeWorks' own conventions
+
+def _swproj(tmp_path: Path, rows: list[dict]) -> dict:
+    project = tmp_path / "projects" / "femur.swproj"
+    project.write_text(json.dumps({"data": rows}))
+    return {"source": "shapeworks", "project": str(project)}
+
+
+def test_shapeworks_empty_procrustes_cell_is_the_identity(tiny_cohort, femur_reference, tmp_path):
+    """ShapeWorks writes procrustes_<domain> empty when Procrustes is off (and alignment_ when
+    grooming did not align): the other cell alone is the transform."""
+    (tmp_path / "projects").mkdir()
+    rows = _shapeworks_rows(tiny_cohort("femur"), tmp_path / "projects", split_transform=False)
+    rows = [{**row, "procrustes_femur": ""} for row in rows]
+    ingest_cohort(_swproj(tmp_path, rows), "femur", tmp_path / "cohort")
+    assert_same_shapes(load(tmp_path / "cohort"), femur_reference, atol=1e-8)
+
+    # both empty: identity transforms, so the world particles must equal the local ones
+    rows = [{**row, "alignment_femur": "", "world_particles_femur": row["local_particles_femur"]} for row in rows]
+    ingest_cohort(_swproj(tmp_path, rows), "femur", tmp_path / "identity")
+    for split, data in load(tmp_path / "identity").items():
+        assert (data["image_to_world"] == np.eye(4)).all()
+        np.testing.assert_array_equal(data["world"], femur_reference[split]["local"])
+
+
+def test_shapeworks_empty_name_is_the_shape_file_stem(tiny_cohort, femur_reference, tmp_path):
+    (tmp_path / "projects").mkdir()
+    rows = _shapeworks_rows(tiny_cohort("femur"), tmp_path / "projects", split_transform=False)
+    rows[VICTIM]["name"] = ""  # its shape file is data/meshes/<id>.vtk
+    ingest_cohort(_swproj(tmp_path, rows), "femur", tmp_path / "cohort")
+    assert_same_shapes(load(tmp_path / "cohort"), femur_reference, atol=1e-8)
+
+    # no shape_ column: the mesh_ column's file, and a compound extension goes whole
+    sid = rows[VICTIM]["name"] or Path(rows[VICTIM]["shape_femur"]).stem
+    gz = tmp_path / "projects" / f"{sid}.nii.gz"
+    gz.write_bytes(b"")  # only its name matters here: the subject is then refused for its empty image
+    rows = [{**{k: v for k, v in row.items() if k != "shape_femur"}, "mesh_femur": row["shape_femur"]}
+            for row in rows]
+    rows[VICTIM] = {**rows[VICTIM], "mesh_femur": "", "segmentation_femur": gz.name}
+    with pytest.raises(CohortError, match=rf"^subject {sid}: .*{sid}\.nii\.gz: not a readable image"):
+        ingest_cohort(_swproj(tmp_path, rows), "femur", tmp_path / "gz")
+
+
+def test_a_reflecting_transform_is_accepted_and_noted(tiny_cohort, tmp_path):
+    folder = tmp_path / "source"
+    shutil.copytree(tiny_cohort("femur"), folder)
+    sid = _victim(folder)
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    transform, world = folder / f"data/transforms/{sid}.txt", folder / f"data/particles/{sid}_world.particles"
+    np.savetxt(transform, flip @ read_transform(transform))
+    write_particles(world, read_particles(world) @ flip[:3, :3])
+    report = ingest_cohort(synthetic(folder), "femur", tmp_path / "cohort")
+    assert report["reflections"] == [sid]
+    assert json.loads((tmp_path / "cohort" / "report.json").read_text())["reflections"] == [sid]
+
+    # the same in a ShapeWorks project (alignment cells)
+    (tmp_path / "projects").mkdir()
+    rows = _shapeworks_rows(folder, tmp_path / "projects", split_transform=True)
+    assert ingest_cohort(_swproj(tmp_path, rows), "femur", tmp_path / "sw")["reflections"] == [sid]
+    # and none in the untouched cohort
+    assert ingest_cohort(synthetic(tiny_cohort("femur")), "femur", tmp_path / "plain")["reflections"] == []

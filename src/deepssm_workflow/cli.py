@@ -12,6 +12,9 @@ import sys
 import time
 
 from .provenance import verify, write_sidecar
+from .studies.registry import CHOICES as STUDY_CHOICES
+from .studies.registry import STUDIES, default_study
+from .synthetic.registry import ANATOMIES
 
 
 def _synthesize(args) -> None:
@@ -26,7 +29,7 @@ def _synthesize(args) -> None:
 def _ingest(args) -> None:
     from .ingest import ingest_cohort
 
-    report = ingest_cohort(json.loads(args.source), args.anatomy, args.out_dir)
+    report = ingest_cohort(json.loads(args.source), args.anatomy, args.out_dir, study=args.study)
     print(json.dumps(report, indent=2))
 
 
@@ -87,7 +90,8 @@ def _study(args) -> None:
     from .studies import run_study
 
     variants = [v for v in args.variants.split(",") if v]
-    summary = run_study(args.anatomy, args.dataset_dir, variants, args.out_dir, resources_dir=args.resources_dir)
+    study = args.study or default_study(args.anatomy)
+    summary = run_study(study, args.dataset_dir, variants, args.out_dir, resources_dir=args.resources_dir)
     print(json.dumps(summary, indent=2))
 
 
@@ -107,7 +111,7 @@ def _qc_preprocess(args) -> None:
 def _qc_cohort(args) -> None:
     from .qc import cohort_figure
 
-    cohort_figure(args.subjects, args.out, count=args.count)
+    cohort_figure(args.subjects, args.out, count=args.count, shapes=args.shapes)
 
 
 def _artifact_flags(parser: argparse.ArgumentParser) -> None:
@@ -125,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     steps = parser.add_subparsers(dest="step", required=True)
 
     p = steps.add_parser("synthesize", help="generate a synthetic cohort")
-    p.add_argument("--anatomy", required=True, choices=["femur", "metopic", "left_atrium"])
+    p.add_argument("--anatomy", required=True, choices=ANATOMIES)
     p.add_argument("--settings", required=True, help="JSON of the config's `synthetic` block")
     p.add_argument("--out-dir", required=True, help="cohort folder (subjects.csv, ground_truth.csv, data/)")
     p.add_argument("--prefix", help="subject id prefix (default: the anatomy)")
@@ -133,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_synthesize)
 
     p = steps.add_parser("ingest", help="validate a cohort source and normalize it")
-    p.add_argument("--anatomy", required=True, choices=["femur", "metopic", "left_atrium"])
+    p.add_argument("--anatomy", required=True, help="what the shapes are (any name; reported)")
+    p.add_argument("--study", choices=STUDY_CHOICES, help="the clinical study whose labels the table must have, "
+                   "or none (default: the anatomy's own study, if it has one)")
     p.add_argument("--source", required=True,
                    help='JSON, e.g. {"source": "csv", "manifest": "cohort.csv"} or {"source": "shapeworks", "project": "p.swproj"}')
     p.add_argument("--out-dir", required=True, help="normalized cohort folder")
@@ -193,8 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", help="write the full evaluation here (tables, figures, surface distances, timing)")
     p.set_defaults(run=_evaluate)
 
-    p = steps.add_parser("study", help="the anatomy's clinical study (paper sec. 4) on ground truth and predictions")
-    p.add_argument("--anatomy", required=True, choices=["metopic", "femur", "left_atrium"])
+    p = steps.add_parser("study", help="a clinical study (paper sec. 4) on ground truth and predictions")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--study", choices=tuple(STUDIES))
+    which.add_argument("--anatomy", choices=tuple(STUDIES[name].anatomy for name in STUDIES),
+                       help="the study written for this anatomy (the older spelling of --study)")
     p.add_argument("--dataset-dir", required=True, help="results/{dataset}")
     p.add_argument("--resources-dir", help="resources/{dataset}: expert ratings (data/ratings.csv), ground_truth.csv")
     p.add_argument("--variants", default="base,base_focal,tl,tl_focal", help="comma-separated; those without "
@@ -217,7 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_qc_preprocess)
 
     p = steps.add_parser("qc-cohort", help="QC figure of a cohort: slices, outlines, points, meshes")
-    p.add_argument("--subjects", required=True, help="subjects table (CSV manifest)")
+    p.add_argument("--subjects", required=True, help="an ingested cohort's subjects.csv (with --shapes), or a CSV "
+                   "manifest with a local_particles column")
+    p.add_argument("--shapes", nargs="+", metavar="NPZ", help="the ingested cohort's shapes_train.npz and "
+                   "shapes_test.npz (the points, image frame)")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--count", type=int, default=4, help="subjects to show")
     p.set_defaults(run=_qc_cohort)

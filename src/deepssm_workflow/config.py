@@ -1,20 +1,29 @@
-"""Checks of the workflow configuration that a JSON schema cannot express.
+"""Defaults and checks of the workflow configuration.
 
 The schema (workflow/schemas/config.schema.yaml) rejects unknown keys and wrong
-types; these checks know the anatomies: a dataset name that is not an anatomy
-needs an explicit `anatomy`, and group names must be the anatomy's groups.
-Every message starts with the dotted path of the offending key.
+types and gives the defaults, which `load` writes into the config (so the rules see
+them); a `training` block with neither `n_modes` nor `variance` gets variance 0.99
+(done here: a schema default cannot choose one branch of a `oneOf`). The checks
+here know the anatomies and the studies: a synthetic cohort's anatomy must be one
+the generator makes, its group names that anatomy's, and a dataset's `study` one
+of `studies.registry.CHOICES`. Every message starts with the dotted path of the
+offending key.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
 import jsonschema
 import yaml
 
+from .studies.registry import CHOICES as STUDY_CHOICES
+from .studies.registry import NO_STUDY, default_study
 from .synthetic.registry import ANATOMIES, GROUPS
+
+DEFAULT_VARIANCE = 0.99  # a `training` block without n_modes or variance keeps 99 % of the shape variance
 
 
 class ConfigError(ValueError):
@@ -24,13 +33,55 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Dataset:
     name: str
-    anatomy: str
+    anatomy: str  # any lower-case name; defaults to the dataset's name
     source: str
+    study: str = NO_STUDY  # a name of studies.registry.STUDIES, or "none"
+
+
+def _schema(schema_path) -> dict:
+    return yaml.safe_load(Path(schema_path).read_text())
+
+
+def fill_defaults(config: dict, schema_path) -> dict:
+    """Write the schema's defaults into `config` (in place; also returned): every absent key
+    with a `default`, at every level, each a fresh copy; then variance 0.99 in a `training`
+    block with neither n_modes nor variance. Parts of the wrong type are left to the checks."""
+    schema = _schema(schema_path)
+
+    def resolve(node: dict) -> dict:
+        while "$ref" in node:  # local references only: "#/$defs/name"
+            target = schema
+            for part in node["$ref"].lstrip("#/").split("/"):
+                target = target[part]
+            node = target
+        return node
+
+    def fill(node: dict, instance) -> None:
+        node = resolve(node)
+        if not isinstance(instance, dict):
+            return
+        properties = node.get("properties", {})
+        for key, sub in properties.items():
+            default = sub if "default" in sub else resolve(sub)  # a default beside a $ref, or in its target
+            if key not in instance and "default" in default:
+                instance[key] = copy.deepcopy(default["default"])
+        for key, value in instance.items():
+            if key in properties:
+                fill(properties[key], value)
+            elif isinstance(node.get("additionalProperties"), dict):
+                fill(node["additionalProperties"], value)
+
+    fill(schema, config)
+    for entry in (config.get("datasets") or {}).values() if isinstance(config, dict) else ():
+        training = entry.get("training") if isinstance(entry, dict) else None
+        if isinstance(training, dict) and "n_modes" not in training and "variance" not in training:
+            training["variance"] = DEFAULT_VARIANCE
+    return config
 
 
 def schema_errors(config: dict, schema_path) -> list[str]:
     """Schema violations as one line each, starting with the dotted key that is wrong."""
-    schema = yaml.safe_load(Path(schema_path).read_text())
+    schema = _schema(schema_path)
     validator = jsonschema.Draft202012Validator(schema)
     messages = []
     for error in sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path))):
@@ -44,13 +95,34 @@ def schema_errors(config: dict, schema_path) -> list[str]:
             messages.append(f"{key}.{missing}: required key is missing")
         elif error.validator == "propertyNames":
             messages.append(f"{key}: invalid name {error.instance!r} (lower case letters, digits, underscores)")
+        elif error.validator == "oneOf":
+            messages.append(f"{key}: {_one_of_message(error)}")
         else:
             messages.append(f"{key}: {error.message}")
     return messages
 
 
+def _one_of_message(error) -> str:
+    """A failed `oneOf` said as what to add or remove: "give exactly one of n_modes or variance
+    (found both)" for alternatives of required keys, else each allowed form and why it fails."""
+    branches = error.validator_value
+    if all(set(b) == {"required"} and len(b["required"]) == 1 for b in branches):
+        names = [b["required"][0] for b in branches]
+        found = [n for n in names if isinstance(error.instance, dict) and n in error.instance]
+        said = "neither" if not found else ("both" if len(found) == len(names) == 2 else ", ".join(found))
+        return f"give exactly one of {' or '.join(names)} (found {said})"
+    forms = []
+    for index, branch in enumerate(branches):
+        kind = branch.get("type", "value")
+        why = [e.message for e in error.context if e.relative_schema_path and e.relative_schema_path[0] == index]
+        forms.append(f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}" + (f" ({'; '.join(why)})" if why else ""))
+    return f"{error.instance!r} is none of the allowed forms: " + ", or ".join(forms)
+
+
 def load(config: dict, schema_path) -> dict[str, "Dataset"]:
-    """Validate a config (schema, then semantics); raise ConfigError naming every bad key."""
+    """Fill the schema's defaults into `config` (in place), validate it (schema, then semantics)
+    and return the datasets by name; raise ConfigError naming every bad key."""
+    fill_defaults(config, schema_path)
     messages = schema_errors(config, schema_path)
     if messages:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(messages))
@@ -63,12 +135,20 @@ def check(config: dict) -> dict[str, Dataset]:
     for name, entry in config["datasets"].items():
         key = f"datasets.{name}"
         anatomy = entry.get("anatomy", name)
-        if anatomy not in ANATOMIES:
-            raise ConfigError(f"{key}: unknown dataset {name!r}: not one of {', '.join(ANATOMIES)}; "
-                              f"a cohort with another name must set `anatomy:`")
+        study = entry.get("study", default_study(anatomy))
+        if study not in STUDY_CHOICES:
+            raise ConfigError(f"{key}.study: unknown study {study!r}; choose one of {', '.join(STUDY_CHOICES)}")
         if entry["source"] == "synthetic":
+            if anatomy not in ANATOMIES:
+                where = f"{key}.anatomy" if "anatomy" in entry else f"{key}: unknown dataset {name!r}"
+                raise ConfigError(f"{where}: a synthetic cohort's anatomy (default: the dataset's name) must be one "
+                                  f"the generator makes: {', '.join(ANATOMIES)}; a cohort of another anatomy needs "
+                                  f"source csv or shapeworks (a synthetic dataset of another name sets `anatomy:`)")
+            if study not in (NO_STUDY, default_study(anatomy)):
+                raise ConfigError(f"{key}.study: a synthetic {anatomy} cohort has the labels of its own study "
+                                  f"({default_study(anatomy)}) only; choose that or none, not {study}")
             _check_synthetic(f"{key}.synthetic", anatomy, entry["synthetic"])
-        datasets[name] = Dataset(name, anatomy, entry["source"])
+        datasets[name] = Dataset(name, anatomy, entry["source"], study)
     return datasets
 
 

@@ -29,55 +29,71 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import SimpleITK as sitk
 
 from .atomic import staged
 from .io import apply_transform, procrustes_fit, read_particles, read_transform, resolve
+from .scan_checks import ScanError, check_scan_path, read_scan
+from .studies.registry import NO_STUDY, STUDIES, default_study
 
 
 class CohortError(ValueError):
     """An invalid cohort; the message names the subject (when there is one), the file and the problem."""
 
 
-# What each anatomy's clinical study reads from the subjects table. Checked at ingestion so
-# that a cohort that cannot answer its study question fails here, not in the final analysis.
-#   groups:     the `group` column must exist, every value must be one of these, all present
+# What each clinical study (studies.registry, by name) reads from the subjects table. Checked
+# at ingestion, for the dataset's study only (none: nothing), so that a cohort that cannot
+# answer its study question fails here, not in the final analysis.
+#   groups:     the `group` column must exist, every value must be one of these (matched
+#               case-insensitively, stored lower-case), all present
 #   covariates: these columns must exist, every value must be one of the listed levels
-STUDY_REQUIREMENTS = {
-    "femur": {"groups": ("control", "cam")},  # cam-FAI versus control shape
-    "metopic": {"groups": ("control", "metopic")},  # metopic craniosynostosis versus control
-    "left_atrium": {"covariates": {"af_recurrence": ("0", "1")}},  # AF recurrence from shape
-}
+STUDY_REQUIREMENTS = {name: {"groups": study.groups} if study.groups else {"covariates": study.covariates}
+                      for name, study in STUDIES.items()}
 MIN_SUBJECTS = {"train": 3, "test": 1}  # a shape model needs 3 shapes; evaluation needs 1
 SPLITS = tuple(MIN_SUBJECTS)
 FILE_COLUMNS = ("image", "segmentation", "mesh", "local_particles", "world_particles", "transform")
 MESH_SUFFIXES = (".vtk", ".vtp", ".ply", ".stl", ".obj")
+FILE_KINDS = {"image": "image", "segmentation": "image", "mesh": "mesh", "local_particles": "particles",
+              "world_particles": "particles", "transform": "transform"}
 # a given or fitted transform must reproduce the world particles to this fraction of the
 # shape's RMS radius; more means the wrong convention (e.g. an inverted matrix) or a non-rigid pair
 RESIDUAL_TOLERANCE = 0.01
+# subject ids name output files (particles/{id}_world.particles) and Snakemake targets: ASCII
+# letters, digits and _ . + - only (no path separators, spaces, quotes or NUL), not starting
+# with "." (a hidden file, or "..") or "-" (read as an option on a command line), at most 200
+# characters (file names end at 255 bytes, and suffixes are added)
+SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,199}")
+SAFE_ID_RULE = "letters, digits, _ . + - only, not starting with . or -, at most 200 characters"
 
 
-def ingest_cohort(source: dict, anatomy: str, out_dir, base_dir=".") -> dict:
+def ingest_cohort(source: dict, anatomy: str, out_dir, base_dir=".", study: str | None = None) -> dict:
     """Read, validate and write a cohort into `out_dir`; return the report (also report.json).
+
+    `anatomy` is any name (it is reported); `study` (a name of studies.registry.STUDIES or
+    "none"; default: the anatomy's own study, if it has one) decides which labels the table
+    must have: a study's groups or covariates are required only when that study runs.
 
     Writes subjects.csv (id, split, group, covariates, absolute image/segmentation/mesh
     paths), shapes_train.npz and shapes_test.npz (ids, world, local, image_to_world,
     residual_mm) and report.json. Raises CohortError before writing anything if the cohort
     is invalid; a failure while writing leaves `out_dir` untouched.
     """
+    study = default_study(anatomy) if study is None else study
+    if study != NO_STUDY and study not in STUDIES:
+        raise CohortError(f"unknown study {study!r}; choose one of {', '.join(STUDIES)} or {NO_STUDY}")
     kind, table_path = _table_path(source, Path(base_dir))
     if kind == "shapeworks":
-        table, notes = _read_shapeworks(table_path, anatomy)
+        table, notes = _read_shapeworks(table_path, study)
     else:
         table, notes = _read_manifest(table_path), {}
     covariates = _normalize(table, table_path)
-    _check_table(table, table_path, anatomy)
+    _check_table(table, table_path, study)
     shapes = _read_subjects(table, table_path)
 
     subjects = table[["id", "split", "group", *covariates, "image", "segmentation", "mesh"]]
@@ -89,6 +105,7 @@ def ingest_cohort(source: dict, anatomy: str, out_dir, base_dir=".") -> dict:
     report = {
         "source": {"kind": kind, "path": str(table_path), **notes},
         "anatomy": anatomy,
+        "study": study,
         "n_subjects": len(subjects),
         "counts": {split: counts.get(split, {}) for split in SPLITS},
         "n_points": int(next(iter(shapes.values()))["world"].shape[0]),
@@ -100,6 +117,8 @@ def ingest_cohort(source: dict, anatomy: str, out_dir, base_dir=".") -> dict:
             "identity": "only local particles given: world = local, image_to_world = identity",
         }[mode],
         "residual_mm": {"median": float(np.median(residuals)), "max": float(residuals.max())},
+        # accepted (a mirrored scanner or a left side mapped onto a right-side model) but worth a look
+        "reflections": [sid for sid, s in shapes.items() if np.linalg.det(s["image_to_world"][:3, :3]) < 0],
         "covariates": covariates,
         "files": {"subjects": "subjects.csv", "shapes": {s: f"shapes_{s}.npz" for s in SPLITS}},
     }
@@ -144,7 +163,7 @@ def _read_manifest(path: Path) -> pd.DataFrame:
     return table
 
 
-def _read_shapeworks(path: Path, anatomy: str) -> tuple[pd.DataFrame, dict]:
+def _read_shapeworks(path: Path, study: str) -> tuple[pd.DataFrame, dict]:
     """A ShapeWorks project's data table, renamed to the manifest's columns."""
     if path.suffix not in (".swproj", ".xlsx"):
         raise CohortError(f"{path}: a ShapeWorks project is a .swproj or .xlsx file")
@@ -180,8 +199,8 @@ def _read_shapeworks(path: Path, anatomy: str) -> tuple[pd.DataFrame, dict]:
         raise CohortError(f"{path}: needs one image column (image_<name> or feature_<name>); "
                           f"found {', '.join(c for c in columns if c.startswith(('image_', 'feature_'))) or 'none'}")
 
-    table = pd.DataFrame({"id": raw["name"], "image": raw[images[0]]})
     shape = raw.get(f"shape_{domain}", pd.Series([""] * len(raw)))
+    table = pd.DataFrame({"id": _names(raw, domain), "image": raw[images[0]]})
     is_mesh = shape.str.lower().str.endswith(MESH_SUFFIXES)
     table["mesh"] = raw.get(f"mesh_{domain}", shape.where(is_mesh, ""))
     table["segmentation"] = raw.get(f"segmentation_{domain}", shape.where(~is_mesh, ""))
@@ -195,12 +214,12 @@ def _read_shapeworks(path: Path, anatomy: str) -> tuple[pd.DataFrame, dict]:
 
     groups = [c for c in columns if c.startswith("group_")]
     if len(groups) > 1:  # several groupings: the study's own (values within its groups) is `group`
-        wanted = set(STUDY_REQUIREMENTS.get(anatomy, {}).get("groups", ()))
-        fitting = [c for c in groups if wanted and set(raw[c]) <= wanted]
-        if len(fitting) != 1:
+        wanted = set(STUDY_REQUIREMENTS.get(study, {}).get("groups", ()))
+        fitting = [c for c in groups if wanted and set(raw[c].str.lower()) <= wanted]
+        if wanted and len(fitting) != 1:
             raise CohortError(f"{path}: several group columns ({', '.join(groups)}); "
-                              f"cannot tell which is the {anatomy} study's group")
-        groups = fitting
+                              f"cannot tell which is the {study} study's group")
+        groups = fitting  # a study without groups: every group_ column is a covariate
     if groups:
         table["group"] = raw[groups[0]]
 
@@ -216,11 +235,27 @@ def _read_shapeworks(path: Path, anatomy: str) -> tuple[pd.DataFrame, dict]:
     return table, notes
 
 
+def _names(raw: pd.DataFrame, domain: str) -> pd.Series:
+    """The `name` column; an empty name is the stem of the subject's shape file (shape_, else
+    mesh_ or segmentation_ column), as ShapeWorks names such subjects ("a.nii.gz" -> "a")."""
+    files = [raw[c] for c in (f"shape_{domain}", f"mesh_{domain}", f"segmentation_{domain}") if c in raw]
+
+    def stem(row: int) -> str:
+        file = next((f.iloc[row] for f in files if f.iloc[row]), "")
+        name = Path(file.replace("\\", "/")).name
+        name = name[:-3] if name.lower().endswith(".gz") else name
+        return Path(name).stem
+    return pd.Series([name or stem(i) for i, name in enumerate(raw["name"])], index=raw.index)
+
+
 def _compose(row: pd.Series, columns: list[str], path: Path) -> np.ndarray:
-    """procrustes @ alignment from 16-number cells (the order ShapeWorks applies them in)."""
+    """procrustes @ alignment from 16-number cells (the order ShapeWorks applies them in). An
+    empty cell is the identity: ShapeWorks leaves it empty when that step is off."""
     matrix = np.eye(4)
     for column in columns:  # alignment first, then procrustes on the left
         text = row[column]
+        if not text:
+            continue
         try:
             values = np.array(text.split(), dtype=np.float64)
         except ValueError:
@@ -266,11 +301,14 @@ def _transform_mode(table: pd.DataFrame) -> str:
     return "estimated" if "world_particles" in table and "local_particles" in table else "identity"
 
 
-def _check_table(table: pd.DataFrame, path: Path, anatomy: str) -> None:
+def _check_table(table: pd.DataFrame, path: Path, study: str) -> None:
     """Ids, splits, the study's groups and covariates, and subject counts."""
     for row, sid in enumerate(table["id"], start=1):
         if not sid:
             raise CohortError(f"{path}: data row {row} has no id")
+        if not SAFE_ID.fullmatch(sid):
+            raise CohortError(f"subject {sid}: {path}: id {sid!r} is not a safe file name "
+                              f"(ids name output files: {SAFE_ID_RULE})")
     for sid, n in Counter(table["id"]).items():
         if n > 1:
             rows = [i for i, other in enumerate(table["id"], start=1) if other == sid]
@@ -283,28 +321,29 @@ def _check_table(table: pd.DataFrame, path: Path, anatomy: str) -> None:
         if split not in SPLITS:
             raise CohortError(f"subject {sid}: {path}: split {split!r} is neither train nor test")
 
-    needs = STUDY_REQUIREMENTS.get(anatomy, {})
+    needs = STUDY_REQUIREMENTS.get(study, {})  # none: no labels needed
+    hint = f"(or set `study: none` in the config to run without the {study} study)"
     if "groups" in needs:
         groups = needs["groups"]
         if not table["group"].any():
-            raise CohortError(f"{path}: the {anatomy} study needs a `group` column with values "
-                              f"{' and '.join(groups)}; none found")
-        for sid, group in zip(table["id"], table["group"]):
-            if group not in groups:
-                raise CohortError(f"subject {sid}: {path}: group {group!r} is not one of "
-                                  f"{', '.join(groups)} (the {anatomy} study's groups)")
+            raise CohortError(f"{path}: the {study} study needs a `group` column with values "
+                              f"{' and '.join(groups)}; none found {hint}")
+        normalized = table["group"].str.lower()  # "Control", "CAM" -> the study's names
+        _raise([f"subject {sid}: {path}: group {group!r} is not one of {', '.join(groups)}, the {study} "
+                f"study's groups (matched ignoring case) {hint}"
+                for sid, group, name in zip(table["id"], table["group"], normalized) if name not in groups], path)
+        table["group"] = normalized
         missing = [g for g in groups if g not in set(table["group"])]
         if missing:
-            raise CohortError(f"{path}: the {anatomy} study compares {' and '.join(groups)}; "
+            raise CohortError(f"{path}: the {study} study compares {' and '.join(groups)}; "
                               f"no subject in group {', '.join(missing)}")
     for column, levels in needs.get("covariates", {}).items():
         if column not in table:
-            raise CohortError(f"{path}: the {anatomy} study needs covariate column `{column}` "
-                              f"(values {'/'.join(levels)}); not found")
+            raise CohortError(f"{path}: the {study} study needs covariate column `{column}` "
+                              f"(values {'/'.join(levels)}); not found {hint}")
         values = [_level(v) for v in table[column]]
-        for sid, value, original in zip(table["id"], values, table[column]):
-            if value not in levels:
-                raise CohortError(f"subject {sid}: {path}: {column} {original!r} is not one of {'/'.join(levels)}")
+        _raise([f"subject {sid}: {path}: {column} {original!r} is not one of {'/'.join(levels)} {hint}"
+                for sid, value, original in zip(table["id"], values, table[column]) if value not in levels], path)
         table[column] = values
 
     for split, minimum in MIN_SUBJECTS.items():
@@ -378,8 +417,9 @@ def _read_files(row: dict, table_path: Path) -> tuple[dict, list[str]]:
                 return None
             problems.append(f"subject {sid}: {table_path}: column {column} is empty")
             return None
-        if not Path(file).is_file():
-            problems.append(f"subject {sid}: {file}: file not found (column {column})")
+        problem = check_scan_path(file, FILE_KINDS[column])
+        if problem:
+            problems.append(f"subject {sid}: {file}: {problem} (column {column})")
             return None
         try:
             return reader(file)
@@ -388,7 +428,7 @@ def _read_files(row: dict, table_path: Path) -> tuple[dict, list[str]]:
             return None
 
     subject["geometry"] = check("image", _read_image)
-    check("segmentation", _read_image)
+    check("segmentation", _read_segmentation)
     check("mesh", _read_mesh)
     subject["local"] = check("local_particles", _read_points)
     subject["world"] = check("world_particles", _read_points)
@@ -402,29 +442,20 @@ def _read_files(row: dict, table_path: Path) -> tuple[dict, list[str]]:
     return subject, problems
 
 
-def _read_image(file: str) -> dict:
-    """Header and full read (a truncated file has a valid header); the image's geometry."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(file)
+def _read_image(file: str, intensities: bool = True) -> dict:
+    """The scan read and checked in full (`scan_checks.read_scan`: header, voxels, intensities);
+    its geometry."""
     try:
-        reader.ReadImageInformation()
-    except RuntimeError as error:
-        raise _Invalid(f"not a readable image ({_itk_reason(error)})") from None
-    if reader.GetDimension() != 3:
-        raise _Invalid(f"image is {reader.GetDimension()}D; a 3D image is needed")
-    if reader.GetNumberOfComponents() != 1:
-        raise _Invalid(f"image has {reader.GetNumberOfComponents()} components per voxel; a scalar image is needed")
-    try:
-        reader.Execute()
-    except RuntimeError as error:
-        raise _Invalid(f"image data cannot be read: truncated or corrupt ({_itk_reason(error)})") from None
-    return {"origin": np.array(reader.GetOrigin()), "spacing": np.array(reader.GetSpacing()),
-            "direction": np.array(reader.GetDirection()).reshape(3, 3), "size": np.array(reader.GetSize())}
+        image = read_scan(file, file, intensities=intensities)
+    except ScanError as error:
+        raise _Invalid(error.problem) from None
+    return {"origin": np.array(image.GetOrigin()), "spacing": np.array(image.GetSpacing()),
+            "direction": np.array(image.GetDirection()).reshape(3, 3), "size": np.array(image.GetSize())}
 
 
-def _itk_reason(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
+def _read_segmentation(file: str) -> None:
+    """A readable 3D label image; its values are labels, not intensities, so are not checked."""
+    _read_image(file, intensities=False)
 
 
 def _read_mesh(file: str) -> None:
@@ -440,6 +471,8 @@ def _read_mesh(file: str) -> None:
 
 def _read_points(file: str) -> np.ndarray:
     try:
+        if _is_blank(file):
+            raise _Invalid("particles file is empty")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # loadtxt warns on empty files; reported below
             points = read_particles(file)
@@ -454,6 +487,12 @@ def _read_points(file: str) -> np.ndarray:
         more = f" and {bad.size - 1} more" if bad.size > 1 else ""
         raise _Invalid(f"non-finite coordinates (nan or inf) at point {bad[0] + 1}{more}")
     return points
+
+
+def _is_blank(file: str) -> bool:
+    """Empty or only whitespace (loadtxt would say "no data" or fail on the shape instead)."""
+    with open(file, "rb") as handle:
+        return not handle.read(1 << 16).strip() and not handle.read(1)
 
 
 def _read_matrix(file: str) -> np.ndarray:

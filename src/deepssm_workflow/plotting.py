@@ -39,12 +39,14 @@ def save_figure(fig, path) -> None:
 
 
 def render_mesh(mesh_path, points: np.ndarray | None = None, size=(420, 420)) -> np.ndarray:
-    """Off-screen pyvista rendering of a mesh (and points) as an RGB array."""
+    """Off-screen pyvista rendering of a mesh (and points) as an RGB array; with no mesh
+    (mesh_path None), the points alone."""
     import pyvista as pv
 
     plotter = pv.Plotter(off_screen=True, window_size=size)
     plotter.set_background("white")
-    plotter.add_mesh(pv.read(str(mesh_path)), color=MESH_COLOR, smooth_shading=True)
+    if mesh_path is not None:
+        plotter.add_mesh(pv.read(str(mesh_path)), color=MESH_COLOR, smooth_shading=True)
     if points is not None:
         plotter.add_points(np.asarray(points), color=POINT_COLOR, point_size=5, render_points_as_spheres=True)
     plotter.view_isometric()

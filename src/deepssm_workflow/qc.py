@@ -23,16 +23,40 @@ def pick_subjects(subjects: pd.DataFrame, count: int) -> pd.DataFrame:
     return ranked.head(count).drop(columns="_rank")
 
 
-def cohort_figure(subjects_csv, out_png, count: int = 4) -> None:
-    """Mid-slices with segmentation outline and nearby points, and the mesh, for a few subjects."""
-    subjects = pd.read_csv(subjects_csv)
+def _local_points(subjects_csv, shapes) -> dict:
+    """Image-frame points by subject id: from the shapes .npz files (an ingested cohort), else
+    from the table's local_particles column (a CSV manifest, e.g. the synthetic subjects.csv)."""
+    if shapes:
+        points = {}
+        for path in shapes:
+            with np.load(path) as data:
+                points.update({str(i): local for i, local in zip(data["ids"], data["local"])})
+        return points
+    table = pd.read_csv(subjects_csv, dtype=str, keep_default_na=False)
+    return {sid: read_particles(resolve(subjects_csv, file))
+            for sid, file in zip(table["id"], table["local_particles"])}
+
+
+def cohort_figure(subjects_csv, out_png, count: int = 4, shapes=None) -> None:
+    """Mid-slices with segmentation outline and nearby points, and the mesh, for a few subjects.
+
+    `subjects_csv` is an ingested cohort's subjects.csv with `shapes` its shapes_*.npz (points
+    in the image frame: `local`), or a CSV manifest with a local_particles column. A subject
+    without a segmentation gets no outline; one without a mesh, its points alone in 3D."""
+    subjects = pd.read_csv(subjects_csv, dtype=str, keep_default_na=False)
+    for column in ("group", "segmentation", "mesh"):
+        if column not in subjects:
+            subjects[column] = ""
+    local = _local_points(subjects_csv, shapes)
     chosen = pick_subjects(subjects, count)
     fig, axes = figure(len(chosen), 4, cell=(3.2, 3.0))
     for row, subject in zip(np.atleast_2d(axes), chosen.itertuples()):
         image = sitk.ReadImage(str(resolve(subjects_csv, subject.image)))
-        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(resolve(subjects_csv, subject.segmentation))))
+        mask = (sitk.GetArrayFromImage(sitk.ReadImage(str(resolve(subjects_csv, subject.segmentation))))
+                if subject.segmentation else None)
         array = sitk.GetArrayFromImage(image).astype(np.float32)
-        points = read_particles(resolve(subjects_csv, subject.local_particles))
+        points = np.asarray(local[subject.id])
+        label = f"{subject.id} ({subject.group})" if subject.group else subject.id
         origin, spacing = np.array(image.GetOrigin()), np.array(image.GetSpacing())
         index = (points - origin) / spacing  # continuous voxel index (x, y, z)
         centre = np.rint(index.mean(0)).astype(int)
@@ -40,17 +64,19 @@ def cohort_figure(subjects_csv, out_png, count: int = 4) -> None:
         for ax, (view, (axis, (h, v))) in zip(row[:3], _VIEWS.items()):
             position = centre[2 - axis]  # array axis 0 is physical z
             plane = np.take(array, position, axis=axis)
-            outline = np.take(mask, position, axis=axis)
             extent = [origin[h] - spacing[h] / 2, origin[h] + spacing[h] * (plane.shape[1] - 0.5),
                       origin[v] - spacing[v] / 2, origin[v] + spacing[v] * (plane.shape[0] - 0.5)]
             ax.imshow(plane, cmap="gray", vmin=low, vmax=high, origin="lower", extent=extent)
-            ax.contour(outline, levels=[0.5], colors="#ffb000", linewidths=0.8, origin="lower", extent=extent)
+            if mask is not None:
+                outline = np.take(mask, position, axis=axis)
+                ax.contour(outline, levels=[0.5], colors="#ffb000", linewidths=0.8, origin="lower", extent=extent)
             near = np.abs(index[:, 2 - axis] - position) < 1.5
             ax.scatter(points[near, h], points[near, v], s=4, c="#00c8ff", linewidths=0)
-            ax.set_title(f"{subject.id} ({subject.group}) {view}", fontsize=8)
+            ax.set_title(f"{label} {view}", fontsize=8)
             ax.set_axis_off()
-        row[3].imshow(render_mesh(resolve(subjects_csv, subject.mesh), points))
-        row[3].set_title("mesh + points", fontsize=8)
+        mesh = resolve(subjects_csv, subject.mesh) if subject.mesh else None
+        row[3].imshow(render_mesh(mesh, points))
+        row[3].set_title("mesh + points" if mesh else "points (no mesh given)", fontsize=8)
         row[3].set_axis_off()
     save_figure(fig, out_png)
 

@@ -2,9 +2,10 @@
 tables as HTML, no script, no external reference) that opens offline.
 
 Sections: what was run, quality control, augmentation, training, evaluation, clinical
-study, provenance. The evaluation and the study folders follow one contract, read here
-alike: figures.json (a list of {"file", "title", "caption"} in display order),
-tables/*.csv (titled by tables.json when there is one) and summary.json.
+study (unless the cohort's report.json says study "none"), provenance. The evaluation and
+the study folders follow one contract, read here alike: figures.json (a list of {"file",
+"title", "caption"} in display order), tables/*.csv (titled by tables.json when there is
+one) and summary.json.
 """
 
 from __future__ import annotations
@@ -165,6 +166,7 @@ def build_report(dataset_dir, dataset: str, settings: dict, variants, out_path, 
     root = Path(dataset_dir)
     study_dir = Path(study_dir) if study_dir else root / "study"
     cohort = _read_json(root / "cohort" / "report.json")
+    study = cohort.get("study")  # "none": no study was configured, no study section
     evaluation = _read_json(root / "evaluation" / "summary.json")
     cards = {v: _read_json(root / "models" / v / "model_card.json") for v in variants}
     sections = {
@@ -175,12 +177,14 @@ def build_report(dataset_dir, dataset: str, settings: dict, variants, out_path, 
                                 "images' points should sit on their warped anatomy.", "the report"),
         "Training": _training(root, variants, cards),
         "Evaluation": artifact_section(root / "evaluation", show_summary=False),  # its tables say it all
-        "Clinical study": artifact_section(study_dir, show_summary=True),
         "Provenance": _provenance(root, dataset, settings, variants),
     }
-    nav = "".join(f'<li><a href="#{_anchor(name)}">{_esc(name)}</a></li>' for name in SECTIONS)
+    if study != "none":
+        sections["Clinical study"] = artifact_section(study_dir, show_summary=True)
+    names = [name for name in SECTIONS if name in sections]
+    nav = "".join(f'<li><a href="#{_anchor(name)}">{_esc(name)}</a></li>' for name in names)
     body = "\n".join(f'<section id="{_anchor(name)}"><h2>{_esc(name)}</h2>\n{sections[name]}</section>'
-                     for name in SECTIONS)
+                     for name in names)
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f"<title>DeepSSM report: {_esc(dataset)}</title><style>{STYLE}</style></head><body>"
             f"<h1>DeepSSM report: {_esc(dataset)} ({_esc(cohort.get('anatomy', ''))})</h1>"
@@ -195,7 +199,10 @@ def _what_was_run(root: Path, dataset: str, settings: dict, variants, cohort: di
     source = cohort.get("source", {})
     counts = cohort.get("counts", {})
     grid = _read_json(root / "preprocess" / "grid.json")["grid"]
+    study = cohort.get("study")
     sizes = [("dataset", dataset), ("anatomy", cohort.get("anatomy", "")),
+             ("clinical study", "none: no study was configured (config `study: none`)" if study == "none" else
+              study or "the anatomy's"),
              ("data source", f"{source.get('kind', '?')}: {source.get('path', '?')}"),
              ("variants", ", ".join(variants))]
     for split in ("train", "test"):
@@ -214,9 +221,10 @@ def _what_was_run(root: Path, dataset: str, settings: dict, variants, cohort: di
 def _quality_control(root: Path) -> str:
     parts = []
     cohort_qc = root / "qc" / "cohort.png"
-    if cohort_qc.is_file():  # made for generated cohorts
-        parts.append(_figure(cohort_qc, "Cohort QC", "Points should sit on the segmentation outline and the "
-                             "meshes should match the slices.", "the report"))
+    if cohort_qc.is_file():  # made for every dataset by the workflow
+        parts.append(_figure(cohort_qc, "Cohort QC", "Points should sit on the anatomy's boundary in the slices "
+                             "(and on the segmentation outline, where one is given) and on the mesh, where one is "
+                             "given.", "the report"))
     parts.append(_figure(root / "qc" / "preprocess.png", "Preprocessing QC",
                          "The mean of the aligned training images should be sharp and the reference's edges "
                          "should follow the anatomy of every registered test image.", "the report"))

@@ -23,10 +23,14 @@ rule synthesize_cohort:
         " > {log} 2>&1"
 
 
+# Every dataset's, from its ingested cohort (absolute file paths; points from the shapes).
 rule cohort_qc:
     input:
-        subjects="resources/{dataset}/subjects.csv",
-        data="resources/{dataset}/data",
+        subjects="results/{dataset}/cohort/subjects.csv",
+        shapes_train="results/{dataset}/cohort/shapes_train.npz",
+        shapes_test="results/{dataset}/cohort/shapes_test.npz",
+        training_scans=training_scans,  # the figure shows some of them (see common.smk)
+        test_scans=test_scans,
     output:
         report(
             "results/{dataset}/qc/cohort.png",
@@ -41,4 +45,5 @@ rule cohort_qc:
     params:
         n_subjects=config.get("qc", {}).get("subjects", 4),
     shell:
-        "deepssm-wf qc-cohort --subjects {input.subjects} --out {output} --count {params.n_subjects} > {log} 2>&1"
+        "deepssm-wf qc-cohort --subjects {input.subjects} --shapes {input.shapes_train} {input.shapes_test}"
+        " --out {output} --count {params.n_subjects} > {log} 2>&1"

@@ -5,11 +5,16 @@ from snakemake.utils import validate
 
 from deepssm_workflow.config import load as load_config
 from deepssm_workflow.provenance import software_id
+from deepssm_workflow.sources import scan_files
 
-# Our own pass first: one line per bad key. Snakemake's validate then fills schema defaults.
+# Our own pass first: it fills the schema's defaults into `config` (and variance 0.99 in a `training`
+# block with neither n_modes nor variance), then names every bad key, one line each. Snakemake's
+# validate then finds nothing left to fill.
 DATASETS = load_config(config, workflow.source_path("../schemas/config.schema.yaml"))
 validate(config, schema="../schemas/config.schema.yaml")
 SYNTHETIC = [name for name, ds in DATASETS.items() if ds.source == "synthetic"]
+# datasets with a clinical study (config `study`, default the anatomy's own; none: no study rule)
+WITH_STUDY = [name for name, ds in DATASETS.items() if ds.study != "none"]
 
 # Snakemake's between-workflow cache (--cache) keys an artifact by its rule's command, params, the
 # rules upstream and the conda env, but not by the code of this package, which the commands run.
@@ -38,6 +43,25 @@ def cohort_source_files(wildcards):
     if entry["source"] == "synthetic":
         return {"table": f"resources/{wildcards.dataset}/subjects.csv", "data": f"resources/{wildcards.dataset}/data"}
     return {"table": entry["manifest"] if entry["source"] == "csv" else entry["project"]}
+
+
+def _scans(wildcards, split):
+    """A user cohort's scans of one split, read from its table when the DAG is built (see
+    deepssm_workflow.sources), so that a changed scan reruns its own preprocessing and what
+    follows. A synthetic cohort's scans are made by synthesize_cohort into resources/{dataset}/data,
+    an input of the ingestion, so they are not listed again."""
+    entry = config["datasets"][wildcards.dataset]
+    if entry["source"] == "synthetic":
+        return []
+    return scan_files(json.loads(cohort_source(wildcards)), split)
+
+
+def training_scans(wildcards):
+    return _scans(wildcards, "train")
+
+
+def test_scans(wildcards):
+    return _scans(wildcards, "test")
 
 
 def synthetic_settings(wildcards):
@@ -119,8 +143,8 @@ def report_inputs(wildcards):
                 "surface_heatmaps.png",
             )
         ],
-        "study": f"results/{d}/study",
+        "cohort_qc": f"results/{d}/qc/cohort.png",
     }
-    if d in SYNTHETIC:
-        inputs["cohort_qc"] = f"results/{d}/qc/cohort.png"
+    if d in WITH_STUDY:
+        inputs["study"] = f"results/{d}/study"
     return inputs

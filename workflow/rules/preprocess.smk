@@ -15,10 +15,11 @@ rule ingest_cohort:
         "../../envs/deepssm.yaml"
     params:
         anatomy=lambda wildcards: DATASETS[wildcards.dataset].anatomy,
+        study=lambda wildcards: DATASETS[wildcards.dataset].study,
         source=cohort_source,
         out_dir=subpath(output.subjects, parent=True),
     shell:
-        "deepssm-wf ingest --anatomy {params.anatomy} --source {params.source:q}"
+        "deepssm-wf ingest --anatomy {params.anatomy} --study {params.study} --source {params.source:q}"
         " --out-dir {params.out_dir} > {log} 2>&1"
 
 
@@ -26,6 +27,7 @@ rule preprocess_train:
     input:
         subjects="results/{dataset}/cohort/subjects.csv",
         shapes_train="results/{dataset}/cohort/shapes_train.npz",
+        scans=training_scans,
     output:
         grid="results/{dataset}/preprocess/grid.json",
         reference="results/{dataset}/preprocess/reference.nrrd",
@@ -51,6 +53,7 @@ rule preprocess_test:
         subjects="results/{dataset}/cohort/subjects.csv",
         grid="results/{dataset}/preprocess/grid.json",
         reference="results/{dataset}/preprocess/reference.nrrd",
+        scans=test_scans,
     output:
         "results/{dataset}/preprocess/test.npz",
     log:

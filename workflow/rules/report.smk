@@ -14,15 +14,17 @@ rule study:
         ),
     log:
         "logs/{dataset}/study.log",
+    wildcard_constraints:
+        dataset="|".join(WITH_STUDY) or "(?!)",
     conda:
         "../../envs/deepssm.yaml"
     params:
-        anatomy=lambda wildcards: DATASETS[wildcards.dataset].anatomy,
+        study=lambda wildcards: DATASETS[wildcards.dataset].study,
         variants=lambda wildcards: ",".join(dataset_variants(wildcards)),
         dataset_dir=lambda wildcards: f"results/{wildcards.dataset}",
         resources=study_resources,
     shell:
-        "deepssm-wf study --anatomy {params.anatomy} --dataset-dir {params.dataset_dir} {params.resources}"
+        "deepssm-wf study --study {params.study} --dataset-dir {params.dataset_dir} {params.resources}"
         " --variants {params.variants} --out-dir {output} > {log} 2>&1"
 
 

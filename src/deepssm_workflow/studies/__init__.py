@@ -1,12 +1,14 @@
 """The paper's clinical studies (sec. 4), one per anatomy, on the ground-truth PDM and on
 each variant's predictions: `run_study` is the one entry point.
 
-    run_study(anatomy, dataset_dir, variants, out_dir, resources_dir=None)
+    run_study(study, dataset_dir, variants, out_dir, resources_dir=None)
 
-reads results/{dataset} (cohort/, predictions/{variant}/, models/{variant}/,
-preprocess/test.npz for TL descriptors) and writes, atomically (all or nothing), into out_dir:
+`study` is a name of `registry.STUDIES` (cam_fai, metopic_severity, af_recurrence: the femur,
+metopic and left-atrium studies; the anatomy's name is accepted for its study). It reads
+results/{dataset} (cohort/, predictions/{variant}/, models/{variant}/, preprocess/test.npz
+for TL descriptors) and writes, atomically (all or nothing), into out_dir:
 
-  summary.json   {"<anatomy>": {"<source>": {"<name>": number | null, ...}, ...},
+  summary.json   {"<femur|metopic|left_atrium>": {"<source>": {"<name>": number | null, ...}, ...},
                   "variants": [...used], "skipped_variants": [...no predictions],
                   "notes": ["why a number is null", ...]}
                  sources: ground_truth, base, base_focal, tl, tl_focal, and for the femur
@@ -39,15 +41,17 @@ import json
 from pathlib import Path
 
 from ..atomic import staged
-from . import femur, left_atrium, metopic
-from .data import available_variants, load_cohort, predicted_shapes
-
-STUDIES = {"metopic": metopic, "femur": femur, "left_atrium": left_atrium}
+from .registry import STUDIES, study_named  # noqa: F401 (STUDIES: the studies by name)
 
 
-def run_study(anatomy: str, dataset_dir, variants, out_dir, resources_dir=None) -> dict:
-    if anatomy not in STUDIES:
-        raise ValueError(f"no study for anatomy {anatomy!r}; studies exist for {', '.join(STUDIES)}")
+def run_study(study: str, dataset_dir, variants, out_dir, resources_dir=None) -> dict:
+    """`study` is a name of `registry.STUDIES` (or the anatomy it was written for, e.g. "femur")."""
+    import importlib
+
+    from .data import available_variants, load_cohort, predicted_shapes  # deferred: torch
+
+    spec = study_named(study)
+    module = importlib.import_module(f"{__name__}.{spec.module}")
     if resources_dir is not None and not Path(resources_dir).is_dir():
         raise ValueError(f"{resources_dir}: resources folder not found")
     dataset_dir = Path(dataset_dir)
@@ -65,15 +69,15 @@ def run_study(anatomy: str, dataset_dir, variants, out_dir, resources_dir=None) 
     with staged(out_dir, ["figures", "tables", "figures.json", "summary.json"]) as staging:
         (staging / "figures").mkdir()
         (staging / "tables").mkdir()
-        if anatomy == "metopic":
-            result = metopic.run(cohort, sources, staging / "figures", resources_dir)
+        if spec.module == "metopic":
+            result = module.run(cohort, sources, staging / "figures", resources_dir)
         else:
-            result = STUDIES[anatomy].run(cohort, sources, staging / "figures", tl_variants=tl_variants)
+            result = module.run(cohort, sources, staging / "figures", tl_variants=tl_variants)
         for name, table in result.tables.items():
             table.to_csv(staging / "tables" / f"{name}.csv", index=False)
         listing = [{**entry, "file": f"figures/{entry['file']}"} for entry in result.figures]
         (staging / "figures.json").write_text(json.dumps(listing, indent=2) + "\n")
-        summary = {anatomy: result.summary, "variants": used,
+        summary = {spec.module: result.summary, "variants": used,
                    "skipped_variants": [v for v in variants if v not in used], "notes": result.notes}
         (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
