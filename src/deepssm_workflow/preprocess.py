@@ -1,9 +1,9 @@
 """Segmentation-free preprocessing: every image into the world frame and resolution of the networks.
 
 Training images are resampled with the transforms of the shape model. Test and
-new images use the image alone: rigid, then similarity registration to the
-reference training image (keeping the scale only when the shape model's own
-alignment scales). Both then share one crop (bounding box of all
+new images use the image alone: a registration to the reference training image
+(rigid, or similarity when the shape model's own alignment scales) that stays
+near the poses of the training cohort (see `registration`). Both then share one crop (bounding box of all
 training shapes plus a margin), one voxel size (the reference's finest spacing
 times the downsampling factor, with Gaussian anti-aliasing) and one intensity
 normalization (mean and standard deviation of the training images only).
@@ -12,7 +12,9 @@ Artifacts (results/{dataset}/preprocess/):
     grid.json      reference id, world grid, normalization, settings
     reference.nrrd reference image in the world frame (the registration target)
     train.npz      ids, images (N, Z, Y, X) float32, image_to_world (N, 4, 4)
-    test.npz       same for test images, image_to_world estimated by registration
+    test.npz       same for test images, image_to_world estimated by registration, and per scan
+                   how the registration went: registration_{metric, iterations, start,
+                   rotation_from_prior_deg, scale, fallback, warning}, seconds
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ import pandas as pd
 import SimpleITK as sitk
 
 from .atomic import staged
+from .registration import RegistrationPrior, metric_at, register, registration_errors
+from .scan_checks import ScanError, read_scan
 
-REGISTRATION_SEED = 7  # metric sampling is random; a fixed seed keeps reruns identical
 CONTEXT_MM = 20.0  # extra field around the crop in the registration target
-SCALE_RANGE = (0.67, 1.5)  # plausible size ratios between two subjects of one anatomy
 
 
 @dataclass(frozen=True)
@@ -98,8 +100,25 @@ def choose_reference(world: np.ndarray) -> int:
 # resampling
 
 
-def read_image(path) -> sitk.Image:
-    return sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkFloat32)
+def read_image(path, what: str | None = None) -> sitk.Image:
+    """A checked scan (see `scan_checks.read_scan`) as float32; errors name `what` (default: the path)."""
+    return sitk.Cast(read_scan(path, what or str(path)), sitk.sitkFloat32)
+
+
+def smoothed_to(image: sitk.Image, spacing: float) -> sitk.Image:
+    """The scan anti-aliased and resampled to `spacing` on its own field of view: all the
+    registration can use at that resolution, at a fraction of the voxels."""
+    sigma = antialias_sigma(image.GetSpacing(), spacing)
+    if sigma == 0:
+        return image
+    smoothed = sitk.SmoothingRecursiveGaussian(image, sigma)
+    size = [max(2, int(np.ceil(n * s / spacing))) for n, s in zip(image.GetSize(), image.GetSpacing())]
+    grid = sitk.Image(size, sitk.sitkFloat32)
+    grid.SetOrigin(image.GetOrigin())
+    grid.SetDirection(image.GetDirection())
+    grid.SetSpacing([spacing] * 3)
+    fill = float(np.median(sitk.GetArrayViewFromImage(image)))
+    return sitk.Resample(smoothed, grid, sitk.Transform(), sitk.sitkLinear, fill, sitk.sitkFloat32)
 
 
 def antialias_sigma(input_spacing, output_spacing: float) -> float:
@@ -119,79 +138,10 @@ def resample_to_world(image: sitk.Image, world_to_image: sitk.Transform, grid: W
     return sitk.GetArrayFromImage(resampled)
 
 
-# ----------------------------------------------------------------------------
-# registration of an image with no segmentation and no particles
-
-
-def register_to_reference(moving: sitk.Image, reference: sitk.Image, keep_scale: bool,
-                          seed: int = REGISTRATION_SEED) -> tuple[sitk.Transform, float]:
-    """Rigid, then similarity registration of an image onto the world-frame reference.
-
-    Returns the world -> image transform and the final metric. The similarity stage is
-    what makes a smaller or larger head or bone align (a rigid fit of different sizes
-    has no clear optimum). When the shape model itself is rigid (`keep_scale` False)
-    the scale is then dropped: rotation and the mapping of the reference's centre are
-    kept, so test images are aligned exactly as the training images are. Normalized
-    correlation ignores the intensity scale that differs between scans (MRI gain).
-    """
-    spacing = reference.GetSpacing()[0]
-    sigma = antialias_sigma(moving.GetSpacing(), spacing)
-    moving = sitk.SmoothingRecursiveGaussian(moving, sigma) if sigma > 0 else moving
-    initial = sitk.CenteredTransformInitializer(reference, moving, sitk.Euler3DTransform(),
-                                                sitk.CenteredTransformInitializerFilter.GEOMETRY)
-    rigid, _ = _register(reference, moving, initial, [2, 1], [2 * spacing, spacing], seed)
-    similarity = sitk.Similarity3DTransform()
-    similarity.SetCenter(rigid.GetCenter())
-    similarity.SetMatrix(rigid.GetMatrix())
-    similarity.SetTranslation(rigid.GetTranslation())
-    similarity, metric = _register(reference, moving, similarity, [1], [0.0], seed)
-    if not SCALE_RANGE[0] < similarity.GetScale() < SCALE_RANGE[1]:
-        # an implausible size change means the similarity stage diverged; the rigid result stands
-        print(f"similarity registration gave scale {similarity.GetScale():.3f}; keeping the rigid result", flush=True)
-        return rigid, float("nan")
-    if keep_scale:
-        return similarity, metric
-    center = np.array(reference.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in reference.GetSize()]))
-    rigid = sitk.Euler3DTransform()
-    rigid.SetCenter(center.tolist())
-    rigid.SetMatrix((np.array(similarity.GetMatrix()).reshape(3, 3) / similarity.GetScale()).ravel().tolist())
-    rigid.SetTranslation((np.array(similarity.TransformPoint(center.tolist())) - center).tolist())
-    return rigid, metric
-
-
-def _register(fixed, moving, initial, shrink, smooth_mm, seed):
-    method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsCorrelation()
-    method.SetMetricSamplingStrategy(method.NONE)  # every voxel: the grids are small, the metric smooth
-    method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsRegularStepGradientDescent(learningRate=4.0, minStep=0.01, numberOfIterations=200,
-                                                    relaxationFactor=0.5, gradientMagnitudeTolerance=1e-8)
-    method.SetOptimizerScalesFromPhysicalShift()
-    method.SetShrinkFactorsPerLevel(shrink)
-    method.SetSmoothingSigmasPerLevel(smooth_mm)
-    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-    method.SetInitialTransform(initial, inPlace=False)
-    result = method.Execute(fixed, moving)
-    # Execute wraps the optimized transform in a composite; unwrap it to its own type.
-    optimized = type(initial)(sitk.CompositeTransform(result).GetBackTransform())
-    return optimized, float(method.GetMetricValue())
-
-
 def uses_scaling(image_to_world: np.ndarray, tolerance: float = 1e-3) -> bool:
     """Whether a shape model's image -> world transforms scale (similarity) or not (rigid)."""
     scales = np.cbrt(np.abs(np.linalg.det(image_to_world[:, :3, :3])))
     return bool(np.any(np.abs(scales - 1.0) > tolerance))
-
-
-def registration_errors(estimated: np.ndarray, true: np.ndarray, world_points: np.ndarray) -> tuple[float, float]:
-    """(rotation error in degrees, translation error in mm at the shape's centroid) of an
-    estimated image -> world transform against the true one."""
-    est_inv, true_inv = np.linalg.inv(estimated), np.linalg.inv(true)
-    rotation = est_inv[:3, :3] / np.cbrt(np.linalg.det(est_inv[:3, :3]))
-    cosine = (np.trace(rotation @ true_inv[:3, :3].T / np.cbrt(np.linalg.det(true_inv[:3, :3]))) - 1) / 2
-    centroid = world_points.mean(0)
-    shift = (est_inv[:3, :3] @ centroid + est_inv[:3, 3]) - (true_inv[:3, :3] @ centroid + true_inv[:3, 3])
-    return float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0)))), float(np.linalg.norm(shift))
 
 
 # ----------------------------------------------------------------------------
@@ -217,33 +167,41 @@ def preprocess_training(cohort_dir, settings: PreprocessSettings, out_dir) -> di
     ids = [str(i) for i in shapes["ids"]]
     reference_index = choose_reference(shapes["world"])
     reference_id = ids[reference_index]
-    reference_raw = read_image(images.loc[reference_id, "image"])
+    reference_path = images.loc[reference_id, "image"]
+    reference_raw = read_image(reference_path, f"subject {reference_id}: {reference_path}")
     spacing = settings.downsample * min(reference_raw.GetSpacing())
     grid = WorldGrid.around(shapes["world"], spacing, settings.margin_mm)
-
-    arrays = []
-    for subject_id, image_to_world in zip(ids, shapes["image_to_world"]):
-        world_to_image = affine(np.linalg.inv(image_to_world))
-        raw = reference_raw if subject_id == reference_id else read_image(images.loc[subject_id, "image"])
-        arrays.append(resample_to_world(raw, world_to_image, grid))
-    stack = np.stack(arrays).astype(np.float32)
-    mean, std = float(stack.mean(dtype=np.float64)), float(stack.std(dtype=np.float64))
-    if not std > 0:
-        raise ValueError(f"{cohort_dir}: training images have no intensity variation; cannot normalize")
 
     # registration target: the reference at the output resolution, with context around the crop
     target_grid = grid.grown(CONTEXT_MM, spacing)
     world_to_reference = affine(np.linalg.inv(shapes["image_to_world"][reference_index]))
-    target = target_grid.reference_image()
-    target = sitk.Resample(reference_raw, target, world_to_reference, sitk.sitkLinear,
-                           float(np.median(sitk.GetArrayViewFromImage(reference_raw))), sitk.sitkFloat32)
+    target = sitk.Resample(smoothed_to(reference_raw, spacing), target_grid.reference_image(), world_to_reference,
+                           sitk.sitkLinear, float(np.median(sitk.GetArrayViewFromImage(reference_raw))),
+                           sitk.sitkFloat32)
+    mode = registration_mode(settings.registration, shapes["image_to_world"])
+    prior = RegistrationPrior.from_training(mode["transform"], mode["scale_search"], shapes["image_to_world"],
+                                            shapes["world"], reference_index, asdict(grid))
+
+    arrays, metrics = [], []
+    for subject_id, image_to_world in zip(ids, shapes["image_to_world"]):
+        world_to_image = affine(np.linalg.inv(image_to_world))
+        path = images.loc[subject_id, "image"]
+        raw = reference_raw if subject_id == reference_id else read_image(path, f"subject {subject_id}: {path}")
+        arrays.append(resample_to_world(raw, world_to_image, grid))
+        # what a correct registration of this cohort's scans scores: the yardstick for unseen ones
+        metrics.append(metric_at(smoothed_to(raw, spacing), target, world_to_image))
+    prior = prior.with_metrics(np.array(metrics))
+    stack = np.stack(arrays).astype(np.float32)
+    mean, std = float(stack.mean(dtype=np.float64)), float(stack.std(dtype=np.float64))
+    if not std > 0:
+        raise ValueError(f"{cohort_dir}: training images have no intensity variation; cannot normalize")
 
     meta = {
         "reference_id": reference_id,
         "reference_rule": "medoid: least mean RMS point distance to the other training shapes (world frame)",
         "grid": asdict(grid),
         "normalization": {"mean": mean, "std": std, "from": "all voxels of the resampled training images"},
-        "registration": registration_mode(settings.registration, shapes["image_to_world"]),
+        "registration": {**mode, "prior": asdict(prior)},
         "settings": asdict(settings),
     }
     with staged(out_dir, ["train.npz", "reference.nrrd", "grid.json"]) as staging:
@@ -255,12 +213,14 @@ def preprocess_training(cohort_dir, settings: PreprocessSettings, out_dir) -> di
 
 
 def registration_mode(requested: str, image_to_world: np.ndarray) -> dict:
-    """Transform class for unseen images: that of the shape model's own alignment unless forced."""
+    """How unseen images are registered: the transform class of the result (that of the shape
+    model's own alignment unless forced) and whether a similarity stage searches the size."""
     scaling = uses_scaling(image_to_world)
     if requested == "auto":
-        return {"transform": "similarity" if scaling else "rigid",
-                "why": "the training transforms " + ("scale" if scaling else "are rigid (unit scale)")}
-    return {"transform": requested, "why": "set in the config"}
+        return {"transform": "similarity" if scaling else "rigid", "scale_search": True,
+                "why": "the training transforms " + ("scale" if scaling else "are rigid (unit scale): rigid pose "
+                                                     "from a checked similarity fit, scale dropped")}
+    return {"transform": requested, "scale_search": requested == "similarity", "why": "set in the config"}
 
 
 def load_reference(preprocess_dir) -> tuple[dict, WorldGrid, sitk.Image]:
@@ -270,17 +230,17 @@ def load_reference(preprocess_dir) -> tuple[dict, WorldGrid, sitk.Image]:
     return meta, grid, read_image(preprocess_dir / "reference.nrrd")
 
 
-def preprocess_image(path, meta: dict, grid: WorldGrid, reference: sitk.Image) -> tuple[np.ndarray, np.ndarray, float]:
-    """A new image, from its file alone: (normalized world-frame array, image_to_world, metric)."""
-    image = read_image(path)
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError(f"{path}: a 3D scalar image is needed, found {image.GetDimension()}D with "
-                         f"{image.GetNumberOfComponentsPerPixel()} component(s) per voxel")
-    keep_scale = meta["registration"]["transform"] == "similarity"
-    world_to_image, metric = register_to_reference(image, reference, keep_scale)
-    array = resample_to_world(image, world_to_image, grid)
+def preprocess_image(path, meta: dict, grid: WorldGrid, reference: sitk.Image,
+                     what: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A new image, from its file alone: (normalized world-frame array, image_to_world, the
+    registration's record: metric, iterations, warnings, ... see `Registration.facts`)."""
+    image = read_image(path, what)
+    prior = RegistrationPrior.from_dict(meta["registration"]["prior"])
+    registration = register(smoothed_to(image, grid.spacing[0]), reference, prior)
+    array = resample_to_world(image, registration.world_to_image, grid)
     norm = meta["normalization"]
-    return (array - norm["mean"]) / norm["std"], np.linalg.inv(matrix_of(world_to_image)), metric
+    image_to_world = np.linalg.inv(matrix_of(registration.world_to_image))
+    return (array - norm["mean"]) / norm["std"], image_to_world, registration.facts()
 
 
 def preprocess_unseen(cohort_dir, preprocess_dir, split: str, out_path) -> None:
@@ -288,22 +248,31 @@ def preprocess_unseen(cohort_dir, preprocess_dir, split: str, out_path) -> None:
     meta, grid, reference = load_reference(preprocess_dir)
     table = _image_table(Path(cohort_dir))
     table = table[table["split"] == split]
-    arrays, transforms, metrics, seconds = [], [], [], []
+    arrays, transforms, records = [], [], []
     for row in table.itertuples():
         start = time.perf_counter()
+        what = f"subject {row.id}: {row.image}"
         try:
-            array, image_to_world, metric = preprocess_image(row.image, meta, grid, reference)
-        except (RuntimeError, ValueError) as error:  # SimpleITK reports unreadable files as RuntimeError
-            raise ValueError(f"subject {row.id}: {row.image}: cannot preprocess: {str(error).strip()}") from None
+            array, image_to_world, record = preprocess_image(row.image, meta, grid, reference, what)
+        except ScanError:
+            raise
+        except (RuntimeError, ValueError) as error:  # SimpleITK reports its failures as RuntimeError
+            raise ValueError(f"{what}: cannot preprocess: {str(error).strip()}") from None
+        record["seconds"] = time.perf_counter() - start
         arrays.append(array)
         transforms.append(image_to_world)
-        metrics.append(metric)
-        seconds.append(time.perf_counter() - start)
-        print(f"{row.id}: registered (metric {metric:.4f}) in {seconds[-1]:.1f}s", flush=True)
+        records.append(record)
+        print(f"{row.id}: registered in {record['seconds']:.2f}s (metric {record['metric']:.4f}, "
+              f"{record['iterations']} iterations, start {record['start']}, "
+              f"{record['rotation_from_prior_deg']:.1f} deg from the training poses)", flush=True)
+        for message in filter(None, (record["fallback"], record["warning"])):
+            print(f"WARNING: subject {row.id}: {row.image}: {message}", flush=True)
     out_path = Path(out_path)
+    columns = {f"registration_{key}": np.array([r[key] for r in records])
+               for key in records[0] if key != "seconds"} if records else {}
     with staged(out_path.parent, [out_path.name]) as staging:
         np.savez(staging / out_path.name, ids=table["id"].to_numpy(str), images=np.stack(arrays).astype(np.float32),
-                 image_to_world=np.stack(transforms), registration_metric=np.array(metrics), seconds=np.array(seconds))
+                 image_to_world=np.stack(transforms), seconds=np.array([r["seconds"] for r in records]), **columns)
 
 
 def _image_table(cohort_dir: Path) -> pd.DataFrame:
@@ -313,15 +282,27 @@ def _image_table(cohort_dir: Path) -> pd.DataFrame:
 
 
 def registration_accuracy(cohort_dir, preprocess_dir, split: str = "test") -> pd.DataFrame:
-    """Per-subject rotation (deg) and translation (mm, at the shape centroid) error of the
-    image-only registration against the shape model's transforms. Evaluation only: it reads
-    the split's particles, which preprocessing itself never does."""
+    """Per-subject error of the image-only registration against the shape model's transforms:
+    rotation (deg), translation (mm, at the shape centroid), the angle (deg) between the true
+    and estimated direction of the shape's longest principal axis (signed: a flip reads ~180,
+    and it stays small on a shape symmetric about that axis, where the full rotation cannot be
+    known from the image), and the alignment RMSE (mm): the true world shape placed in the scan
+    through the estimated transform, against the true scan-frame shape. Evaluation only: it
+    reads the split's particles, which preprocessing itself never does."""
     truth = np.load(Path(cohort_dir) / f"shapes_{split}.npz")
     estimated = np.load(Path(preprocess_dir) / f"{split}.npz")
     index = {subject: i for i, subject in enumerate(truth["ids"])}
     rows = []
     for subject, transform in zip(estimated["ids"], estimated["image_to_world"]):
         i = index[subject]
-        rotation, translation = registration_errors(transform, truth["image_to_world"][i], truth["world"][i])
-        rows.append({"id": str(subject), "rotation_deg": rotation, "translation_mm": translation})
+        true_transform, world = truth["image_to_world"][i], truth["world"][i]
+        rotation, translation = registration_errors(transform, true_transform, world)
+        centred = world - world.mean(0)
+        axis = np.linalg.svd(centred, full_matrices=False)[2][0]  # longest principal axis (world frame)
+        true_axis, est_axis = (np.linalg.inv(m)[:3, :3] @ axis for m in (true_transform, transform))
+        cosine = true_axis @ est_axis / (np.linalg.norm(true_axis) * np.linalg.norm(est_axis))
+        placed = world @ np.linalg.inv(transform)[:3, :3].T + np.linalg.inv(transform)[:3, 3]
+        rows.append({"id": str(subject), "rotation_deg": rotation, "translation_mm": translation,
+                     "long_axis_deg": float(np.degrees(np.arccos(np.clip(cosine, -1, 1)))),
+                     "alignment_rmse_mm": float(np.sqrt(((placed - truth["local"][i]) ** 2).sum(1).mean()))})
     return pd.DataFrame(rows)

@@ -20,6 +20,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -228,7 +229,39 @@ def _quality_control(root: Path) -> str:
     parts.append(_figure(root / "qc" / "preprocess.png", "Preprocessing QC",
                          "The mean of the aligned training images should be sharp and the reference's edges "
                          "should follow the anatomy of every registered test image.", "the report"))
+    parts.append(_alignment(root / "preprocess" / "test.npz"))
     return "\n".join(parts)
+
+
+def _alignment(test_npz: Path) -> str:
+    """Per test scan: how its image-only registration went, and a warning line when any looks wrong."""
+    if not test_npz.is_file():
+        raise ValueError(f"{test_npz}: not found (needed by the report)")
+    data = np.load(test_npz)
+    if "registration_metric" not in data:
+        raise ValueError(f"{test_npz}: no registration record (made by an older version: rerun preprocess_test)")
+    frame = pd.DataFrame({
+        "subject": data["ids"], "metric (-NCC²)": data["registration_metric"],
+        "rotation from training poses (deg)": data["registration_rotation_from_prior_deg"],
+        "scale": data["registration_scale"], "winning start": data["registration_start"],
+        "iterations": data["registration_iterations"], "seconds": data["seconds"],
+        "similarity fallback": data["registration_fallback"], "warning": data["registration_warning"]})
+    flagged = frame[frame["warning"] != ""]
+    parts = ["<h3>Alignment of the test scans</h3>"]
+    if len(flagged):
+        parts.append(f'<p class="note">{len(flagged)} of {len(frame)} test scans look misregistered: '
+                     f'{_esc(", ".join(flagged["subject"]))}. Their predictions carry the registration\'s error; '
+                     "check them in the preprocessing QC figure.</p>")
+    body = _table(frame)
+    if len(frame) > 12:
+        body = f"<details><summary>{len(frame)} scans</summary>{body}</details>"
+    parts.append(body + '<p class="caption">Every prediction starts with this image-only registration of the scan '
+                 "to the reference; test errors in the evaluation include its error, validation errors in the "
+                 "training table do not (they use the shape model's own alignment). A warning is raised when the "
+                 "metric is far worse than the training images' own at their true pose, or the pose far outside "
+                 "the training poses; a similarity fallback means the size search was rejected and the rigid "
+                 "pose kept.</p>")
+    return "".join(parts)
 
 
 def _training(root: Path, variants, cards: dict) -> str:
