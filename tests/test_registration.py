@@ -18,7 +18,7 @@ import pytest
 from conftest import tiny_settings
 from deepssm_workflow import preprocess as pp
 from deepssm_workflow.ingest import ingest_cohort
-from deepssm_workflow.registration import RegistrationPrior
+from deepssm_workflow.registration import RegistrationPrior, registration_errors
 from deepssm_workflow.synthetic.cohort import generate_cohort
 from shapeworks_recipe import generate
 
@@ -91,7 +91,7 @@ def test_registration_recovers_the_known_pose(tmp_path, kind):
     assert not flagged, flagged
 
 
-def test_registration_prior_round_trips_through_grid_json(tmp_path):
+def test_registration_prior_and_the_reference_onto_itself(tmp_path):
     settings = _recipe_cohort("bumpy", tmp_path)
     meta = pp.preprocess_training(tmp_path / "cohort", settings, tmp_path / "preprocess")
     prior = RegistrationPrior.from_dict(json.loads((tmp_path / "preprocess" / "grid.json").read_text())
@@ -102,3 +102,13 @@ def test_registration_prior_round_trips_through_grid_json(tmp_path):
     assert 0.5 < low < 1 < high < 2
     # the training images at their true pose are what "registered" looks like: a limit above them
     assert prior.metric_limit() > prior.metric_worst
+
+    # the reference scan registered onto itself (last version: 178.6 degrees off) lands on its own pose
+    shapes = np.load(tmp_path / "cohort" / "shapes_train.npz")
+    index = list(shapes["ids"]).index(meta["reference_id"])
+    table = pd.read_csv(tmp_path / "cohort" / "subjects.csv").set_index("id")
+    meta_, grid, reference = pp.load_reference(tmp_path / "preprocess")
+    _, image_to_world, record = pp.preprocess_image(table.loc[meta["reference_id"], "image"], meta_, grid, reference)
+    rotation, translation = registration_errors(image_to_world, shapes["image_to_world"][index], shapes["world"][index])
+    assert rotation < 1.0 and translation < 0.5, (rotation, translation)
+    assert not record["warning"] and not record["fallback"], record

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +26,6 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from .atomic import staged
 from .io import apply_transform, write_particles
 from .preprocess import WorldGrid, load_reference, preprocess_image
-from .scan_checks import read_scan
 from .train import load_model, predict
 
 # A predicted shape's RMS radius about its centroid, as a multiple of the training mean shape's
@@ -123,14 +123,15 @@ def predict_split(model_dir, preprocess_dir, split: str, out_dir, threads: int =
 def predict_image(model_dir, preprocess_dir, image_path, out_prefix) -> dict:
     """A brand-new image, from its file alone: writes {out_prefix}_world.particles and _local.particles.
 
-    The scan is checked first (`scan_checks.read_scan`: path, 3D scalar header, voxels,
-    intensities) so that a broken file is named as such rather than failing inside registration.
+    The scan is checked as it is read (`scan_checks.read_scan`: path, 3D scalar header, voxels,
+    intensities), so that a broken file is named as such rather than failing inside registration.
+    The registration's record (metric, warnings, ...) is returned with the files; a warning is
+    also printed, since these particles carry the registration's error.
     """
     start = time.perf_counter()
-    read_scan(image_path, str(image_path))
     meta, grid, reference = load_reference(preprocess_dir)
     try:
-        array, image_to_world, _ = preprocess_image(image_path, meta, grid, reference)
+        array, image_to_world, registration = preprocess_image(image_path, meta, grid, reference)
     except RuntimeError as error:  # SimpleITK's way of failing (the file itself was checked above)
         raise ValueError(f"{image_path}: cannot preprocess the image: {str(error).strip()}") from None
     model = inference_model(load_model(model_dir))
@@ -143,8 +144,10 @@ def predict_image(model_dir, preprocess_dir, image_path, out_prefix) -> dict:
     with staged(out_prefix.parent, names) as staging:
         write_particles(staging / names[0], world[0])
         write_particles(staging / names[1], apply_transform(np.linalg.inv(image_to_world), world[0]))
+    for message in filter(None, (registration["fallback"], registration["warning"])):
+        print(f"WARNING: {image_path}: {message}", file=sys.stderr, flush=True)
     return {"world": str(out_prefix.parent / names[0]), "local": str(out_prefix.parent / names[1]),
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start, "registration": registration}
 
 
 # ---------------------------------------------------------------- plausibility of a prediction
