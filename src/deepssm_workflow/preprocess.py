@@ -180,7 +180,7 @@ def preprocess_training(cohort_dir, settings: PreprocessSettings, out_dir) -> di
                            sitk.sitkFloat32)
     mode = registration_mode(settings.registration, shapes["image_to_world"])
     prior = RegistrationPrior.from_training(mode["transform"], mode["scale_search"], shapes["image_to_world"],
-                                            shapes["world"], reference_index, asdict(grid))
+                                            shapes["world"], reference_index)
 
     arrays, metrics = [], []
     for subject_id, image_to_world in zip(ids, shapes["image_to_world"]):

@@ -8,7 +8,7 @@ rather than to wander wherever the image metric leads:
    take), the spread of those rotations, the reference shape's centre and radius, and
    the range of scales the shape model allows (none when it is rigid).
 2. Translation is found globally, not by descent: a masked normalized cross-correlation of
-   the reference crop over every shift of the scan (FFT, coarse grid), with the scan
+   the reference anatomy's box over every shift of the scan (FFT, coarse grid), with the scan
    turned by the prior rotation. A scan whose anatomy is far from its field's centre is
    found as easily as a centred one.
 3. Rotation: a few starts around the prior (itself and +-`theta` about each axis, theta
@@ -49,7 +49,8 @@ POSE_SLACK_DEG = 20.0  # a pose this far beyond the training spread is flagged
 SIMILARITY_MAX_SHIFT = 0.25  # of the anatomy's radius: similarity may refine the rigid pose, not replace it
 SIMILARITY_MAX_TURN_DEG = 10.0
 SCALE_SLACK = 0.1  # widening of the training scale range
-MIN_OVERLAP = 0.5  # fraction of the reference crop that must lie inside the scan for a shift to count
+SEARCH_MARGIN_MM = 5.0  # around the reference shape: the region the translation search matches
+MIN_OVERLAP = 0.5  # fraction of that region that must lie inside the scan for a shift to count
 FINE_SAMPLING, SAMPLING_SEED = 0.25, 7  # fixed seed: reruns give identical transforms
 # The similarity stage starts at the rigid optimum, where the gradient points along the scale alone;
 # its first step (in the optimizer's parameter units: scale, about radians, mm) must stay small.
@@ -68,15 +69,15 @@ class RegistrationPrior:
     spread_deg: float  # largest angle between a training pose and the mean
     centre: tuple  # world centroid of the reference shape (rotation centre)
     radius_mm: float  # RMS radius of the reference shape (optimizer scales)
-    crop: dict  # the world grid (origin, spacing, size) whose content the translation search matches
+    search_box: tuple  # (lower, upper) world corners of the reference anatomy: what the translation search matches
     scale_range: tuple = (0.67, 1.5)  # scan / reference anatomy size ratios seen in training, widened
     metric_median: float | None = None  # the training images' metric at their true pose
     metric_mad: float | None = None
     metric_worst: float | None = None
 
     @classmethod
-    def from_training(cls, transform: str, scale_search: bool, image_to_world: np.ndarray, world: np.ndarray, reference_index: int,
-                      crop: dict) -> "RegistrationPrior":
+    def from_training(cls, transform: str, scale_search: bool, image_to_world: np.ndarray, world: np.ndarray,
+                      reference_index: int) -> "RegistrationPrior":
         linear = image_to_world[:, :3, :3]
         scales = np.cbrt(np.linalg.det(linear))
         # world -> image rotations, their chordal mean, and the angles to it
@@ -85,13 +86,15 @@ class RegistrationPrior:
         spread = max(rotation_angle_deg(r @ mean.T) for r in rotations)
         reference = world[reference_index]
         centre = reference.mean(0)
+        box = (tuple((reference.min(0) - SEARCH_MARGIN_MM).tolist()),
+               tuple((reference.max(0) + SEARCH_MARGIN_MM).tolist()))
         radius = float(np.sqrt(((reference - centre) ** 2).sum(1).mean()))
         # sizes in the scans (mm), relative to the reference's: the scales a registration may find
         radii = np.sqrt(((world - world.mean(1, keepdims=True)) ** 2).sum(2).mean(1)) / scales
         ratio = radii / radii[reference_index]
         scale_range = (float(ratio.min() * (1 - SCALE_SLACK)), float(ratio.max() * (1 + SCALE_SLACK)))
         return cls(transform, scale_search, tuple(mean.ravel().tolist()), float(spread), tuple(centre.tolist()), radius,
-                   crop, scale_range)
+                   box, scale_range)
 
     def with_metrics(self, metrics: np.ndarray) -> "RegistrationPrior":
         metrics = np.asarray(metrics, dtype=float)
@@ -104,6 +107,7 @@ class RegistrationPrior:
     def from_dict(cls, data: dict) -> "RegistrationPrior":
         data = dict(data)
         data["scale_range"] = tuple(data["scale_range"])
+        data["search_box"] = tuple(tuple(corner) for corner in data["search_box"])
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
     @property
@@ -178,14 +182,12 @@ def _grid_image(grid: dict) -> sitk.Image:
 
 def initial_translation(moving: sitk.Image, reference: sitk.Image, prior: RegistrationPrior,
                         spacing: float) -> np.ndarray:
-    """The shift b (image frame) for which moving(R0 x + b) best matches the reference crop,
+    """The shift b (image frame) for which moving(R0 x + b) best matches the reference anatomy's box,
     by masked normalized cross-correlation over every shift on a `spacing` grid (FFT)."""
     rotation = prior.rotation_matrix
-    crop = prior.crop
-    crop_lower = np.array(crop["origin"])
-    crop_upper = crop_lower + np.array(crop["spacing"]) * (np.array(crop["size"]) - 1)
+    box_lower, box_upper = (np.array(corner) for corner in prior.search_box)
 
-    # the reference on an axis-aligned world grid, the crop marked
+    # the reference on an axis-aligned world grid, the anatomy's box marked
     ref_origin = np.array(reference.GetOrigin())
     ref_upper = ref_origin + np.array(reference.GetSpacing()) * (np.array(reference.GetSize()) - 1)
     ref_size = np.floor((ref_upper - ref_origin) / spacing).astype(int) + 1
@@ -193,7 +195,7 @@ def initial_translation(moving: sitk.Image, reference: sitk.Image, prior: Regist
     fixed = sitk.GetArrayFromImage(sitk.Resample(reference, _grid_image(fixed_grid), sitk.Transform(),
                                                  sitk.sitkLinear, 0.0, sitk.sitkFloat32)).astype(np.float64)
     axes = [ref_origin[a] + spacing * np.arange(ref_size[a]) for a in range(3)]
-    inside = [(axes[a] >= crop_lower[a] - 1e-6) & (axes[a] <= crop_upper[a] + 1e-6) for a in range(3)]
+    inside = [(axes[a] >= box_lower[a] - 1e-6) & (axes[a] <= box_upper[a] + 1e-6) for a in range(3)]
     fixed_mask = (inside[2][:, None, None] & inside[1][None, :, None] & inside[0][None, None, :]).astype(np.float64)
 
     # the scan seen through the prior rotation, on a world-axis grid whose lattice matches the fixed one
@@ -237,7 +239,7 @@ def initial_translation(moving: sitk.Image, reference: sitk.Image, prior: Regist
     variance = (sum_f2 - sum_f**2 / n_safe) * (sum_m2 - sum_m**2 / n_safe)
     score = np.where(valid & (variance > 1e-12), covariance / np.sqrt(np.maximum(variance, 1e-12)), -np.inf)
     if not np.isfinite(score).any():
-        raise ValueError("the scan's field of view cannot hold the reference crop at any shift "
+        raise ValueError("the scan's field of view cannot hold the reference anatomy at any shift "
                          "(does the scan contain the anatomy, at this voxel size?)")
     best = np.array(np.unravel_index(int(np.argmax(score)), score.shape))  # (z, y, x)
     # full-correlation index q means moving voxel j = fixed voxel i + q - (n_fixed - 1)
