@@ -151,3 +151,11 @@ def test_test_preprocessing_rule_is_not_given_test_particles(tmp_path):
     inputs = next(line for line in block.splitlines() if line.strip().startswith("input:"))
     assert "subjects.csv" in inputs and "reference.nrrd" in inputs
     assert "shapes_test" not in inputs and "segmentation" not in inputs and "particles" not in inputs
+
+
+def test_a_grid_too_coarse_for_the_networks_is_refused_naming_the_setting(prepared, tmp_path):
+    cohort, _ = prepared("femur")
+    coarse = pp.PreprocessSettings(downsample=40.0, margin_mm=0.0)
+    with pytest.raises(ValueError, match=r"voxels of .* mm \(preprocess.downsample 40 x .*at least 8 per axis"):
+        pp.preprocess_training(cohort, coarse, tmp_path / "preprocess")
+    assert not (tmp_path / "preprocess").exists()

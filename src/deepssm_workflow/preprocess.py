@@ -33,6 +33,7 @@ from .registration import RegistrationPrior, metric_at, register, registration_e
 from .scan_checks import ScanError, read_scan
 
 CONTEXT_MM = 20.0  # extra field around the crop in the registration target
+MIN_GRID_VOXELS = 8  # the networks' three 2x max-pools (models.ModelConfig.pool_after) need 8 voxels per axis
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,11 @@ def preprocess_training(cohort_dir, settings: PreprocessSettings, out_dir) -> di
     reference_raw = read_image(reference_path, f"subject {reference_id}: {reference_path}")
     spacing = settings.downsample * min(reference_raw.GetSpacing())
     grid = WorldGrid.around(shapes["world"], spacing, settings.margin_mm)
+    if min(grid.size) < MIN_GRID_VOXELS:  # found here, not after augmentation when training starts
+        raise ValueError(f"{cohort_dir}: the network grid would be {'x'.join(map(str, grid.size))} voxels of "
+                         f"{spacing:g} mm (preprocess.downsample {settings.downsample:g} x the scans' "
+                         f"{min(reference_raw.GetSpacing()):g} mm); the networks need at least {MIN_GRID_VOXELS} "
+                         f"per axis: lower preprocess.downsample or raise preprocess.margin_mm")
 
     # registration target: the reference at the output resolution, with context around the crop
     target_grid = grid.grown(CONTEXT_MM, spacing)
