@@ -8,10 +8,13 @@ the real DAG from the synthetic cohort to predictions.
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from conftest import TINY, run_snakemake
 from deepssm_workflow.evaluate import summarize
+
+pytestmark = pytest.mark.slow  # real Snakemake runs of the workflow (deselect with -m 'not slow')
 
 VARIANTS = ("base", "base_focal", "tl", "tl_focal")
 

@@ -20,6 +20,8 @@ from deepssm_workflow.provenance import (
     PACKAGE_DIR, read_sidecar, sha256_of, sidecar_rows, software_id, source_sha256, verify,
 )
 
+pytestmark = pytest.mark.slow  # real Snakemake runs of the workflow (deselect with -m 'not slow')
+
 TARGET = "results/femur/predictions/base/predictions.csv"
 MODEL_FILES = ("model.pt", "model_card.json", "log.csv", "loss_curve.png", "provenance.json")
 

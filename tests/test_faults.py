@@ -19,6 +19,8 @@ import torch
 from deepssm_workflow.provenance import checksum_problem, read_sidecar, record_checksum, verify, write_sidecar
 from test_cache import run_workflow, small_config, snakemake_command, with_source, workflow_env
 
+pytestmark = pytest.mark.slow  # real Snakemake runs of the workflow (deselect with -m 'not slow')
+
 EPOCHS = 10
 MODEL = "results/femur/models/base/model.pt"
 MODEL_OUTPUTS = ("model.pt", "model_card.json", "log.csv", "loss_curve.png", "provenance.json")

@@ -17,6 +17,8 @@ import pytest
 from conftest import REPORT_DATASETS, run_snakemake
 from deepssm_workflow.report import SECTIONS, artifact_section, build_report
 
+pytestmark = pytest.mark.slow  # real Snakemake runs of the workflow (deselect with -m 'not slow')
+
 INSPECT = """<script>
 window.addEventListener("load", () => {
   const images = Array.from(document.images);

@@ -22,6 +22,8 @@ import yaml
 
 from conftest import REPO, TINY, run_snakemake
 
+pytestmark = pytest.mark.slow  # real Snakemake runs of the workflow (deselect with -m 'not slow')
+
 # The tiny config's report of one dataset, with one variant: every stage, one GPU job, CI-sized.
 DATASET = "femur"
 VARIANTS = ["base"]

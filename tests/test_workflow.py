@@ -10,10 +10,13 @@ import sys
 import matplotlib.image as mpimg
 import numpy as np
 import pandas as pd
+import pytest
 import SimpleITK as sitk
 import yaml
 
 from conftest import REPO, run_snakemake
+
+pytestmark = pytest.mark.slow  # real Snakemake runs of the workflow (deselect with -m 'not slow')
 
 DATASETS = ("femur", "metopic", "left_atrium")
 
