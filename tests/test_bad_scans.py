@@ -15,8 +15,8 @@ import torch
 from deepssm_workflow.cli import main
 from deepssm_workflow.ingest import ingest_cohort
 from deepssm_workflow.models import BaseDeepSSM, ModelConfig, build_model
-from deepssm_workflow.predict import _world_grid, prediction_problem, predict_split, training_mean
-from deepssm_workflow.preprocess import PreprocessSettings, preprocess_training
+from deepssm_workflow.predict import prediction_problem, predict_split, training_mean
+from deepssm_workflow.preprocess import PreprocessSettings, load_grid, preprocess_training
 from deepssm_workflow.scan_checks import MAX_ABS_INTENSITY, ScanError, check_intensities, read_scan
 from deepssm_workflow.shape_space import ShapeSpace
 from deepssm_workflow.train import TrainConfig, train
@@ -216,7 +216,7 @@ def test_predict_writes_the_plausible_predictions_of_real_models(trained, tmp_pa
 
 
 def test_prediction_problem_by_hand(trained):
-    grid = _world_grid(trained / "preprocess")
+    grid = load_grid(trained / "preprocess")[1]
     low = np.array(grid.origin)
     high = low + np.array(grid.spacing) * (np.array(grid.size) - 1)
     rng = np.random.default_rng(0)

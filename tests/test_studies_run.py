@@ -22,7 +22,7 @@ def dataset(tiny_cohort, tmp_path, anatomy):
 def test_metopic_study_through_the_cli(tiny_cohort, tmp_path):
     resources, results = dataset(tiny_cohort, tmp_path, "metopic")
     out = results / "study"
-    command = [sys.executable, "-m", "deepssm_workflow", "study", "--anatomy", "metopic", "--dataset-dir",
+    command = [sys.executable, "-m", "deepssm_workflow", "study", "--study", "metopic_severity", "--dataset-dir",
                str(results), "--resources-dir", str(resources), "--variants", "base,tl", "--out-dir", str(out)]
     run = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
@@ -42,7 +42,7 @@ def test_metopic_study_through_the_cli(tiny_cohort, tmp_path):
 def test_left_atrium_study_and_bad_outcome(tiny_cohort, tmp_path):
     _, results = dataset(tiny_cohort, tmp_path, "left_atrium")
     out = tmp_path / "study"
-    summary = run_study("left_atrium", results, [], out)
+    summary = run_study("af_recurrence", results, [], out)
     row = summary["left_atrium"]["ground_truth"]
     assert row["n_train"] == 8 and row["n_test"] == 3 and row["n_seeds"] == 5
     assert 0.0 <= row["mlp_accuracy_mean"] <= 1.0 and row["mlp_accuracy_sd"] >= 0.0
@@ -55,5 +55,5 @@ def test_left_atrium_study_and_bad_outcome(tiny_cohort, tmp_path):
     table.to_csv(table_path, index=False)
     fresh = tmp_path / "fresh"
     with pytest.raises(ValueError, match=f"subject {subject} has af_recurrence"):
-        run_study("left_atrium", results, [], fresh)
+        run_study("af_recurrence", results, [], fresh)
     assert not fresh.exists() or not any(fresh.iterdir())  # nothing partial

@@ -13,7 +13,7 @@ import time
 
 from .provenance import verify, write_sidecar
 from .studies.registry import CHOICES as STUDY_CHOICES
-from .studies.registry import STUDIES, default_study
+from .studies.registry import STUDIES
 from .synthetic.registry import ANATOMIES
 
 
@@ -90,8 +90,7 @@ def _study(args) -> None:
     from .studies import run_study
 
     variants = [v for v in args.variants.split(",") if v]
-    study = args.study or default_study(args.anatomy)
-    summary = run_study(study, args.dataset_dir, variants, args.out_dir, resources_dir=args.resources_dir)
+    summary = run_study(args.study, args.dataset_dir, variants, args.out_dir, resources_dir=args.resources_dir)
     print(json.dumps(summary, indent=2))
 
 
@@ -200,10 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_evaluate)
 
     p = steps.add_parser("study", help="a clinical study (paper sec. 4) on ground truth and predictions")
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--study", choices=tuple(STUDIES))
-    which.add_argument("--anatomy", choices=tuple(STUDIES[name].anatomy for name in STUDIES),
-                       help="the study written for this anatomy (the older spelling of --study)")
+    p.add_argument("--study", required=True, choices=tuple(STUDIES))
     p.add_argument("--dataset-dir", required=True, help="results/{dataset}")
     p.add_argument("--resources-dir", help="resources/{dataset}: expert ratings (data/ratings.csv), ground_truth.csv")
     p.add_argument("--variants", default="base,base_focal,tl,tl_focal", help="comma-separated; those without "

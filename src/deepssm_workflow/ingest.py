@@ -47,14 +47,6 @@ class CohortError(ValueError):
     """An invalid cohort; the message names the subject (when there is one), the file and the problem."""
 
 
-# What each clinical study (studies.registry, by name) reads from the subjects table. Checked
-# at ingestion, for the dataset's study only (none: nothing), so that a cohort that cannot
-# answer its study question fails here, not in the final analysis.
-#   groups:     the `group` column must exist, every value must be one of these (matched
-#               case-insensitively, stored lower-case), all present
-#   covariates: these columns must exist, every value must be one of the listed levels
-STUDY_REQUIREMENTS = {name: {"groups": study.groups} if study.groups else {"covariates": study.covariates}
-                      for name, study in STUDIES.items()}
 MIN_SUBJECTS = {"train": 3, "test": 1}  # a shape model needs 3 shapes; evaluation needs 1
 SPLITS = tuple(MIN_SUBJECTS)
 FILE_COLUMNS = ("image", "segmentation", "mesh", "local_particles", "world_particles", "transform")
@@ -214,7 +206,7 @@ def _read_shapeworks(path: Path, study: str) -> tuple[pd.DataFrame, dict]:
 
     groups = [c for c in columns if c.startswith("group_")]
     if len(groups) > 1:  # several groupings: the study's own (values within its groups) is `group`
-        wanted = set(STUDY_REQUIREMENTS.get(study, {}).get("groups", ()))
+        wanted = set(STUDIES[study].groups) if study in STUDIES else set()
         fitting = [c for c in groups if wanted and set(raw[c].str.lower()) <= wanted]
         if wanted and len(fitting) != 1:
             raise CohortError(f"{path}: several group columns ({', '.join(groups)}); "
@@ -321,10 +313,14 @@ def _check_table(table: pd.DataFrame, path: Path, study: str) -> None:
         if split not in SPLITS:
             raise CohortError(f"subject {sid}: {path}: split {split!r} is neither train nor test")
 
-    needs = STUDY_REQUIREMENTS.get(study, {})  # none: no labels needed
+    # the study's labels (studies.registry), checked here so that a cohort that cannot answer its
+    # study question fails at ingestion, not in the final analysis; none: no labels needed
+    if study not in STUDIES:
+        groups, covariates = (), {}
+    else:
+        groups, covariates = STUDIES[study].groups, STUDIES[study].covariates
     hint = f"(or set `study: none` in the config to run without the {study} study)"
-    if "groups" in needs:
-        groups = needs["groups"]
+    if groups:
         if not table["group"].any():
             raise CohortError(f"{path}: the {study} study needs a `group` column with values "
                               f"{' and '.join(groups)}; none found {hint}")
@@ -337,7 +333,7 @@ def _check_table(table: pd.DataFrame, path: Path, study: str) -> None:
         if missing:
             raise CohortError(f"{path}: the {study} study compares {' and '.join(groups)}; "
                               f"no subject in group {', '.join(missing)}")
-    for column, levels in needs.get("covariates", {}).items():
+    for column, levels in covariates.items():
         if column not in table:
             raise CohortError(f"{path}: the {study} study needs covariate column `{column}` "
                               f"(values {'/'.join(levels)}); not found {hint}")

@@ -12,7 +12,6 @@ returns finite-looking garbage that would otherwise flow silently into evaluatio
 from __future__ import annotations
 
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .atomic import staged
 from .io import apply_transform, write_particles
-from .preprocess import WorldGrid, load_reference, preprocess_image
+from .preprocess import WorldGrid, load_grid, load_reference, preprocess_image
 from .train import load_model, predict
 
 # A predicted shape's RMS radius about its centroid, as a multiple of the training mean shape's
@@ -94,7 +93,7 @@ def predict_split(model_dir, preprocess_dir, split: str, out_dir, threads: int =
     data = np.load(source)
     model = inference_model(load_model(model_dir))
     world, network_seconds = predict(model, data["images"], batch_size=1)
-    mean, grid = training_mean(model), _world_grid(preprocess_dir)
+    mean, grid = training_mean(model), load_grid(preprocess_dir)[1]
     problems = [f"subject {subject}: {source}: prediction refused: {problem}"
                 for subject, points in zip(data["ids"], world)
                 if (problem := prediction_problem(points, mean, grid))]
@@ -132,7 +131,7 @@ def predict_image(model_dir, preprocess_dir, image_path, out_prefix) -> dict:
     meta, grid, reference = load_reference(preprocess_dir)
     try:
         array, image_to_world, registration = preprocess_image(image_path, meta, grid, reference)
-    except RuntimeError as error:  # SimpleITK's way of failing (the file itself was checked above)
+    except RuntimeError as error:  # SimpleITK's way of failing (the file itself is checked as it is read)
         raise ValueError(f"{image_path}: cannot preprocess the image: {str(error).strip()}") from None
     model = inference_model(load_model(model_dir))
     world, _ = predict(model, array[None].astype(np.float32), batch_size=1)
@@ -160,11 +159,6 @@ def training_mean(model: nn.Module) -> np.ndarray:
     if mean is None:
         raise ValueError(f"{type(model).__name__} has no mean shape buffer (pca_bias or mean_shape)")
     return mean.detach().cpu().numpy().astype(np.float64).reshape(-1, 3)
-
-
-def _world_grid(preprocess_dir) -> WorldGrid:
-    meta = json.loads((Path(preprocess_dir) / "grid.json").read_text())
-    return WorldGrid(**{k: tuple(v) for k, v in meta["grid"].items()})
 
 
 def _rms_radius(points: np.ndarray) -> float:

@@ -229,11 +229,15 @@ def registration_mode(requested: str, image_to_world: np.ndarray) -> dict:
     return {"transform": requested, "scale_search": requested == "similarity", "why": "set in the config"}
 
 
+def load_grid(preprocess_dir) -> tuple[dict, WorldGrid]:
+    """grid.json: its content and the world grid of the networks' input."""
+    meta = json.loads((Path(preprocess_dir) / "grid.json").read_text())
+    return meta, WorldGrid(**{k: tuple(v) for k, v in meta["grid"].items()})
+
+
 def load_reference(preprocess_dir) -> tuple[dict, WorldGrid, sitk.Image]:
-    preprocess_dir = Path(preprocess_dir)
-    meta = json.loads((preprocess_dir / "grid.json").read_text())
-    grid = WorldGrid(**{k: tuple(v) for k, v in meta["grid"].items()})
-    return meta, grid, read_image(preprocess_dir / "reference.nrrd")
+    meta, grid = load_grid(preprocess_dir)
+    return meta, grid, read_image(Path(preprocess_dir) / "reference.nrrd")
 
 
 def preprocess_image(path, meta: dict, grid: WorldGrid, reference: sitk.Image,

@@ -1,4 +1,5 @@
 # Config validation and helpers shared by the rules.
+import functools
 import json
 
 from snakemake.utils import validate
@@ -34,7 +35,11 @@ def cohort_source(wildcards):
     entry = config["datasets"][wildcards.dataset]
     if entry["source"] == "synthetic":
         return json.dumps({"source": "synthetic", "manifest": f"resources/{wildcards.dataset}/subjects.csv"})
-    return json.dumps({key: entry[key] for key in ("source", "manifest", "project") if key in entry})
+    return json.dumps(_user_source(entry))
+
+
+def _user_source(entry):
+    return {key: entry[key] for key in ("source", "manifest", "project") if key in entry}
 
 
 def cohort_source_files(wildcards):
@@ -45,23 +50,24 @@ def cohort_source_files(wildcards):
     return {"table": entry["manifest"] if entry["source"] == "csv" else entry["project"]}
 
 
-def _scans(wildcards, split):
+@functools.cache  # three rules ask for each list: the table is read once per dataset and split
+def _scans(dataset, split):
     """A user cohort's scans of one split, read from its table when the DAG is built (see
     deepssm_workflow.sources), so that a changed scan reruns its own preprocessing and what
     follows. A synthetic cohort's scans are made by synthesize_cohort into resources/{dataset}/data,
     an input of the ingestion, so they are not listed again."""
-    entry = config["datasets"][wildcards.dataset]
+    entry = config["datasets"][dataset]
     if entry["source"] == "synthetic":
-        return []
-    return scan_files(json.loads(cohort_source(wildcards)), split)
+        return ()
+    return tuple(scan_files(_user_source(entry), split))
 
 
 def training_scans(wildcards):
-    return _scans(wildcards, "train")
+    return list(_scans(wildcards.dataset, "train"))
 
 
 def test_scans(wildcards):
-    return _scans(wildcards, "test")
+    return list(_scans(wildcards.dataset, "test"))
 
 
 def synthetic_settings(wildcards):

@@ -4,7 +4,7 @@ each variant's predictions: `run_study` is the one entry point.
     run_study(study, dataset_dir, variants, out_dir, resources_dir=None)
 
 `study` is a name of `registry.STUDIES` (cam_fai, metopic_severity, af_recurrence: the femur,
-metopic and left-atrium studies; the anatomy's name is accepted for its study). It reads
+metopic and left-atrium studies). It reads
 results/{dataset} (cohort/, predictions/{variant}/, models/{variant}/, preprocess/test.npz
 for TL descriptors) and writes, atomically (all or nothing), into out_dir:
 
@@ -45,7 +45,7 @@ from .registry import STUDIES, study_named  # noqa: F401 (STUDIES: the studies b
 
 
 def run_study(study: str, dataset_dir, variants, out_dir, resources_dir=None) -> dict:
-    """`study` is a name of `registry.STUDIES` (or the anatomy it was written for, e.g. "femur")."""
+    """`study` is a name of `registry.STUDIES`."""
     import importlib
 
     from .data import available_variants, load_cohort, predicted_shapes  # deferred: torch

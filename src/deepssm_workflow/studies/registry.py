@@ -46,10 +46,6 @@ def default_study(anatomy: str) -> str:
 
 
 def study_named(name: str) -> Study:
-    """A study by its name, or by the name of the anatomy it was written for (the older spelling,
-    e.g. "femur" for cam_fai)."""
-    if name in STUDIES:
-        return STUDIES[name]
-    if default_study(name) != NO_STUDY:
-        return STUDIES[default_study(name)]
-    raise ValueError(f"no study {name!r}; the studies are {', '.join(STUDIES)}")
+    if name not in STUDIES:
+        raise ValueError(f"no study {name!r}; the studies are {', '.join(STUDIES)}")
+    return STUDIES[name]
