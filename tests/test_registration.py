@@ -14,6 +14,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import SimpleITK as sitk
 
 from conftest import tiny_settings
 from deepssm_workflow import preprocess as pp
@@ -112,3 +113,44 @@ def test_registration_prior_and_the_reference_onto_itself(tmp_path):
     rotation, translation = registration_errors(image_to_world, shapes["image_to_world"][index], shapes["world"][index])
     assert rotation < 1.0 and translation < 0.5, (rotation, translation)
     assert not record["warning"] and not record["fallback"], record
+
+
+def _with_test_image(tmp_path, replace):
+    """The bumpy cohort, preprocessed, with its first test scan replaced by `replace(image)`;
+    returns (cohort folder, preprocess folder, subject id, the new scan's path)."""
+    settings = _recipe_cohort("bumpy", tmp_path)
+    pp.preprocess_training(tmp_path / "cohort", settings, tmp_path / "preprocess")
+    table = pd.read_csv(tmp_path / "cohort" / "subjects.csv")
+    row = table.index[table["split"] == "test"][0]
+    bad = tmp_path / "bad_scan.nrrd"
+    sitk.WriteImage(replace(sitk.ReadImage(table.loc[row, "image"], sitk.sitkFloat32)), str(bad))
+    table.loc[row, "image"] = str(bad)
+    table.to_csv(tmp_path / "cohort" / "subjects.csv", index=False)
+    return tmp_path / "cohort", tmp_path / "preprocess", table.loc[row, "id"], bad
+
+
+def test_a_scan_too_small_to_hold_the_anatomy_is_refused_by_name(tmp_path):
+    def corner(image):  # 8 voxels a side from a corner: background only, far smaller than the anatomy
+        return image[:8, :8, :8]
+
+    cohort, preprocess, subject, bad = _with_test_image(tmp_path, corner)
+    out = tmp_path / "out" / "test.npz"
+    with pytest.raises(ValueError, match=rf"subject {subject}: {bad}: cannot preprocess: the scan's field of view "
+                                         r"cannot hold the reference anatomy at any shift"):
+        pp.preprocess_unseen(cohort, preprocess, "test", out)
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_a_scan_without_the_anatomy_is_flagged_as_misregistered(tmp_path):
+    def noise(image):  # the scan's geometry and intensity range, no anatomy in it
+        array = np.random.default_rng(0).normal(130, 30, sitk.GetArrayViewFromImage(image).shape)
+        out = sitk.GetImageFromArray(array.astype(np.float32))
+        out.CopyInformation(image)
+        return out
+
+    cohort, preprocess, subject, _ = _with_test_image(tmp_path, noise)
+    pp.preprocess_unseen(cohort, preprocess, "test", preprocess / "test.npz")
+    record = np.load(preprocess / "test.npz")
+    warnings = dict(zip(record["ids"], record["registration_warning"]))
+    assert "worse than every training image's at its true pose" in warnings.pop(subject)
+    assert not any(warnings.values()), warnings  # the other scans are not flagged

@@ -11,6 +11,7 @@ import subprocess
 import zipfile
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -135,3 +136,16 @@ def test_tiny_workflow_reports_render_completely_in_headless_chromium(tiny_repor
         for caption in ("Per-point RMSE on", "Surface-to-surface distance on", "Surface distance maps on",
                         "Clinical study on"):
             assert f"{caption} {dataset}" in content, (caption, dataset)
+
+
+def test_alignment_table_needs_the_registration_record(tmp_path):
+    """A test.npz from before the registration record is named, with what to rerun."""
+    from deepssm_workflow.report import _alignment
+
+    old = tmp_path / "test.npz"
+    np.savez(old, ids=np.array(["a"]), images=np.zeros((1, 2, 2, 2)), image_to_world=np.eye(4)[None],
+             seconds=np.array([1.0]))
+    with pytest.raises(ValueError, match=r"test.npz: no registration record .*rerun preprocess_test"):
+        _alignment(old)
+    with pytest.raises(ValueError, match=r"missing.npz: not found"):
+        _alignment(tmp_path / "missing.npz")
