@@ -10,7 +10,11 @@ min_version("9.0")
 os.environ.update(DEEPSSM_WORKFLOW_ROOT=workflow.current_basedir.get_path_or_uri(secret_free=True))
 
 
-configfile: "config/config.yaml"
+# The embedded default. A config given with --configfile (config/tiny.yaml, config/paper.yaml, a
+# user's) replaces it rather than being merged over it, which would mix the demo's settings into it.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 include: "workflow/rules/common.smk"
@@ -24,5 +28,5 @@ include: "workflow/rules/report.smk"
 
 rule all:
     input:
-        expand("results/{dataset}/qc/cohort.png", dataset=DATASETS),
-        expand("results/{dataset}/report.html", dataset=DATASETS),
+        expand(RESULTS.cohort_qc, dataset=DATASETS),
+        expand(RESULTS.report_html, dataset=DATASETS),

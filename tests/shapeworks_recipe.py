@@ -58,7 +58,8 @@ def radius_function(kind: str, rng: np.random.Generator):
     if kind in ("ellipsoid", "spheroid"):
         return ellipsoid
     if kind == "bumpy":
-        bumps = [(np.array([0.6, 0.0, 0.8]), rng.uniform(0.25, 0.35)), (np.array([-0.3, 0.9, 0.3]), rng.uniform(0.15, 0.25))]
+        bumps = [(np.array([0.6, 0.0, 0.8]), rng.uniform(0.25, 0.35)),
+                 (np.array([-0.3, 0.9, 0.3]), rng.uniform(0.15, 0.25))]
 
         def bumpy(u):
             r = ellipsoid(u)

@@ -1,4 +1,4 @@
-"""End to end, every variant learns something: its test RMSE beats the mean-shape predictor.
+"""End to end, every method learns something: its test RMSE beats the mean-shape predictor.
 
 The tiny preset is too small for that (7 training femurs, 2 epochs), so this test scales
 the tiny femur up just enough: 16 training femurs, 60 generated samples, 8 epochs of the
@@ -16,28 +16,33 @@ from deepssm_workflow.evaluate import summarize
 
 pytestmark = pytest.mark.slow  # real Snakemake runs of the workflow (deselect with -m 'not slow')
 
-VARIANTS = ("base", "base_focal", "tl", "tl_focal")
+METHODS = ("base", "base_focal", "tl", "tl_focal")
 
 
 def accuracy_config() -> dict:
     femur = yaml.safe_load(TINY.read_text())["datasets"]["femur"]
     femur["synthetic"]["subjects"] = {"train": {"control": 12, "cam": 4}, "test": {"control": 3, "cam": 2}}
     femur["augmentation"]["n_samples"] = 60
-    femur["training"].update(n_modes=6, epochs=8, batch_size=8, val_fraction=0.2, focal_percentile=25,
-                             ae_epochs=300, ae_lr=1e-3, tflank_epochs=8, joint_epochs=1)
+    femur["shape_space"] = {"n_modes": 6}
+    femur["training"].update(batch_size=8, val_fraction=0.2)
+    tl = {"ae_epochs": 300, "ae_lr": 1e-3, "tflank_epochs": 8, "joint_epochs": 1}
+    for method, block in femur["methods"].items():
+        block.update(tl if "ae_epochs" in block else {"epochs": 8})
+        if method.endswith("focal"):
+            block["focal_percentile"] = 25
     return {"datasets": {"femur": femur}, "qc": {"subjects": 2}}
 
 
-def test_every_variant_beats_the_mean_shape_predictor(tmp_path):
+def test_every_method_beats_the_mean_shape_predictor(tmp_path):
     config = tmp_path / "accuracy.yaml"
     config.write_text(yaml.safe_dump(accuracy_config()))
-    targets = [f"results/femur/predictions/{variant}/predictions.csv" for variant in VARIANTS]
+    targets = [f"results/femur/predictions/{method}/predictions.csv" for method in METHODS]
     result = run_snakemake(tmp_path, *targets, "--cores", "2", "--resources", "gpu=1", configfile=config)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    table = summarize(tmp_path / "results" / "femur", VARIANTS).set_index("variant")
+    table = summarize(tmp_path / "results" / "femur", METHODS, {"n_modes": 6}).set_index("method")
     print(table.round(3).to_string())  # the numbers, for the log
-    for variant in VARIANTS:
-        row = table.loc[variant]
-        assert row["rmse_mm"] < row["mean_shape_rmse_mm"], f"{variant} does not beat the mean shape:\n{table}"
+    for method in METHODS:
+        row = table.loc[method]
+        assert row["rmse_mm"] < row["mean_shape_rmse_mm"], f"{method} does not beat the mean shape:\n{table}"
         assert row["rmse_mm"] > row["pca_floor_rmse_mm"]  # sanity: nothing beats the truncation floor

@@ -39,15 +39,17 @@ def test_a_real_data_block_of_source_and_manifest_validates_and_gets_the_default
     demo = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["datasets"]["femur"]
     assert entry["preprocess"] == {k: demo["preprocess"][k] for k in ("downsample", "margin_mm", "registration")}
     assert entry["augmentation"] == {**demo["augmentation"], "kde_kernel": "neighbour"}
-    assert entry["training"]["variance"] == 0.99 and "n_modes" not in entry["training"]
-    for key in ("epochs", "ae_epochs", "ae_lr", "tflank_epochs", "joint_epochs", "batch_size", "val_fraction", "seed"):
-        assert entry["training"][key] == demo["training"][key], key
-    assert entry["variants"] == ["base", "base_focal", "tl", "tl_focal"]
+    assert entry["shape_space"] == {"variance": 0.99}
+    assert entry["training"] == demo["training"]
+    # every default method, each with the schema's defaults: the demo's, less its focal percentile
+    assert list(entry["methods"]) == ["base", "base_focal", "tl", "tl_focal"]
+    for method, block in demo["methods"].items():
+        for key, value in block.items():
+            assert entry["methods"][method][key] == (90 if key == "focal_percentile" else value), (method, key)
 
-    project = {"datasets": {"femur": {"source": "shapeworks", "project": "p.swproj", "training": {"n_modes": 5}}}}
+    project = {"datasets": {"femur": {"source": "shapeworks", "project": "p.swproj", "shape_space": {"n_modes": 5}}}}
     assert load(project, SCHEMA)["femur"].study == "cam_fai"  # the anatomy (the name) has a study
-    assert project["datasets"]["femur"]["training"]["n_modes"] == 5  # a given n_modes: no variance added
-    assert "variance" not in project["datasets"]["femur"]["training"]
+    assert project["datasets"]["femur"]["shape_space"] == {"n_modes": 5}  # a given n_modes: no variance added
 
 
 def test_the_readme_real_data_block_validates_as_written():
@@ -57,11 +59,11 @@ def test_the_readme_real_data_block_validates_as_written():
     assert datasets, block
 
 
-@pytest.mark.parametrize("training, found", [({"n_modes": 4, "variance": 0.9}, "both")])
-def test_a_one_of_error_says_what_to_add_or_remove(training, found):
+@pytest.mark.parametrize("shape_space, found", [({"n_modes": 4, "variance": 0.9}, "both")])
+def test_a_one_of_error_says_what_to_add_or_remove(shape_space, found):
     with pytest.raises(ConfigError) as error:
-        load(real(training=training), SCHEMA)
-    assert f"datasets.blobs.training: give exactly one of n_modes or variance (found {found})" in str(error.value)
+        load(real(shape_space=shape_space), SCHEMA)
+    assert f"datasets.blobs.shape_space: give exactly one of n_modes or variance (found {found})" in str(error.value)
 
 
 def test_a_one_of_of_types_names_each_allowed_form():
@@ -203,9 +205,9 @@ def ellipsoid_run(tmp_path_factory):
     # 1 mm scans: the default downsample (4) then gives a 4 mm network input, at least 8 voxels a side
     paths = generate(root / "cohort", kind="ellipsoid", n_train=8, n_test=3, seed=5, n_points=64, spacing=1.0)
     config = {"datasets": {"ellipsoids": {
-        "source": "csv", "manifest": str(paths["manifest"]), "anatomy": "ellipsoid", "variants": ["base"],
-        "training": {"epochs": 2, "batch_size": 4, "val_fraction": 0.3,
-                     "model": {"channels": [4, 8, 8, 16, 16], "fc_sizes": [32, 16]}},
+        "source": "csv", "manifest": str(paths["manifest"]), "anatomy": "ellipsoid",
+        "methods": {"base": {"epochs": 2, "network": {"channels": [4, 8, 8, 16, 16], "fc_sizes": [32, 16]}}},
+        "training": {"batch_size": 4, "val_fraction": 0.3},
         "augmentation": {"n_samples": 12, "n_control": 64}}}, "qc": {"subjects": 2}}
     configfile = root / "config.yaml"
     configfile.write_text(yaml.safe_dump(config))
@@ -231,7 +233,7 @@ def test_a_cohort_of_another_anatomy_runs_to_its_report_without_a_study(ellipsoi
     assert (cohort["anatomy"], cohort["study"]) == ("ellipsoid", "none")
     settings = yaml.safe_load(re.search(r"<h3>Configuration of ellipsoids</h3><pre>(.*?)</pre>", page, re.S)
                               .group(1).replace("&#x27;", "'").replace("&quot;", '"'))
-    assert settings["preprocess"]["downsample"] == 4 and settings["training"]["variance"] == 0.99
+    assert settings["preprocess"]["downsample"] == 4 and settings["shape_space"]["variance"] == 0.99
 
 
 @pytest.mark.slow

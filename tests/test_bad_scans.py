@@ -12,16 +12,18 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from deepssm_workflow import methods
 from deepssm_workflow.cli import main
+from deepssm_workflow.engine import EngineSettings, train
 from deepssm_workflow.ingest import ingest_cohort
-from deepssm_workflow.models import BaseDeepSSM, ModelConfig, build_model
-from deepssm_workflow.predict import prediction_problem, predict_split, training_mean
+from deepssm_workflow.methods.deepssm import BaseDeepSSM, TLDeepSSM
+from deepssm_workflow.models import ModelConfig
+from deepssm_workflow.predict import predict_split, prediction_problem
 from deepssm_workflow.preprocess import PreprocessSettings, load_grid, preprocess_training
 from deepssm_workflow.scan_checks import MAX_ABS_INTENSITY, ScanError, check_intensities, read_scan
 from deepssm_workflow.shape_space import ShapeSpace
-from deepssm_workflow.train import TrainConfig, train
 
-SMALL_NET = {"channels": (4, 8, 8, 16, 16), "fc_sizes": (32, 16)}
+SMALL_NET = {"channels": [4, 8, 8, 16, 16], "fc_sizes": [32, 16]}
 
 
 # ---------------------------------------------------------------- scan_checks on its own
@@ -96,9 +98,9 @@ def trained(tiny_cohort, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train(real["images"], shapes["world"], np.arange(n - 2), np.arange(n - 2, n),
-              ShapeSpace(n_modes=4).fit(shapes["world"]), TrainConfig(epochs=1, batch_size=4, model=SMALL_NET),
-              root / "model", log=lambda message: None)
+        train("base", methods.get("base").settings({"epochs": 1, "network": SMALL_NET}), real["images"],
+              shapes["world"], np.arange(n - 2), np.arange(n - 2, n), ShapeSpace(n_modes=4).fit(shapes["world"]),
+              root / "model", engine=EngineSettings(batch_size=4), log=lambda message: None)
     finally:
         torch.set_num_threads(threads)
     np.savez(root / "preprocess" / "again.npz", ids=real["ids"], images=real["images"],
@@ -208,10 +210,11 @@ def test_predict_writes_the_plausible_predictions_of_real_models(trained, tmp_pa
 
     # a barely trained TL model (its mean shape is the `mean_shape` buffer) passes the guard too
     real, shapes = np.load(trained / "preprocess" / "train.npz"), np.load(trained / "cohort" / "shapes_train.npz")
-    config = TrainConfig(variant="tl", ae_epochs=2, tflank_epochs=1, joint_epochs=0, latent_dim=4, batch_size=4,
-                         model={**SMALL_NET, "ae_hidden": 16})
-    train(real["images"], shapes["world"], np.arange(5), np.arange(5, 7), ShapeSpace(n_modes=4).fit(shapes["world"]),
-          config, tmp_path / "tl", log=lambda message: None)
+    settings = methods.get("tl").settings({"ae_epochs": 2, "tflank_epochs": 1, "joint_epochs": 0, "latent_dim": 4,
+                                           "network": {**SMALL_NET, "ae_hidden": 16}})
+    train("tl", settings, real["images"], shapes["world"], np.arange(5), np.arange(5, 7),
+          ShapeSpace(n_modes=4).fit(shapes["world"]), tmp_path / "tl", engine=EngineSettings(batch_size=4),
+          log=lambda message: None)
     assert len(predict_split(tmp_path / "tl", trained / "preprocess", "again", tmp_path / "tl_predictions")) == 7
 
 
@@ -239,6 +242,6 @@ def test_training_mean_of_both_model_kinds():
     config = ModelConfig(input_shape=(8, 8, 8), n_points=4, n_modes=2, latent_dim=2, channels=(2, 2, 2, 2, 2),
                          fc_sizes=(4, 4), ae_hidden=4)
     mean = np.arange(12, dtype=np.float64).reshape(4, 3)
-    base = build_model("base", config, mean, np.zeros((2, 12)))
-    assert np.array_equal(training_mean(base), mean)
-    assert np.array_equal(training_mean(build_model("tl", config, mean)), mean)
+    base = BaseDeepSSM(config, mean, np.zeros((2, 12)))
+    assert np.array_equal(methods.get("base").method.training_mean(base), mean)
+    assert np.array_equal(methods.get("tl").method.training_mean(TLDeepSSM(config, mean)), mean)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from deepssm_workflow import bench
+from deepssm_workflow import bench, methods
+from deepssm_workflow.inference import predict
 from deepssm_workflow.predict import inference_model
-from deepssm_workflow.train import predict
 
 
 def test_quick_benchmark_writes_its_table(tmp_path):
@@ -25,7 +25,8 @@ def test_quick_benchmark_writes_its_table(tmp_path):
         assert measure in table, measure
 
     # what the timings stand on must hold: same outputs, same warp, both memory runs done
-    assert len(result["inference"]) == 3 * 2 * 2  # datasets x variants x (batch 1, batched)
+    assert len(result["inference"]) == 3 * 2 * 2  # datasets x networks (base, tl) x (batch 1, batched)
+    assert bench.one_per_network() == ["base", "tl"]
     assert max(row["max_abs_difference_mm"] for row in result["inference"]) < 1e-3
     assert [row["samples"] for row in result["training"]] == [bench.QUICK.train_samples] * 2
     augmentation = result["augmentation"]
@@ -42,17 +43,18 @@ def test_unknown_section_is_named(tmp_path):
     assert not (tmp_path / "bench.md").exists()
 
 
-@pytest.mark.parametrize("variant", ["base", "tl"])
-def test_inference_copy_matches_the_model(variant):
-    model = bench._random_model(variant, (12, 10, 14), n_points=40)
+@pytest.mark.parametrize("name", bench.one_per_network())
+def test_inference_copy_matches_the_model(name):
+    solver = methods.get(name).method
+    model = bench._random_model(name, (12, 10, 14), n_points=40)
     fast = inference_model(model)
     # the batch norms are folded away in the copy and still there in the original
     assert not any(isinstance(m, nn.BatchNorm3d) for m in fast.modules())
     assert sum(isinstance(m, nn.BatchNorm3d) for m in model.modules()) == 5
     images = np.random.default_rng(0).normal(size=(3, 12, 10, 14)).astype(np.float32)
     for batch in (1, 3):
-        expected, _ = predict(model, images, batch)
-        got, _ = predict(fast, images, batch)
+        expected, _ = predict(solver, model, images, batch)
+        got, _ = predict(solver, fast, images, batch)
         assert got.shape == expected.shape == (3, 40, 3)
         assert np.abs(got - expected).max() < 1e-4 * np.abs(expected).max()
     assert not any(p.requires_grad for p in fast.parameters())

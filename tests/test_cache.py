@@ -17,7 +17,13 @@ import yaml
 
 from conftest import REPO, TINY
 from deepssm_workflow.provenance import (
-    PACKAGE_DIR, read_sidecar, sha256_of, sidecar_rows, software_id, source_sha256, verify,
+    PACKAGE_DIR,
+    read_sidecar,
+    sha256_of,
+    sidecar_rows,
+    software_id,
+    source_sha256,
+    verify,
 )
 
 pytestmark = pytest.mark.slow  # real Snakemake runs of the workflow (deselect with -m 'not slow')
@@ -26,15 +32,15 @@ TARGET = "results/femur/predictions/base/predictions.csv"
 MODEL_FILES = ("model.pt", "model_card.json", "log.csv", "loss_curve.png", "provenance.json")
 
 
-def small_config(path: Path, **training) -> Path:
-    """The tiny preset's femur alone, with one variant, 6 mm images, 4 generated samples and a
-    minute network: every rule takes seconds."""
+def small_config(path: Path, **base) -> Path:
+    """The tiny preset's femur alone, with one method (base, its settings updated by `base`),
+    6 mm images, 4 generated samples and a minute network: every rule takes seconds."""
     config = yaml.safe_load(TINY.read_text())
     femur = config["datasets"]["femur"]
-    femur["variants"] = ["base"]
+    femur["methods"] = {"base": {**femur["methods"]["base"],
+                                 "network": {"channels": [2, 4, 4, 4, 4], "fc_sizes": [8, 8]}, **base}}
     femur["preprocess"]["downsample"] = 2
     femur["augmentation"].update(n_samples=4, n_control=32)
-    femur["training"].update(model={"channels": [2, 4, 4, 4, 4], "fc_sizes": [8, 8]}, **training)
     config["datasets"] = {"femur": femur}
     path.write_text(yaml.safe_dump(config))
     return path
@@ -150,8 +156,11 @@ def test_the_cached_model_carries_its_provenance(two_checkouts):
     b = two_checkouts["b"]
     sidecar = read_sidecar(model_dir(b) / "provenance.json")
     assert sidecar["step"] == "train"
-    configured = yaml.safe_load((b / "config" / "config.yaml").read_text())["datasets"]["femur"]["training"]
-    assert configured.items() <= sidecar["settings"].items()  # with the schema's defaults filled in
+    configured = yaml.safe_load((b / "config" / "config.yaml").read_text())["datasets"]["femur"]
+    # the method's block with the schema's defaults filled in, the shape space and the engine's settings
+    assert configured["methods"]["base"].items() <= sidecar["settings"]["method"].items()
+    assert sidecar["settings"]["shape_space"] == configured["shape_space"]
+    assert sidecar["settings"]["training"] == configured["training"]
     assert set(sidecar["outputs"]) == set(MODEL_FILES) - {"provenance.json"}
     # inputs as they are in b (made in a: the same bytes), code as installed
     store = b / "results/femur/augmentation/images.npy"
@@ -161,7 +170,7 @@ def test_the_cached_model_carries_its_provenance(two_checkouts):
     assert sidecar["code"]["software_id"] == software_id(package)
     assert sidecar["packages"]["torch"] == torch.__version__
     assert sidecar["host"]["cuda_device"] is None  # hidden from the workflow by these tests
-    assert "--variant base" in sidecar["command"]
+    assert "--method base" in sidecar["command"]
     verify([model_dir(b) / "model.pt", model_dir(b) / "model_card.json", store])
     predictions = read_sidecar(b / "results/femur/predictions/base/provenance.json")
     assert predictions["step"] == "predict" and set(predictions["outputs"]) == {"predictions.csv", "particles"}

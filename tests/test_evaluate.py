@@ -10,12 +10,24 @@ import pandas as pd
 import pytest
 import pyvista as pv
 
-from deepssm_workflow.evaluate import (MEAN_SHAPE, PCA_FLOOR, evaluate_dataset, gap_closed, per_point_rmse,
-                                       rmse_against_baselines)
+from deepssm_workflow.evaluate import (
+    MEAN_SHAPE,
+    PCA_FLOOR,
+    evaluate_dataset,
+    gap_closed,
+    per_point_rmse,
+    rmse_against_baselines,
+)
 from deepssm_workflow.ingest import ingest_cohort
 from deepssm_workflow.io import write_particles
-from deepssm_workflow.surface import (TemplateMesh, distances_to_surface, surface_distance, template_from_training,
-                                      values_at_vertices)
+from deepssm_workflow.layout import DatasetLayout
+from deepssm_workflow.surface import (
+    TemplateMesh,
+    distances_to_surface,
+    surface_distance,
+    template_from_training,
+    values_at_vertices,
+)
 
 
 def test_errors_are_measured_in_the_scan_frame_against_both_baselines(tmp_path):
@@ -28,9 +40,10 @@ def test_errors_are_measured_in_the_scan_frame_against_both_baselines(tmp_path):
     image_to_world = np.tile(np.eye(4), (2, 1, 1))
     image_to_world[:, :3, 3] = shift
     ids = np.array(["a", "b"])
-    cohort, preprocess, predictions = (tmp_path / name for name in ("cohort", "preprocess", "predictions"))
+    layout = DatasetLayout(tmp_path)
+    cohort, preprocess, predictions = layout.cohort_dir, layout.preprocess_dir, layout.predictions_dir("base")
     for folder in (cohort, preprocess, predictions):
-        folder.mkdir()
+        folder.mkdir(parents=True)
     np.savez(cohort / "shapes_train.npz", ids=np.array(list("cdefgh")), world=train,
              image_to_world=np.tile(np.eye(4), (6, 1, 1)))
     np.savez(cohort / "shapes_test.npz", ids=ids, world=truth, local=truth - shift, image_to_world=image_to_world)
@@ -43,7 +56,7 @@ def test_errors_are_measured_in_the_scan_frame_against_both_baselines(tmp_path):
         rows.append({"id": subject, "local_particles": f"{subject}.particles"})
     pd.DataFrame(rows).to_csv(predictions / "predictions.csv", index=False)
 
-    table = rmse_against_baselines(cohort, preprocess, predictions, n_modes=2)
+    table = rmse_against_baselines(tmp_path, "base", {"n_modes": 2})
     assert table["rmse_mm"].to_numpy() == pytest.approx([offset.mean()] * 2)  # eq. 12: mean of per-axis RMSE
     expected_mean = [np.mean(np.sqrt(((train.mean(0) - t) ** 2).mean(0))) for t in truth]
     assert table["mean_shape_rmse_mm"].to_numpy() == pytest.approx(expected_mean)
@@ -54,7 +67,7 @@ def test_errors_are_measured_in_the_scan_frame_against_both_baselines(tmp_path):
     # a test subject without a prediction is named, with the table
     pd.DataFrame(rows[:1]).to_csv(predictions / "predictions.csv", index=False)
     with pytest.raises(ValueError, match=r"predictions\.csv: no prediction for test subject b"):
-        rmse_against_baselines(cohort, preprocess, predictions, n_modes=2)
+        rmse_against_baselines(tmp_path, "base", {"n_modes": 2})
 
 
 def test_per_point_rmse_and_gap_closed_by_hand():
@@ -125,7 +138,7 @@ def test_values_at_vertices_interpolates_between_points():
 @pytest.fixture(scope="module")
 def evaluated_layout(tiny_cohort, tmp_path_factory):
     """results/femur-like folder: the ingested tiny cohort, a perfect registration, two hand-made
-    'variants' (the truth itself, and the truth shifted by 1 mm along x), model cards, timings."""
+    'methods' (the truth itself, and the truth shifted by 1 mm along x), model cards, timings."""
     root = tmp_path_factory.mktemp("results_femur")
     ingest_cohort({"source": "csv", "manifest": str(tiny_cohort("femur") / "subjects.csv")}, "femur", root / "cohort")
     truth = np.load(root / "cohort" / "shapes_test.npz")
@@ -142,7 +155,7 @@ def evaluated_layout(tiny_cohort, tmp_path_factory):
         pd.DataFrame(rows).to_csv(folder / "predictions.csv", index=False)
         (root / "models" / variant).mkdir(parents=True)
         (root / "models" / variant / "model_card.json").write_text(json.dumps(
-            {"model_config": {"n_modes": 4}, "best_epoch": 3, "val_rmse": 1.5}))
+            {"method": variant, "best_epoch": 3, "val_rmse": 1.5}))
     return root
 
 
@@ -150,7 +163,7 @@ def test_evaluation_folder_of_a_real_cohort(evaluated_layout, tmp_path):
     root = evaluated_layout
     subjects = pd.read_csv(root / "cohort" / "subjects.csv")
     test_ids = list(subjects.loc[subjects["split"] == "test", "id"])
-    summary = evaluate_dataset(root, ["base", "tl"], tmp_path / "evaluation")
+    summary = evaluate_dataset(root, ["base", "tl"], {"n_modes": 4}, tmp_path / "evaluation")
     out = tmp_path / "evaluation"
     assert summary["n_test"] == len(test_ids) and summary["notes"] == []
     assert summary["surface_measured_subjects"] == test_ids
@@ -196,7 +209,7 @@ def test_subjects_without_meshes_are_named_not_dropped(evaluated_layout, tmp_pat
     test = subjects.index[subjects["split"] == "test"]
     subjects.loc[test[0], "mesh"] = np.nan
     subjects.to_csv(root / "cohort" / "subjects.csv", index=False)
-    summary = evaluate_dataset(root, ["base"], tmp_path / "partial")
+    summary = evaluate_dataset(root, ["base"], {"n_modes": 4}, tmp_path / "partial")
     unmeasured = subjects.loc[test[0], "id"]
     assert any(unmeasured in note for note in summary["notes"])
     assert unmeasured not in summary["surface_measured_subjects"]
@@ -206,7 +219,7 @@ def test_subjects_without_meshes_are_named_not_dropped(evaluated_layout, tmp_pat
 
     subjects["mesh"] = np.nan  # a cohort without meshes: the metric is skipped, visibly
     subjects.to_csv(root / "cohort" / "subjects.csv", index=False)
-    summary = evaluate_dataset(root, ["base"], tmp_path / "none")
+    summary = evaluate_dataset(root, ["base"], {"n_modes": 4}, tmp_path / "none")
     assert summary["surface_measured_subjects"] == [] and "Surface distance not measured" in summary["notes"][0]
     figures = json.loads((tmp_path / "none" / "figures.json").read_text())
     assert [f["file"] for f in figures] == ["per_point_rmse.png"]
@@ -217,7 +230,7 @@ def test_subjects_without_meshes_are_named_not_dropped(evaluated_layout, tmp_pat
     subjects.loc[test[0], "mesh"] = str(tmp_path / "gone.vtk")
     subjects.to_csv(root / "cohort" / "subjects.csv", index=False)
     with pytest.raises(ValueError, match=rf"gone\.vtk: subject {unmeasured}: mesh file not found"):
-        evaluate_dataset(root, ["base"], tmp_path / "gone")
+        evaluate_dataset(root, ["base"], {"n_modes": 4}, tmp_path / "gone")
     assert not (tmp_path / "gone").exists()
 
     # a broken prediction file: named, and no partial evaluation left behind
@@ -231,5 +244,5 @@ def test_subjects_without_meshes_are_named_not_dropped(evaluated_layout, tmp_pat
     (root / "predictions").unlink()
     (root / "predictions").symlink_to(bad.parent)
     with pytest.raises(ValueError, match=rf"{table['id'][0]}_local\.particles: subject {table['id'][0]} has 1 points"):
-        evaluate_dataset(root, ["base"], tmp_path / "broken")
+        evaluate_dataset(root, ["base"], {"n_modes": 4}, tmp_path / "broken")
     assert not (tmp_path / "broken").exists()

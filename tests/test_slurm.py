@@ -24,9 +24,9 @@ from conftest import REPO, TINY, run_snakemake
 
 pytestmark = pytest.mark.slow  # real Snakemake runs of the workflow (deselect with -m 'not slow')
 
-# The tiny config's report of one dataset, with one variant: every stage, one GPU job, CI-sized.
+# The tiny config's report of one dataset, with one method: every stage, one GPU job, CI-sized.
 DATASET = "femur"
-VARIANTS = ["base"]
+METHODS = ["base"]
 TARGET = f"results/{DATASET}/report.html"
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 GPU_RULES = {"train"}
@@ -76,7 +76,8 @@ def _node_hardware() -> str:
 
 def _profile_memory_mb(profile: dict) -> int:
     requests = [profile["default-resources"]["mem_mb"]]
-    requests += [resources["mem_mb"] for resources in profile.get("set-resources", {}).values() if "mem_mb" in resources]
+    requests += [resources["mem_mb"] for resources in profile.get("set-resources", {}).values()
+                 if "mem_mb" in resources]
     return max(requests)
 
 
@@ -212,7 +213,8 @@ def _site_profile(folder: Path) -> Path:
 
 def _tiny_config(folder: Path) -> Path:
     config = yaml.safe_load(TINY.read_text())
-    config["datasets"] = {DATASET: {**config["datasets"][DATASET], "variants": VARIANTS}}
+    dataset = config["datasets"][DATASET]
+    config["datasets"] = {DATASET: {**dataset, "methods": {m: dataset["methods"][m] for m in METHODS}}}
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

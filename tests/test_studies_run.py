@@ -23,11 +23,11 @@ def test_metopic_study_through_the_cli(tiny_cohort, tmp_path):
     resources, results = dataset(tiny_cohort, tmp_path, "metopic")
     out = results / "study"
     command = [sys.executable, "-m", "deepssm_workflow", "study", "--study", "metopic_severity", "--dataset-dir",
-               str(results), "--resources-dir", str(resources), "--variants", "base,tl", "--out-dir", str(out)]
+               str(results), "--resources-dir", str(resources), "--methods", "base", "tl", "--out-dir", str(out)]
     run = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["skipped_variants"] == ["base", "tl"] and summary["variants"] == []
+    assert summary["skipped_methods"] == ["base", "tl"] and summary["methods"] == []
     truth = summary["metopic"]["ground_truth"]
     assert truth["n_scored"] == 2 and truth["n_metopic"] == 1 and truth["n_reference_controls"] == 5
     assert truth["auc"] in (0.0, 0.5, 1.0)  # one metopic against one control

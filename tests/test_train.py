@@ -10,17 +10,20 @@ import subprocess
 import sys
 import textwrap
 import time
-from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
+from deepssm_workflow import methods
+from deepssm_workflow.engine import EngineSettings, split_by_source, train
+from deepssm_workflow.inference import load_trained, predict
+from deepssm_workflow.rows import NpyRows, StackedRows
 from deepssm_workflow.shape_space import ShapeSpace, rmse
-from deepssm_workflow.train import TrainConfig, load_model, predict, split_by_source, train
 
 GRID, M, N_REAL, PER = 16, 24, 12, 1
-SMALL_NET = {"channels": (4, 8, 8, 16, 16), "fc_sizes": (32, 16), "ae_hidden": 32}
+SMALL_NET = {"channels": [4, 8, 8, 16, 16], "fc_sizes": [32, 16]}
+ENGINE = EngineSettings(batch_size=4, val_fraction=0.25)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -57,10 +60,19 @@ def data():
     return images, points, train_idx, val_idx, space
 
 
-def config(**overrides) -> TrainConfig:
-    base = dict(variant="base", epochs=12, ae_epochs=2, tflank_epochs=3, joint_epochs=2, latent_dim=8,
-                batch_size=4, val_fraction=0.25, model=SMALL_NET)
-    return TrainConfig(**{**base, **overrides})
+def settings(method: str = "base", **overrides):
+    """Small settings of a DeepSSM method (the TL ones: 2 + 3 + 2 epochs)."""
+    if methods.get(method).has(methods.LATENT_CODE):
+        block = dict(ae_epochs=2, ae_lr=1e-4, tflank_epochs=3, joint_epochs=2, latent_dim=8,
+                     network={**SMALL_NET, "ae_hidden": 32})
+    else:
+        block = dict(epochs=12, network=SMALL_NET)
+    return methods.get(method).settings({**block, **overrides})
+
+
+def fit(data, method, chosen, out, **options):
+    images, points, train_idx, val_idx, space = data
+    return train(method, chosen, images, points, train_idx, val_idx, space, out, engine=ENGINE, **options)
 
 
 def read_log(out):
@@ -107,8 +119,7 @@ def test_split_by_source_keeps_subjects_on_one_side():
 def test_base_learns_and_keeps_pca_layer(data, tmp_path):
     images, points, train_idx, val_idx, space = data
     messages = []
-    card = train(images, points, train_idx, val_idx, space, config(), tmp_path, log=messages.append,
-                 data_hash="abc")
+    card = fit(data, "base", settings(), tmp_path, log=messages.append, data_hash="abc")
     assert any("no CUDA device visible, using CPU" in m or "CUDA visible:" in m for m in messages)
 
     state = model_weights(tmp_path / "model.pt")  # weights_only=True
@@ -134,39 +145,34 @@ def test_base_learns_and_keeps_pca_layer(data, tmp_path):
     # the saved best model reproduces the best validation RMSE through predict (and from a memmap)
     np.save(tmp_path / "images.npy", images)
     memmap = np.load(tmp_path / "images.npy", mmap_mode="r")
-    model = load_model(tmp_path, device=card["device"])
-    pred, seconds = predict(model, memmap, batch_size=5)
+    trained = load_trained(tmp_path, device=card["device"])
+    pred, seconds = predict(trained.method, trained.model, memmap, batch_size=5)
     assert pred.shape == points.shape and seconds > 0
     assert rmse(pred[val_idx], points[val_idx]).mean() == pytest.approx(card["val_rmse"], rel=1e-3)
 
 
 def test_focal_base_records_threshold(data, tmp_path):
-    images, points, train_idx, val_idx, space = data
-    card = train(images, points, train_idx, val_idx, space, config(variant="base_focal", epochs=2), tmp_path,
-                 log=lambda _: None)
-    assert card["focal_c_points"] > 0 and card["focal_c_latent"] is None
+    card = fit(data, "base_focal", settings("base_focal", epochs=2), tmp_path, log=lambda _: None)
+    assert card["state"]["focal_c_points"] > 0 and card["state"]["focal_c_latent"] is None
 
 
 # -- TL
 
 
 def test_tl_phases_in_order_and_autoencoder_frozen_in_tflank(data, tmp_path):
-    images, points, train_idx, val_idx, space = data
-    cfg = config(variant="tl_focal")
+    cfg = settings("tl_focal")
     quiet = lambda _: None  # noqa: E731
-    assert train(images, points, train_idx, val_idx, space, cfg, tmp_path, log=quiet, device="cpu",
-                 stop_after_epochs=2) is None
+    assert fit(data, "tl_focal", cfg, tmp_path, log=quiet, device="cpu", stop_after_epochs=2) is None
     after_ae = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
-    assert train(images, points, train_idx, val_idx, space, cfg, tmp_path, log=quiet, device="cpu",
-                 stop_after_epochs=5) is None
+    assert fit(data, "tl_focal", cfg, tmp_path, log=quiet, device="cpu", stop_after_epochs=5) is None
     after_tf = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert after_tf["focal_c"]["latent"] > 0
+    assert after_tf["state"]["focal_c_latent"] > 0
     for name, value in after_tf["model"].items():
         if name.startswith(("encoder.", "decoder.", "mean_shape")):
             assert torch.equal(value, after_ae[name]), name
     assert any(not torch.equal(v, after_ae[n]) for n, v in after_tf["model"].items() if n.startswith("t_flank."))
 
-    card = train(images, points, train_idx, val_idx, space, cfg, tmp_path, log=quiet, device="cpu")
+    card = fit(data, "tl_focal", cfg, tmp_path, log=quiet, device="cpu")
     rows = read_log(tmp_path)
     assert [r["phase"] for r in rows] == ["autoencoder"] * 2 + ["tflank"] * 3 + ["joint"] * 2
     assert [int(r["epoch"]) for r in rows] == list(range(1, 8))
@@ -182,23 +188,20 @@ def test_tl_phases_in_order_and_autoencoder_frozen_in_tflank(data, tmp_path):
 
 
 def test_resume_gives_identical_weights(data, tmp_path):
-    images, points, train_idx, val_idx, space = data
-    cfg = config(epochs=5)
+    cfg = settings(epochs=5)
     quiet = lambda _: None  # noqa: E731
-    train(images, points, train_idx, val_idx, space, cfg, tmp_path / "full", log=quiet, device="cpu")
-    assert train(images, points, train_idx, val_idx, space, cfg, tmp_path / "cut", log=quiet, device="cpu",
-                 stop_after_epochs=2) is None
+    fit(data, "base", cfg, tmp_path / "full", log=quiet, device="cpu")
+    assert fit(data, "base", cfg, tmp_path / "cut", log=quiet, device="cpu", stop_after_epochs=2) is None
     assert len(read_log(tmp_path / "cut")) == 2
     resumed = []
-    train(images, points, train_idx, val_idx, space, cfg, tmp_path / "cut", log=resumed.append, device="cpu")
+    fit(data, "base", cfg, tmp_path / "cut", log=resumed.append, device="cpu")
     assert any("resuming" in m and "after epoch 2" in m for m in resumed)
     assert sum(m.startswith("epoch ") for m in resumed) == 3  # only the remaining epochs ran
     assert len(read_log(tmp_path / "cut")) == 5
     assert_same_weights(model_weights(tmp_path / "full" / "model.pt"), model_weights(tmp_path / "cut" / "model.pt"))
     # a checkpoint of another configuration is not resumed
     messages = []
-    train(images, points, train_idx, val_idx, space, replace(cfg, epochs=3), tmp_path / "cut", log=messages.append,
-          device="cpu")
+    fit(data, "base", settings(epochs=3), tmp_path / "cut", log=messages.append, device="cpu")
     assert any("starting afresh" in m for m in messages)
     assert len(read_log(tmp_path / "cut")) == 3
 
@@ -215,14 +218,16 @@ def test_resume_after_sigkill(data, tmp_path):
     script = textwrap.dedent(f"""
         import sys, time
         import numpy as np, torch
+        from deepssm_workflow import methods
+        from deepssm_workflow.engine import EngineSettings, train
         from deepssm_workflow.shape_space import ShapeSpace
-        from deepssm_workflow.train import TrainConfig, train
         torch.set_num_threads(1)
         d = sys.argv[1]
-        cfg = TrainConfig(variant="base", epochs={epochs}, batch_size=4, val_fraction=0.25, model={SMALL_NET!r})
+        cfg = methods.get("base").settings({{"epochs": {epochs}, "network": {SMALL_NET!r}}})
         slow = lambda message: time.sleep(0.4)  # epochs last ~0.1 s: leave time to kill between them
-        train(np.load(d + "/images.npy", mmap_mode="r"), np.load(d + "/points.npy"), np.load(d + "/train_idx.npy"),
-              np.load(d + "/val_idx.npy"), ShapeSpace.load(d + "/space.npz"), cfg, d + "/" + sys.argv[2], device="cpu",
+        train("base", cfg, np.load(d + "/images.npy", mmap_mode="r"), np.load(d + "/points.npy"),
+              np.load(d + "/train_idx.npy"), np.load(d + "/val_idx.npy"), ShapeSpace.load(d + "/space.npz"),
+              d + "/" + sys.argv[2], engine=EngineSettings(batch_size=4, val_fraction=0.25), device="cpu",
               log=slow if sys.argv[2] == "killed" else print)
     """)
     env = {**os.environ, "PYTHONHASHSEED": "0"}
@@ -248,8 +253,6 @@ def test_resume_after_sigkill(data, tmp_path):
 
 
 def test_npy_rows_reads_the_rows_asked_for_and_refuses_bad_stores(tmp_path):
-    from deepssm_workflow.train import NpyRows
-
     stack = np.random.default_rng(0).normal(size=(6, 3, 4, 5)).astype(np.float32)
     np.save(tmp_path / "images.npy", stack)
     rows = NpyRows(tmp_path / "images.npy")
@@ -267,8 +270,6 @@ def test_npy_rows_reads_the_rows_asked_for_and_refuses_bad_stores(tmp_path):
 
 
 def test_npy_rows_read_an_array_inside_an_uncompressed_npz(tmp_path):
-    from deepssm_workflow.train import NpyRows, StackedRows
-
     rng = np.random.default_rng(1)
     points, source = rng.normal(size=(7, 5, 3)), np.arange(7)
     np.savez(tmp_path / "samples.npz", source_index=source, points=points)  # float64, after another array
@@ -289,5 +290,5 @@ def test_npy_rows_read_an_array_inside_an_uncompressed_npz(tmp_path):
 
 def test_a_focal_percentile_outside_0_100_is_refused_by_name():
     for bad in (0.0, 101.0):
-        with pytest.raises(ValueError, match=f"focal_percentile must be in \\(0, 100\\], got {bad}"):
-            TrainConfig(variant="base_focal", focal_percentile=bad)
+        with pytest.raises(ValueError, match=f"method base_focal: focal_percentile: {bad} is"):
+            methods.get("base_focal").settings({"focal_percentile": bad})

@@ -5,7 +5,7 @@
 1. inference: seconds per scan, Base- and TL-DeepSSM at the paper's input sizes, batch 1
    and batched: the trained model as loaded (baseline) vs `predict.inference_model`.
 2. training: samples per second over one epoch at femur size: `train.train` on a
-   store read with `train.NpyRows` vs a loop written the straightforward way (one .npy file read per
+   store read with `rows.NpyRows` vs a loop written the straightforward way (one .npy file read per
    sample, no prefetching, default memory format, Adam's default implementation).
 3. augmentation: `augment.augment` (KDE samples, TPS-warped images, memory-mapped store)
    in samples per second and bytes on disk, vs a per-voxel thin-plate-spline resampling
@@ -46,13 +46,20 @@ import torch
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from . import methods
 from .atomic import replaced
 from .augment import augment
-from .models import ModelConfig, build_model, correspondence_loss
+from .engine import EngineSettings, train
+from .inference import predict
+from .layout import DatasetLayout
+from .methods import DataSpec
+from .models import correspondence_loss
 from .points import farthest_point_sampling
 from .predict import inference_model
+from .rows import NpyRows
+from .shape_space import ShapeSpace
 from .tps import BLAS, ThinPlateSpline, control_subset, warp_image
-from .train import NpyRows, TrainConfig, predict, train, train_from_artifacts
+from .train import train_from_artifacts
 
 # The paper's network inputs (X x Y x Z voxels, sec. 4) as (Z, Y, X) arrays, and Table 1's N.
 PAPER_INPUT = {"femur": (58, 46, 65), "metopic": (66, 51, 69), "left_atrium": (88, 69, 118)}
@@ -133,13 +140,22 @@ def femur_cohort(n_subjects: int, input_shape, n_points: int, mesh_mm: float, se
                   tuple(float(v) for v in origin), (spacing,) * 3)
 
 
-def _random_model(variant: str, input_shape, n_points: int, seed: int = 0, **model) -> torch.nn.Module:
-    """A Base/TL model with random weights and batch-norm statistics that are not the identity."""
+def one_per_network() -> list[str]:
+    """One registered default method per network (presets that differ only in their loss share one)."""
+    first = {}
+    for name in methods.names(default_only=True):
+        first.setdefault(type(methods.get(name).method), name)
+    return list(first.values())
+
+
+def _random_model(method: str, input_shape, n_points: int, seed: int = 0) -> torch.nn.Module:
+    """A method's network at its default (the paper's) size, with random weights and batch-norm
+    statistics that are not the identity, on a random shape space of PAPER_MODES modes."""
     rng = np.random.default_rng(seed)
-    basis = np.linalg.qr(rng.normal(size=(3 * n_points, PAPER_MODES)))[0].T
-    config = ModelConfig(input_shape=tuple(input_shape), n_points=n_points, n_modes=PAPER_MODES, **model)
+    space = ShapeSpace(n_modes=PAPER_MODES).fit(rng.normal(size=(PAPER_MODES + 1, n_points, 3)))
+    entry = methods.get(method)
     torch.manual_seed(seed)
-    net = build_model(variant, config, rng.normal(size=(n_points, 3)), basis)
+    net = entry.method.build(entry.settings(), DataSpec(tuple(input_shape), n_points, space))
     with torch.no_grad():
         net.train()(torch.randn(2, *input_shape) * 2 + 1)  # fills the running statistics
     return net.eval()
@@ -152,25 +168,27 @@ def bench_inference(scale: Scale, devices: list[str], log) -> list[dict]:
     rows = []
     for dataset, shape in scale.inputs.items():
         images = np.random.default_rng(1).normal(size=(scale.inference_scans, *shape)).astype(np.float32)
-        for variant in ("base", "tl"):
+        for method in one_per_network():
+            solver = methods.get(method).method
             for device in devices:
-                model = _random_model(variant, shape, scale.points[dataset]).to(device)
+                model = _random_model(method, shape, scale.points[dataset]).to(device)
                 fast = inference_model(model)
                 for batch in (1, scale.inference_batch):
                     nets = {"baseline": model, "optimized": fast}
                     for net in nets.values():
-                        predict(net, images[:batch], batch)  # warm-up: allocator, oneDNN kernels
+                        predict(solver, net, images[:batch], batch)  # warm-up: allocator, oneDNN kernels
                     timings = {name: float("inf") for name in nets}
                     for _ in range(3):  # interleaved, so that a burst of load hits both alike
                         for name, net in nets.items():
-                            timings[name] = min(timings[name], predict(net, images, batch)[1])
-                    difference = np.abs(predict(model, images, batch)[0] - predict(fast, images, batch)[0]).max()
-                    rows.append({"dataset": dataset, "input": "x".join(map(str, shape[::-1])), "variant": variant,
+                            timings[name] = min(timings[name], predict(solver, net, images, batch)[1])
+                    difference = np.abs(predict(solver, model, images, batch)[0]
+                                        - predict(solver, fast, images, batch)[0]).max()
+                    rows.append({"dataset": dataset, "input": "x".join(map(str, shape[::-1])), "method": method,
                                  "device": device, "batch": batch, "baseline_seconds": timings["baseline"],
                                  "optimized_seconds": timings["optimized"],
                                  "speedup": timings["baseline"] / timings["optimized"],
                                  "max_abs_difference_mm": float(difference)})
-                    log(f"inference {dataset} {variant} {device} batch {batch}: {timings['baseline']:.3f} -> "
+                    log(f"inference {dataset} {method} {device} batch {batch}: {timings['baseline']:.3f} -> "
                         f"{timings['optimized']:.3f} s/scan")
     return rows
 
@@ -201,8 +219,6 @@ def _manual_epoch(model, read_batch, points, order, batch_size: int) -> float:
 
 
 def bench_training(scale: Scale, cohort: Cohort, work: Path, log) -> list[dict]:
-    from .shape_space import ShapeSpace
-
     epochs = 2
     n_train, n_val = scale.train_samples, 2
     count = n_train + n_val
@@ -222,13 +238,14 @@ def bench_training(scale: Scale, cohort: Cohort, work: Path, log) -> list[dict]:
     # each loop runs `epochs` epochs and is timed by its fastest: the first pays for the allocator and
     # oneDNN's kernel creation, which would otherwise count against whichever loop runs first
     rows = []
-    baseline_model = _random_model("base", shape, points.shape[1])
+    method = one_per_network()[0]
+    baseline_model = _random_model(method, shape, points.shape[1])
     baseline = min(_manual_epoch(baseline_model, from_files, points, order, scale.train_batch)
                    for _ in range(epochs))
     rows.append({"loop": "baseline: per-sample .npy reads, no prefetch, NCDHW", "seconds": baseline})
     space = ShapeSpace(n_modes=min(PAPER_MODES, len(cohort.ids) - 1)).fit(cohort.world)
-    config = TrainConfig(variant="base", epochs=epochs, batch_size=scale.train_batch)
-    train(store, points, np.arange(n_train), np.arange(n_train, count), space, config, work / "model",
+    train(method, methods.get(method).settings({"epochs": epochs}), store, points, np.arange(n_train),
+          np.arange(n_train, count), space, work / "model", engine=EngineSettings(batch_size=scale.train_batch),
           device="cpu", log=lambda *_: None)
     with open(work / "model" / "log.csv", newline="") as handle:
         ours = min(float(row["seconds"]) for row in csv.DictReader(handle))
@@ -282,26 +299,28 @@ def itk_tps_warp(image, origin, spacing, source, target, n_control: int) -> np.n
     return itk.array_from_image(warped)
 
 
-def _write_augmentation_inputs(cohort: Cohort, work: Path) -> tuple[Path, Path]:
-    """The files `augment` reads: cohort/shapes_train.npz, preprocess/train.npz and grid.json."""
-    cohort_dir, preprocess_dir = work / "cohort", work / "preprocess"
-    cohort_dir.mkdir(parents=True, exist_ok=True)
-    preprocess_dir.mkdir(parents=True, exist_ok=True)
-    np.savez(cohort_dir / "shapes_train.npz", ids=np.array(cohort.ids), world=cohort.world)
-    np.savez(preprocess_dir / "train.npz", ids=np.array(cohort.ids), images=cohort.images)
+def _write_augmentation_inputs(cohort: Cohort, work: Path) -> DatasetLayout:
+    """The files `augment` reads (cohort/shapes_train.npz, preprocess/train.npz and grid.json), with
+    `work` as the dataset's results folder."""
+    layout = DatasetLayout(work)
+    layout.cohort_dir.mkdir(parents=True, exist_ok=True)
+    layout.preprocess_dir.mkdir(parents=True, exist_ok=True)
+    np.savez(layout.shapes("train"), ids=np.array(cohort.ids), world=cohort.world)
+    np.savez(layout.preprocessed("train"), ids=np.array(cohort.ids), images=cohort.images)
     grid = {"origin": list(cohort.origin), "spacing": list(cohort.spacing),
             "size": list(cohort.images.shape[1:][::-1])}
-    (preprocess_dir / "grid.json").write_text(json.dumps({"grid": grid}))
-    return cohort_dir, preprocess_dir
+    layout.grid_json.write_text(json.dumps({"grid": grid}))
+    return layout
 
 
 def bench_augmentation(scale: Scale, cohort: Cohort, work: Path, log) -> dict:
-    cohort_dir, preprocess_dir = _write_augmentation_inputs(cohort, work)
+    layout = _write_augmentation_inputs(cohort, work)
     cpu_start = time.process_time()  # CPU seconds: what the wall time would be on an idle machine
-    summary = augment(cohort_dir, preprocess_dir, work / "augmentation", scale.augment_samples, n_control=N_CONTROL)
+    summary = augment(layout.cohort_dir, layout.preprocess_dir, layout.augmentation_dir, scale.augment_samples,
+                      n_control=N_CONTROL)
     cpu_seconds = time.process_time() - cpu_start
     log(f"augmentation: {summary['n']} samples in {summary['seconds']:.1f} s")
-    with np.load(work / "augmentation" / "samples.npz") as samples:
+    with np.load(layout.samples_npz) as samples:
         points, source = samples["points"], samples["source_index"]
     pairs = [(cohort.images[s], cohort.world[s], points[i]) for i, s in enumerate(source[:scale.baseline_warps])]
     grid = (cohort.origin, cohort.spacing)
@@ -389,7 +408,8 @@ def memory_child(spec: dict) -> dict:
     watcher = threading.Thread(target=sample, daemon=True)
     watcher.start()
     start = time.perf_counter()
-    train_from_artifacts(spec["cohort"], spec["preprocess"], spec["augmentation"], "base", spec["settings"],
+    train_from_artifacts(spec["cohort"], spec["preprocess"], spec["augmentation"], one_per_network()[0],
+                         spec["settings"],
                          spec["out"], threads=spec["threads"], log=lambda *_: None)
     done.set()
     watcher.join()
@@ -415,17 +435,18 @@ def _augmentation_store(cohort: Cohort, directory: Path, count: int) -> None:
 
 
 def bench_memory(scale: Scale, cohort: Cohort, work: Path, threads: int, log) -> list[dict]:
-    cohort_dir, preprocess_dir = _write_augmentation_inputs(cohort, work)
+    layout = _write_augmentation_inputs(cohort, work)
     # the data path at full size; a one-channel network of 1x1x1 convs so that an epoch over 5000
     # samples takes a minute on a CPU (the paper network's activations do not grow with the count)
-    settings = {"n_modes": min(PAPER_MODES, len(cohort.ids) - 1), "epochs": 1, "batch_size": 8,
-                "model": {"channels": [1] * 5, "kernel_sizes": [1] * 5, "fc_sizes": [8, 8]}}
+    settings = {"shape_space": {"n_modes": min(PAPER_MODES, len(cohort.ids) - 1)}, "training": {"batch_size": 8},
+                "method": {"epochs": 1, "network": {"channels": [1] * 5, "kernel_sizes": [1] * 5, "fc_sizes": [8, 8]}}}
     rows = []
     for count in scale.memory_counts:
         directory = work / f"augmentation_{count}"
         _augmentation_store(cohort, directory, count)
-        spec = {"cohort": str(cohort_dir), "preprocess": str(preprocess_dir), "augmentation": str(directory),
-                "settings": settings, "out": str(work / f"model_{count}"), "threads": threads}
+        spec = {"cohort": str(layout.cohort_dir), "preprocess": str(layout.preprocess_dir),
+                "augmentation": str(directory), "settings": settings, "out": str(work / f"model_{count}"),
+                "threads": threads}
         done = subprocess.run([sys.executable, "-m", "deepssm_workflow.bench", "--memory-child", json.dumps(spec)],
                               capture_output=True, text=True)
         if done.returncode != 0:
@@ -489,7 +510,7 @@ def markdown(result: dict) -> str:
             target = (f"<= {TARGETS['inference_seconds']} s" if row["dataset"] == "femur" and row["batch"] == 1
                       and row["device"] == "cpu" else "")
             met = _met(row["optimized_seconds"], TARGETS["inference_seconds"], False) if target else ""
-            lines.append(f"| inference {row['variant']} {row['dataset']} {row['input']}, {row['device']}, batch "
+            lines.append(f"| inference {row['method']} {row['dataset']} {row['input']}, {row['device']}, batch "
                          f"{row['batch']} (s/scan) | {row['baseline_seconds']:.3f} | {row['optimized_seconds']:.3f} "
                          f"| {row['speedup']:.2f}x | {target} | {met} |")
     training = result.get("training")

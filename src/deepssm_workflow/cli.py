@@ -11,6 +11,7 @@ import shlex
 import sys
 import time
 
+from . import methods
 from .provenance import verify, write_sidecar
 from .studies.registry import CHOICES as STUDY_CHOICES
 from .studies.registry import STUDIES
@@ -58,7 +59,7 @@ def _augment(args) -> None:
 def _train(args) -> None:
     from .train import train_from_artifacts
 
-    card = train_from_artifacts(args.cohort, args.preprocess_dir, args.augmentation_dir, args.variant,
+    card = train_from_artifacts(args.cohort, args.preprocess_dir, args.augmentation_dir, args.method,
                                 json.loads(args.settings), args.out_dir, threads=args.threads)
     print(json.dumps(card, indent=2, default=str))
 
@@ -80,25 +81,36 @@ def _evaluate(args) -> None:
     from .evaluate import evaluate_dataset, summarize
 
     if args.out_dir:
-        summary = evaluate_dataset(args.dataset_dir, args.variants, args.out_dir)
+        summary = evaluate_dataset(args.dataset_dir, args.methods, json.loads(args.shape_space), args.out_dir)
         print(json.dumps(summary, indent=2))
     else:
-        print(summarize(args.dataset_dir, args.variants).to_string(index=False, float_format="%.3f"))
+        print(summarize(args.dataset_dir, args.methods, json.loads(args.shape_space))
+              .to_string(index=False, float_format="%.3f"))
 
 
 def _study(args) -> None:
     from .studies import run_study
 
-    variants = [v for v in args.variants.split(",") if v]
-    summary = run_study(args.study, args.dataset_dir, variants, args.out_dir, resources_dir=args.resources_dir)
+    summary = run_study(args.study, args.dataset_dir, args.methods, args.out_dir, resources_dir=args.resources_dir)
     print(json.dumps(summary, indent=2))
 
 
 def _report(args) -> None:
     from .report import build_report
 
-    build_report(args.dataset_dir, args.dataset, json.loads(args.settings), args.variants, args.out)
+    build_report(args.dataset_dir, args.dataset, json.loads(args.settings), args.methods, args.out)
     print(f"wrote {args.out}")
+
+
+def _settings(args) -> None:
+    from pathlib import Path
+
+    import yaml
+
+    from .config import effective_settings
+
+    config = yaml.safe_load(Path(args.configfile).read_text())
+    print(yaml.safe_dump(effective_settings(config, args.schema, args.dataset), sort_keys=False), end="")
 
 
 def _qc_preprocess(args) -> None:
@@ -140,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", choices=STUDY_CHOICES, help="the clinical study whose labels the table must have, "
                    "or none (default: the anatomy's own study, if it has one)")
     p.add_argument("--source", required=True,
-                   help='JSON, e.g. {"source": "csv", "manifest": "cohort.csv"} or {"source": "shapeworks", "project": "p.swproj"}')
+                   help='JSON, e.g. {"source": "csv", "manifest": "cohort.csv"} or '
+                        '{"source": "shapeworks", "project": "p.swproj"}')
     p.add_argument("--out-dir", required=True, help="normalized cohort folder")
     p.set_defaults(run=_ingest)
 
@@ -165,12 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     _artifact_flags(p)
     p.set_defaults(run=_augment)
 
-    p = steps.add_parser("train", help="train one DeepSSM variant (CUDA when visible, else CPU)")
+    p = steps.add_parser("train", help="train one registered method (CUDA when visible, else CPU)")
     p.add_argument("--cohort", required=True)
     p.add_argument("--preprocess-dir", required=True)
     p.add_argument("--augmentation-dir", required=True)
-    p.add_argument("--variant", required=True, choices=["base", "base_focal", "tl", "tl_focal"])
-    p.add_argument("--settings", required=True, help="JSON of the config's `training` block")
+    p.add_argument("--method", required=True, choices=methods.names())
+    p.add_argument("--settings", required=True, help='JSON: {"shape_space": {...}, "training": {...}, '
+                   '"method": {...}}, the dataset\'s blocks')
     p.add_argument("--out-dir", required=True)
     p.add_argument("--threads", type=int, default=1)
     _artifact_flags(p)
@@ -186,15 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_predict)
 
     p = steps.add_parser("predict-image", help="correspondences for one new, unsegmented image")
-    p.add_argument("--model-dir", required=True, help="results/{dataset}/models/{variant}")
+    p.add_argument("--model-dir", required=True, help="results/{dataset}/models/{method}")
     p.add_argument("--preprocess-dir", required=True, help="results/{dataset}/preprocess (reference, grid)")
     p.add_argument("--image", required=True, help="3D image file (NRRD, NIfTI, ...)")
     p.add_argument("--out-prefix", required=True, help="writes PREFIX_world.particles and PREFIX_local.particles")
     p.set_defaults(run=_predict_image)
 
-    p = steps.add_parser("evaluate", help="mean test RMSE per variant beside the mean-shape predictor and PCA floor")
+    p = steps.add_parser("evaluate", help="mean test RMSE per method beside the mean-shape predictor and PCA floor")
     p.add_argument("--dataset-dir", required=True, help="results/{dataset}")
-    p.add_argument("--variants", nargs="+", default=["base", "base_focal", "tl", "tl_focal"])
+    p.add_argument("--methods", nargs="+", default=methods.names(default_only=True), choices=methods.names())
+    p.add_argument("--shape-space", required=True, help='JSON of the dataset\'s `shape_space` block, e.g. '
+                   '\'{"n_modes": 4}\' (the PCA floor\'s modes)')
     p.add_argument("--out-dir", help="write the full evaluation here (tables, figures, surface distances, timing)")
     p.set_defaults(run=_evaluate)
 
@@ -202,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", required=True, choices=tuple(STUDIES))
     p.add_argument("--dataset-dir", required=True, help="results/{dataset}")
     p.add_argument("--resources-dir", help="resources/{dataset}: expert ratings (data/ratings.csv), ground_truth.csv")
-    p.add_argument("--variants", default="base,base_focal,tl,tl_focal", help="comma-separated; those without "
-                   "predictions are skipped and listed in summary.json")
+    p.add_argument("--methods", nargs="+", default=methods.names(default_only=True), choices=methods.names(),
+                   help="those without predictions are skipped and listed in summary.json")
     p.add_argument("--out-dir", required=True, help="results/{dataset}/study")
     p.set_defaults(run=_study)
 
@@ -211,9 +227,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-dir", required=True, help="results/{dataset} with evaluation/ and study/")
     p.add_argument("--dataset", required=True, help="the dataset's name in the config")
     p.add_argument("--settings", required=True, help="JSON of the dataset's config block")
-    p.add_argument("--variants", nargs="+", default=["base", "base_focal", "tl", "tl_focal"])
+    p.add_argument("--methods", nargs="+", default=methods.names(default_only=True), choices=methods.names())
     p.add_argument("--out", required=True, help="report.html to write")
     p.set_defaults(run=_report)
+
+    p = steps.add_parser("settings", help="the effective settings of a config: every default filled in, each "
+                         "method's full settings (what training will use)")
+    p.add_argument("configfile", help="a config file, e.g. config/paper.yaml")
+    p.add_argument("--dataset", help="only this dataset")
+    p.add_argument("--schema", default="workflow/schemas/config.schema.yaml",
+                   help="the config schema (default: the checkout's, run from its root)")
+    p.set_defaults(run=_settings)
 
     p = steps.add_parser("qc-preprocess", help="QC figure of preprocessing: training overlay, registered test images")
     p.add_argument("--preprocess-dir", required=True)
@@ -234,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # a rule redirects stdout to its log file: line by line, so that training's progress shows as
+    # it runs (and survives a killed job), not in one block at the end
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "verify", None):

@@ -2,8 +2,10 @@
 
 The schema (workflow/schemas/config.schema.yaml) rejects unknown keys and wrong
 types and gives the defaults, which `load` writes into the config (so the rules see
-them); a `training` block with neither `n_modes` nor `variance` gets variance 0.99
-(done here: a schema default cannot choose one branch of a `oneOf`). The checks
+them); a `shape_space` block with neither `n_modes` nor `variance` gets variance 0.99
+(done here: a schema default cannot choose one branch of a `oneOf`). The schema of the
+`methods` blocks comes from the method registry (`deepssm_workflow.methods`): `$defs.methods`
+in the YAML file is a placeholder that `schema` fills. The checks
 here know the anatomies and the studies: a synthetic cohort's anatomy must be one
 the generator makes, its group names that anatomy's, and a dataset's `study` one
 of `studies.registry.CHOICES`. Every message starts with the dotted path of the
@@ -23,7 +25,7 @@ from .studies.registry import CHOICES as STUDY_CHOICES
 from .studies.registry import NO_STUDY, default_study
 from .synthetic.registry import ANATOMIES, GROUPS
 
-DEFAULT_VARIANCE = 0.99  # a `training` block without n_modes or variance keeps 99 % of the shape variance
+DEFAULT_VARIANCE = 0.99  # a `shape_space` block without n_modes or variance keeps 99 % of the shape variance
 
 
 class ConfigError(ValueError):
@@ -38,19 +40,24 @@ class Dataset:
     study: str = NO_STUDY  # a name of studies.registry.STUDIES, or "none"
 
 
-def _schema(schema_path) -> dict:
-    return yaml.safe_load(Path(schema_path).read_text())
+def schema(schema_path) -> dict:
+    """The config's JSON schema: the YAML file, with the registered methods' blocks filled in."""
+    from . import methods
+
+    loaded = yaml.safe_load(Path(schema_path).read_text())
+    loaded["$defs"]["methods"] = methods.config_schema()
+    return loaded
 
 
 def fill_defaults(config: dict, schema_path) -> dict:
     """Write the schema's defaults into `config` (in place; also returned): every absent key
-    with a `default`, at every level, each a fresh copy; then variance 0.99 in a `training`
+    with a `default`, at every level, each a fresh copy; then variance 0.99 in a `shape_space`
     block with neither n_modes nor variance. Parts of the wrong type are left to the checks."""
-    schema = _schema(schema_path)
+    full = schema(schema_path)
 
     def resolve(node: dict) -> dict:
         while "$ref" in node:  # local references only: "#/$defs/name"
-            target = schema
+            target = full
             for part in node["$ref"].lstrip("#/").split("/"):
                 target = target[part]
             node = target
@@ -71,25 +78,26 @@ def fill_defaults(config: dict, schema_path) -> dict:
             elif isinstance(node.get("additionalProperties"), dict):
                 fill(node["additionalProperties"], value)
 
-    fill(schema, config)
+    fill(full, config)
     for entry in (config.get("datasets") or {}).values() if isinstance(config, dict) else ():
-        training = entry.get("training") if isinstance(entry, dict) else None
-        if isinstance(training, dict) and "n_modes" not in training and "variance" not in training:
-            training["variance"] = DEFAULT_VARIANCE
+        space = entry.get("shape_space") if isinstance(entry, dict) else None
+        if isinstance(space, dict) and "n_modes" not in space and "variance" not in space:
+            space["variance"] = DEFAULT_VARIANCE
     return config
 
 
 def schema_errors(config: dict, schema_path) -> list[str]:
     """Schema violations as one line each, starting with the dotted key that is wrong."""
-    schema = _schema(schema_path)
-    validator = jsonschema.Draft202012Validator(schema)
+    full = schema(schema_path)
+    validator = jsonschema.Draft202012Validator(full)
     messages = []
     for error in sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path))):
         key = ".".join(map(str, error.absolute_path)) or "<top level>"
         if error.validator == "additionalProperties":
             allowed = sorted(error.schema.get("properties", {}))
             for unknown in sorted(set(error.instance) - set(allowed)):
-                messages.append(f"{key}.{unknown}: unknown key" + (f" (allowed: {', '.join(allowed)})" if allowed else ""))
+                listed = f" (allowed: {', '.join(allowed)})" if allowed else ""
+                messages.append(f"{key}.{unknown}: unknown key{listed}")
         elif error.validator == "required":
             missing = error.message.split("'")[1]
             messages.append(f"{key}.{missing}: required key is missing")
@@ -129,8 +137,26 @@ def load(config: dict, schema_path) -> dict[str, "Dataset"]:
     return check(config)
 
 
+def effective_settings(config: dict, schema_path, dataset: str | None = None) -> dict:
+    """What training will use, per dataset: the shape space, the engine's settings and each
+    listed method's full settings (defaults and a preset's fixed settings filled in)."""
+    from dataclasses import asdict
+
+    from . import methods
+
+    config = copy.deepcopy(config)
+    datasets = load(config, schema_path)
+    if dataset is not None and dataset not in datasets:
+        raise ConfigError(f"no dataset {dataset!r} in the config (it has {', '.join(datasets)})")
+    return {name: {"shape_space": entry["shape_space"], "training": entry["training"],
+                   "methods": {m: asdict(methods.get(m).settings(block)) for m, block in entry["methods"].items()}}
+            for name, entry in config["datasets"].items() if dataset in (None, name)}
+
+
 def check(config: dict) -> dict[str, Dataset]:
     """Validate the semantic parts of a schema-valid config; return the datasets by name."""
+    from . import methods
+
     datasets = {}
     for name, entry in config["datasets"].items():
         key = f"datasets.{name}"
@@ -148,6 +174,11 @@ def check(config: dict) -> dict[str, Dataset]:
                 raise ConfigError(f"{key}.study: a synthetic {anatomy} cohort has the labels of its own study "
                                   f"({default_study(anatomy)}) only; choose that or none, not {study}")
             _check_synthetic(f"{key}.synthetic", anatomy, entry["synthetic"])
+        for method, block in entry["methods"].items():
+            try:
+                methods.get(method).settings(block)
+            except ValueError as error:  # a method's own checks (the schema has passed)
+                raise ConfigError(f"{key}.methods.{method}: {str(error).removeprefix(f'method {method}: ')}") from None
         datasets[name] = Dataset(name, anatomy, entry["source"], study)
     return datasets
 

@@ -3,11 +3,11 @@
 Errors are measured in each test scan's own (scanner) frame, where a user gets the
 points: prediction and baselines alike pass through the image-only registration.
 
-Two baselines sit beside every variant: the mean-shape predictor (the training mean
+Two baselines sit beside every method: the mean-shape predictor (the training mean
 shape placed in the scan by the same registration: what a network that learnt nothing
 would score) and the PCA-truncation floor (the true shape projected onto the K modes
 of the training shapes: the best any model predicting K scores through this basis can
-do). A variant's "gap closed" is how far it got from the first towards the second.
+do). A method's "gap closed" is how far it got from the first towards the second.
 
 `evaluate_dataset` writes results/{dataset}/evaluation/: summary.json, tables/*.csv
 with tables.json (title and caption of each), the figures with figures.json, and
@@ -25,6 +25,7 @@ import pandas as pd
 
 from .atomic import staged
 from .io import apply_transform, read_particles
+from .layout import DatasetLayout
 from .shape_space import ShapeSpace, rmse
 
 MEAN_SHAPE, PCA_FLOOR = "mean shape", "PCA floor"
@@ -43,7 +44,8 @@ def per_point_rmse(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     """Paper's per-point RMSE_i = sqrt(((dx)^2 + (dy)^2 + (dz)^2) / 3) for each point: (..., M, 3) -> (..., M)."""
     pred, true = np.asarray(pred, dtype=np.float64), np.asarray(true, dtype=np.float64)
     if pred.shape != true.shape or pred.ndim < 2 or pred.shape[-1] != 3:
-        raise ValueError(f"per_point_rmse needs two arrays of equal shape (..., M, 3), got {pred.shape} and {true.shape}")
+        raise ValueError(f"per_point_rmse needs two arrays of equal shape (..., M, 3), "
+                         f"got {pred.shape} and {true.shape}")
     return np.sqrt(((pred - true) ** 2).mean(axis=-1))
 
 
@@ -68,17 +70,17 @@ def _mesh_column(table: pd.DataFrame, ids) -> list[str]:
     return [meshes.get(i, "") for i in ids]
 
 
-def load_test_cohort(cohort_dir, preprocess_dir) -> TestCohort:
-    cohort_dir, preprocess_dir = Path(cohort_dir), Path(preprocess_dir)
-    truth = np.load(cohort_dir / "shapes_test.npz")
-    train = np.load(cohort_dir / "shapes_train.npz")
-    registered = np.load(preprocess_dir / "test.npz")
-    subjects = pd.read_csv(cohort_dir / "subjects.csv", dtype={"id": str})
+def load_test_cohort(dataset_dir) -> TestCohort:
+    layout = DatasetLayout(dataset_dir)
+    truth = np.load(layout.shapes("test"))
+    train = np.load(layout.shapes("train"))
+    registered = np.load(layout.preprocessed("test"))
+    subjects = pd.read_csv(layout.subjects_csv, dtype={"id": str})
     ids = [str(i) for i in truth["ids"]]
     estimated = {str(i): m for i, m in zip(registered["ids"], registered["image_to_world"])}
     missing = [i for i in ids if i not in estimated]
     if missing:
-        raise ValueError(f"{preprocess_dir / 'test.npz'}: no registered image for test subject(s) {', '.join(missing)}")
+        raise ValueError(f"{layout.preprocessed('test')}: no registered image for test subject(s) {', '.join(missing)}")
     groups = subjects.set_index("id")["group"].astype(str) if "group" in subjects else pd.Series(dtype=str)
     train_ids = [str(i) for i in train["ids"]]
     return TestCohort(
@@ -92,9 +94,11 @@ def load_test_cohort(cohort_dir, preprocess_dir) -> TestCohort:
                "meshes": _mesh_column(subjects, train_ids)})
 
 
-def baseline_shapes(cohort: TestCohort, n_modes: int) -> tuple[dict[str, np.ndarray], ShapeSpace]:
-    """The two baselines' shapes per test subject, in each scan's frame (N, M, 3)."""
-    space = ShapeSpace(n_modes=n_modes).fit(cohort.train["world"])
+def baseline_shapes(cohort: TestCohort, shape_space: dict) -> tuple[dict[str, np.ndarray], ShapeSpace]:
+    """The two baselines' shapes per test subject, in each scan's frame (N, M, 3). The PCA floor
+    uses the dataset's shape space (config `shape_space`: n_modes or variance), fitted to the
+    training shapes, as the workflow's PCA-based methods do."""
+    space = ShapeSpace(**shape_space).fit(cohort.train["world"])
     projected = space.inverse_transform(space.transform(cohort.true_world))
     return {
         MEAN_SHAPE: np.stack([apply_transform(np.linalg.inv(t), space.mean) for t in cohort.registered_to_world]),
@@ -102,16 +106,16 @@ def baseline_shapes(cohort: TestCohort, n_modes: int) -> tuple[dict[str, np.ndar
     }, space
 
 
-def read_predictions(predictions_dir, ids, n_points: int) -> np.ndarray:
-    """Predicted scanner-frame points of the given subjects, in that order (N, M, 3)."""
-    predictions_dir = Path(predictions_dir)
-    table_path = predictions_dir / "predictions.csv"
+def read_predictions(table_path, ids, n_points: int) -> np.ndarray:
+    """Predicted scanner-frame points of the given subjects, in that order (N, M, 3), from a
+    predictions.csv (particle files relative to its folder)."""
+    table_path = Path(table_path)
     table = pd.read_csv(table_path, dtype={"id": str}).set_index("id")
     shapes = []
     for subject in ids:
         if subject not in table.index:
             raise ValueError(f"{table_path}: no prediction for test subject {subject}")
-        path = predictions_dir / table.loc[subject, "local_particles"]
+        path = table_path.parent / table.loc[subject, "local_particles"]
         points = read_particles(path)
         if points.shape != (n_points, 3):
             raise ValueError(f"{path}: subject {subject} has {len(points)} points, the cohort has {n_points}")
@@ -121,27 +125,27 @@ def read_predictions(predictions_dir, ids, n_points: int) -> np.ndarray:
     return np.stack(shapes)
 
 
-def rmse_against_baselines(cohort_dir, preprocess_dir, predictions_dir, n_modes: int) -> pd.DataFrame:
-    """Per test subject: RMSE (paper eq. 12, mm) of the prediction, of the mean-shape
-    predictor, and the PCA-truncation floor (the true shape projected on `n_modes`
-    modes of the training shapes: the best any such linear model can do)."""
-    cohort = load_test_cohort(cohort_dir, preprocess_dir)
-    baselines, _ = baseline_shapes(cohort, n_modes)
-    predicted = read_predictions(predictions_dir, cohort.ids, cohort.true_local.shape[1])
+def rmse_against_baselines(dataset_dir, method: str, shape_space: dict) -> pd.DataFrame:
+    """Per test subject: RMSE (paper eq. 12, mm) of the method's prediction, of the mean-shape
+    predictor, and the PCA-truncation floor (the true shape projected on the modes of the
+    dataset's shape space: the best any such linear model can do)."""
+    cohort = load_test_cohort(dataset_dir)
+    baselines, _ = baseline_shapes(cohort, shape_space)
+    predicted = read_predictions(DatasetLayout(dataset_dir).predictions_csv(method), cohort.ids,
+                                 cohort.true_local.shape[1])
     return pd.DataFrame({"id": cohort.ids, "rmse_mm": rmse(predicted, cohort.true_local),
                          "mean_shape_rmse_mm": rmse(baselines[MEAN_SHAPE], cohort.true_local),
                          "pca_floor_rmse_mm": rmse(baselines[PCA_FLOOR], cohort.true_local)})
 
 
-def summarize(dataset_results, variants) -> pd.DataFrame:
-    """Mean test RMSE of each trained variant beside its baselines (results/{dataset} folder)."""
-    root = Path(dataset_results)
+def summarize(dataset_results, methods, shape_space: dict) -> pd.DataFrame:
+    """Mean test RMSE of each trained method beside its baselines (results/{dataset} folder)."""
+    layout = DatasetLayout(dataset_results)
     rows = []
-    for variant in variants:
-        card = json.loads((root / "models" / variant / "model_card.json").read_text())
-        table = rmse_against_baselines(root / "cohort", root / "preprocess", root / "predictions" / variant,
-                          card["model_config"]["n_modes"])
-        rows.append({"variant": variant, "rmse_mm": table["rmse_mm"].mean(),
+    for method in methods:
+        card = json.loads(layout.model_card(method).read_text())
+        table = rmse_against_baselines(layout.root, method, shape_space)
+        rows.append({"method": method, "rmse_mm": table["rmse_mm"].mean(),
                      "mean_shape_rmse_mm": table["mean_shape_rmse_mm"].mean(),
                      "pca_floor_rmse_mm": table["pca_floor_rmse_mm"].mean(),
                      "best_epoch": card["best_epoch"], "val_rmse_mm": card["val_rmse"]})
@@ -158,35 +162,36 @@ def gap_closed(value: float, mean_shape: float, floor: float) -> float:
 FIGURES = ("per_point_rmse.png", "surface_boxplot.png", "surface_heatmaps.png")
 
 
-def evaluate_dataset(dataset_dir, variants, out_dir) -> dict:
-    """Every metric of the test set for each variant and both baselines: RMSE (eq. 12), per-point
+def evaluate_dataset(dataset_dir, trained, shape_space: dict, out_dir) -> dict:
+    """Every metric of the test set for each method and both baselines: RMSE (eq. 12), per-point
     RMSE on the mean shape, surface-to-surface distance of meshes rebuilt from the points, and
     inference time. Writes out_dir atomically; returns the summary."""
-    root = Path(dataset_dir)
-    anatomy = json.loads((root / "cohort" / "report.json").read_text())["anatomy"]
-    cohort = load_test_cohort(root / "cohort", root / "preprocess")
+    layout = DatasetLayout(dataset_dir)
+    anatomy = json.loads(layout.cohort_report.read_text())["anatomy"]
+    cohort = load_test_cohort(layout.root)
     n_points = cohort.true_local.shape[1]
-    cards = {v: json.loads((root / "models" / v / "model_card.json").read_text()) for v in variants}
-    n_modes = _shared_modes(cards, root)
-    shapes = {v: read_predictions(root / "predictions" / v, cohort.ids, n_points) for v in variants}
-    baselines, space = baseline_shapes(cohort, n_modes)
+    cards = {v: json.loads(layout.model_card(v).read_text()) for v in trained}
+    shapes = {v: read_predictions(layout.predictions_csv(v), cohort.ids, n_points) for v in trained}
+    baselines, space = baseline_shapes(cohort, shape_space)
+    n_modes = space.n_modes
     shapes.update(baselines)
     methods = list(shapes)
     point_errors = {m: per_point_rmse(s, cohort.true_local) for m, s in shapes.items()}
 
     per_subject = pd.DataFrame([
-        {"method": m, "kind": "variant" if m in variants else "baseline", "id": subject, "group": group,
+        {"method": m, "kind": "method" if m in trained else "baseline", "id": subject, "group": group,
          "rmse_mm": float(rmse(shapes[m][k], cohort.true_local[k]))}
         for m in methods for k, (subject, group) in enumerate(zip(cohort.ids, cohort.groups))])
 
-    template, measured, distances, surface_maps, notes = _surface_metrics(cohort, shapes, variants)
+    template, measured, distances, surface_maps, notes = _surface_metrics(cohort, shapes, trained)
     per_subject = per_subject.merge(distances, on=["method", "id"], how="left")
 
     summary_table = _summary_table(per_subject, point_errors, methods, cards)
-    timing = _timing_table(root, variants, anatomy, n_points)
+    timing = _timing_table(layout, trained, anatomy, n_points)
     mean_surface = template.warp(space.mean) if template else None
 
-    with staged(out_dir, ["tables", "per_point.npz", "summary.json", "figures.json", "tables.json", *FIGURES]) as staging:
+    outputs = ["tables", "per_point.npz", "summary.json", "figures.json", "tables.json", *FIGURES]
+    with staged(out_dir, outputs) as staging:
         (staging / "tables").mkdir()
         per_subject.to_csv(staging / "tables" / "accuracy_per_subject.csv", index=False)
         summary_table.to_csv(staging / "tables" / "accuracy_summary.csv", index=False)
@@ -194,20 +199,20 @@ def evaluate_dataset(dataset_dir, variants, out_dir) -> dict:
         np.savez(staging / "per_point.npz", mean_shape=space.mean, methods=np.array(methods),
                  mean=np.stack([point_errors[m].mean(0) for m in methods]),
                  std=np.stack([point_errors[m].std(0) for m in methods]))
-        _per_point_figure(mean_surface, space.mean, point_errors, variants, summary_table,
+        _per_point_figure(mean_surface, space.mean, point_errors, trained, summary_table,
                           staging / "per_point_rmse.png")
         if measured:
             _surface_boxplot(per_subject, methods, staging / "surface_boxplot.png")
-            _surface_heatmaps(cohort, measured, per_subject, surface_maps, variants,
+            _surface_heatmaps(cohort, measured, per_subject, surface_maps, trained,
                               staging / "surface_heatmaps.png")
         else:
             for name in FIGURES[1:]:
                 _note_figure(" ".join(notes), staging / name)
-        figures = _figure_entries(n_modes, template, bool(measured), variants)
+        figures = _figure_entries(n_modes, template, bool(measured), trained)
         (staging / "figures.json").write_text(json.dumps(figures, indent=2))
         (staging / "tables.json").write_text(json.dumps(_table_entries(n_modes, anatomy), indent=2))
         summary = {
-            "anatomy": anatomy, "variants": list(variants), "n_test": len(cohort.ids), "n_points": n_points,
+            "anatomy": anatomy, "trained": list(trained), "n_test": len(cohort.ids), "n_points": n_points,
             "n_modes": n_modes, "template_subject": template.subject if template else None,
             "surface_measured_subjects": [cohort.ids[k] for k in measured], "notes": notes,
             "methods": {row["method"]: {key: _plain(value) for key, value in row.items() if key != "method"}
@@ -217,9 +222,9 @@ def evaluate_dataset(dataset_dir, variants, out_dir) -> dict:
     return summary
 
 
-def _surface_metrics(cohort: TestCohort, shapes: dict, variants):
+def _surface_metrics(cohort: TestCohort, shapes: dict, trained):
     """Surface distances of every method's rebuilt meshes, where meshes exist: the template (or
-    None), the measured test subjects' indices, a (method, id) table, the variants' per-vertex
+    None), the measured test subjects' indices, a (method, id) table, the trained' per-vertex
     distance maps on the true meshes, and notes naming what could not be measured."""
     from .surface import read_mesh, surface_distance, template_from_training
 
@@ -248,7 +253,7 @@ def _surface_metrics(cohort: TestCohort, shapes: dict, variants):
         for k in measured:
             distance = surface_distance(template.warp(points[k]), true_meshes[k])
             rows.append([method, cohort.ids[k], distance.mean_mm, distance.hausdorff_mm])
-            if method in variants:
+            if method in trained:
                 maps[method, k] = distance.from_true
     return template, measured, table(rows), maps, notes
 
@@ -262,14 +267,6 @@ def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _shared_modes(cards: dict, root: Path) -> int:
-    modes = {v: card["model_config"]["n_modes"] for v, card in cards.items()}
-    if len(set(modes.values())) != 1:
-        raise ValueError(f"{root / 'models'}: the variants' model cards disagree on the number of PCA modes "
-                         f"({modes}); the PCA-floor baseline needs one")
-    return next(iter(modes.values()))
-
-
 def _summary_table(per_subject: pd.DataFrame, point_errors: dict, methods, cards: dict) -> pd.DataFrame:
     grouped = per_subject.groupby("method", sort=False)
     means = grouped[["rmse_mm", "surface_mean_mm", "hausdorff_mm"]].mean()
@@ -277,7 +274,7 @@ def _summary_table(per_subject: pd.DataFrame, point_errors: dict, methods, cards
     rows = []
     for m in methods:
         rows.append({
-            "method": m, "kind": "variant" if m in cards else "baseline",
+            "method": m, "kind": "method" if m in cards else "baseline",
             "rmse_mm": means.loc[m, "rmse_mm"], "rmse_sd_mm": sds.loc[m, "rmse_mm"],
             "gap_closed": gap_closed(means.loc[m, "rmse_mm"], means.loc[MEAN_SHAPE, "rmse_mm"],
                                      means.loc[PCA_FLOOR, "rmse_mm"]),
@@ -292,10 +289,10 @@ def _summary_table(per_subject: pd.DataFrame, point_errors: dict, methods, cards
     return table
 
 
-def _timing_table(root: Path, variants, anatomy: str, n_points: int) -> pd.DataFrame:
+def _timing_table(layout: DatasetLayout, trained, anatomy: str, n_points: int) -> pd.DataFrame:
     rows = []
-    for v in variants:
-        table = pd.read_csv(root / "predictions" / v / "predictions.csv")
+    for v in trained:
+        table = pd.read_csv(layout.predictions_csv(v))
         rows.append({"method": v, "source": "this run (predict rule, CPU), mean over the test scans",
                      "particles": n_points, "registration_resampling_s": table["preprocess_seconds"].mean(),
                      "network_s": table["network_seconds"].mean(), "per_scan_s": table["seconds_per_scan"].mean()})
@@ -310,23 +307,23 @@ def _timing_table(root: Path, variants, anatomy: str, n_points: int) -> pd.DataF
     return pd.DataFrame(rows)
 
 
-def _figure_entries(n_modes: int, template, surface: bool, variants) -> list[dict]:
+def _figure_entries(n_modes: int, template, surface: bool, trained) -> list[dict]:
     on = f"the mean training shape (subject {template.subject}'s mesh warped onto it)" if template else \
         "the mean training shape's points (the cohort has no meshes)"
     entries = [{"file": "per_point_rmse.png", "title": "Per-point RMSE on the mean shape",
                 "caption": f"Mean (top) and standard deviation (bottom) over the test subjects of each point's "
-                           f"RMSE on {on}, per variant and for the mean-shape predictor and the PCA floor "
-                           f"({n_modes} modes), average eq. 12 RMSE below: look for where the variants' error "
-                           f"concentrates (colours saturate at the variants' largest value)."}]
+                           f"RMSE on {on}, per trained method and for the mean-shape predictor and the PCA floor "
+                           f"({n_modes} modes), average eq. 12 RMSE below: look for where the trained' error "
+                           f"concentrates (colours saturate at the trained' largest value)."}]
     if surface:
         entries += [
             {"file": "surface_boxplot.png", "title": "Surface-to-surface distance per test subject",
              "caption": "Symmetric mean distance (mm) between each true mesh and the mesh rebuilt from the "
                         "predicted points (one dot per test subject; black median, purple dashed mean): a "
-                        "variant's box should sit well below the mean-shape predictor and near the PCA floor."},
+                        "method's box should sit well below the mean-shape predictor and near the PCA floor."},
             {"file": "surface_heatmaps.png", "title": "Surface distance on the best, median and worst test subjects",
              "caption": f"Each true mesh coloured by its distance (mm) to the mesh rebuilt from the prediction, "
-                        f"one row per variant ({', '.join(variants)}) ranked by that variant's mean surface "
+                        f"one row per trained method ({', '.join(trained)}) ranked by that method's mean surface "
                         f"distance: look for errors at thin or variable structures rather than everywhere."},
         ]
     return entries
@@ -336,12 +333,12 @@ def _table_entries(n_modes: int, anatomy: str) -> list[dict]:
     paper = "beside the paper's Table 1 figures, labelled as reported" if anatomy in PAPER_TABLE1 else \
         "(the paper reports no time for this anatomy)"
     return [
-        {"file": "tables/accuracy_summary.csv", "title": "Test accuracy per variant and baselines",
+        {"file": "tables/accuracy_summary.csv", "title": "Test accuracy per trained method and baselines",
          "caption": f"Means over the test subjects (mm, scanner frame) of the eq. 12 RMSE and of the surface "
-                    f"distances, where gap_closed says how far a variant got from the mean-shape predictor (0) "
+                    f"distances, where gap_closed says how far a method got from the mean-shape predictor (0) "
                     f"towards the PCA floor with {n_modes} modes (1)."},
         {"file": "tables/accuracy_per_subject.csv", "title": "Accuracy per test subject",
-         "caption": "Every test subject's RMSE and surface distances for each variant and baseline."},
+         "caption": "Every test subject's RMSE and surface distances for each method and baseline."},
         {"file": "tables/inference_time.csv", "title": "Inference time per scan",
          "caption": f"Seconds per test scan in this run (image-only registration and resampling, then the "
                     f"network), {paper}."},
@@ -360,7 +357,7 @@ def _colorbar(fig, axes, top: float, label: str) -> None:
                  label=label)
 
 
-def _per_point_figure(mean_surface, mean_points, point_errors: dict, variants, summary: pd.DataFrame, path) -> None:
+def _per_point_figure(mean_surface, mean_points, point_errors: dict, trained, summary: pd.DataFrame, path) -> None:
     import pyvista as pv
 
     from .plotting import figure, render_heatmap, save_figure
@@ -372,7 +369,7 @@ def _per_point_figure(mean_surface, mean_points, point_errors: dict, variants, s
     fig, axes = figure(2, len(methods), cell=(2.3, 2.5))
     for row, (name, statistic) in enumerate((("mean", np.mean), ("standard deviation", np.std))):
         values = {m: statistic(point_errors[m], axis=0) for m in methods}
-        top = max(float(values[v].max()) for v in variants) or 1.0
+        top = max(float(values[v].max()) for v in trained) or 1.0
         for col, m in enumerate(methods):
             scalars = values[m] if mean_surface is None else \
                 values_at_vertices(shown.points, mean_points, values[m])
@@ -415,17 +412,17 @@ def _ranked_picks(order: list[int]) -> list[tuple[str, int]]:
     return picks
 
 
-def _surface_heatmaps(cohort: TestCohort, measured, per_subject, surface_maps: dict, variants, path) -> None:
+def _surface_heatmaps(cohort: TestCohort, measured, per_subject, surface_maps: dict, trained, path) -> None:
     from .plotting import figure, render_heatmap, save_figure
     from .surface import read_mesh
 
     scores = per_subject.set_index(["method", "id"])["surface_mean_mm"]
-    picks = {v: _ranked_picks(sorted(measured, key=lambda k: scores[v, cohort.ids[k]])) for v in variants}
-    top = max(float(surface_maps[v, k].max()) for v in variants for _, k in picks[v]) or 1.0
+    picks = {v: _ranked_picks(sorted(measured, key=lambda k: scores[v, cohort.ids[k]])) for v in trained}
+    top = max(float(surface_maps[v, k].max()) for v in trained for _, k in picks[v]) or 1.0
     columns = max(len(p) for p in picks.values())
-    fig, axes = figure(len(variants), columns, cell=(3.0, 2.7))
+    fig, axes = figure(len(trained), columns, cell=(3.0, 2.7))
     world_meshes = {}
-    for row, v in enumerate(variants):
+    for row, v in enumerate(trained):
         for col in range(columns):
             axes[row, col].set_axis_off()
         for col, (label, k) in enumerate(picks[v]):

@@ -1,4 +1,5 @@
-"""The DeepSSM networks and losses (Bhalodia et al., MedIA 2024, sec. 3.2, 3.3, app. A).
+"""Building blocks of the DeepSSM networks, and their losses (Bhalodia et al., MedIA 2024,
+sec. 3.2, 3.3, app. A). The networks themselves live with their methods (`methods.deepssm`).
 
 Images are (B, 1, Z, Y, X) tensors (a (B, Z, Y, X) batch gets its channel axis added);
 shapes are (B, M, 3) world-frame correspondences, flattened point by point
@@ -12,13 +13,6 @@ shapes are (B, M, 3) world-frame correspondences, flattened point by point
   5^3 kernels lose 4 voxels per conv and fail on the femur's 46-voxel axis), and two
   stacked 3^3 convs see as far as one 5^3 conv at ~1/4.6 of its weights and FLOPs.
   `ModelConfig.kernel_sizes = (5, 5, 5, 5, 5)` gives the reference's kernel size back.
-* `BaseDeepSSM`: encoder -> K PCA scores -> fixed PCA reconstruction (weight = basis^T,
-  bias = mean shape). The PCA layer is made of buffers: no optimizer can ever see it,
-  and state_dict still saves it.
-* `TLDeepSSM`: correspondence autoencoder (g: 3M -> hidden -> latent,
-  h: latent -> hidden -> 3M, leaky ReLU) plus a T-flank image encoder predicting
-  the latent; inference is h(f(image)). `set_phase` freezes what each of the
-  paper's three training phases must not change.
 * `focal_loss` (eq. 7), `correspondence_loss` (eq. 2), and the heuristics for the
   focal threshold c (sec. 3.3).
 """
@@ -29,11 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-
-VARIANTS = ("base", "base_focal", "tl", "tl_focal")
-PHASES = ("autoencoder", "tflank", "joint")
 
 
 @dataclass(frozen=True)
@@ -114,124 +104,6 @@ class ImageEncoder(nn.Module):
         return self.head(self.features(image).flatten(1))
 
 
-class BaseDeepSSM(nn.Module):
-    """Image -> K PCA scores -> correspondences through the fixed PCA layer (sec. 3.2).
-
-    `basis` (K, 3M) rows are the modes, `mean` (M, 3) the mean shape, so that
-    shape = mean + scores @ basis. With `ShapeSpace`'s orthonormal basis the network
-    predicts raw scores; pass basis * sqrt(variances)[:, None] instead to have it
-    predict whitened (unit-variance) scores.
-    """
-
-    def __init__(self, config: ModelConfig, mean: np.ndarray, basis: np.ndarray):
-        super().__init__()
-        mean, basis = np.asarray(mean, dtype=np.float32), np.asarray(basis, dtype=np.float32)
-        m, k = config.n_points, config.n_modes
-        if mean.shape != (m, 3) or basis.shape != (k, 3 * m):
-            raise ValueError(f"need mean ({m}, 3) and basis ({k}, {3 * m}) for M={m}, K={k}; "
-                             f"got mean {mean.shape} and basis {basis.shape}")
-        self.config = config
-        self.encoder = ImageEncoder(config, k)
-        # buffers, not Parameters: never trained, never handed to an optimizer, still in state_dict
-        self.register_buffer("pca_weight", torch.from_numpy(basis.T.copy()))      # (3M, K)
-        self.register_buffer("pca_bias", torch.from_numpy(mean.reshape(-1).copy()))  # (3M,)
-        xavier_init(self)
-
-    def reconstruct(self, scores: torch.Tensor) -> torch.Tensor:
-        """(B, K) scores -> (B, M, 3) correspondences: the paper's r_phi(z) = W z + b."""
-        return F.linear(scores, self.pca_weight, self.pca_bias).view(len(scores), -1, 3)
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = self.encoder(image)
-        return scores, self.reconstruct(scores)
-
-
-class TLDeepSSM(nn.Module):
-    """Correspondence autoencoder g/h plus the image T-flank f (sec. 3.2, Fig. 13 B).
-
-    g: 3M -> ae_hidden -> latent_dim and h: latent_dim -> ae_hidden -> 3M, two FC
-    layers per side with a leaky ReLU between them and linear ends (the latent must
-    match the T-flank's linear output; the points are unbounded). Points enter g
-    centred on the training mean shape, and h adds it back (a fixed buffer, like the
-    base model's bias): the net then models deviations of a few mm rather than
-    absolute world coordinates. Without `mean` the centring is a no-op.
-    """
-
-    def __init__(self, config: ModelConfig, mean: np.ndarray | None = None):
-        super().__init__()
-        m, hidden, latent = config.n_points, config.ae_hidden, config.latent_dim
-        mean = np.zeros((m, 3), np.float32) if mean is None else np.asarray(mean, dtype=np.float32)
-        if mean.shape != (m, 3):
-            raise ValueError(f"need mean ({m}, 3) for M={m}, got {mean.shape}")
-        self.config = config
-        self.register_buffer("mean_shape", torch.from_numpy(mean.reshape(-1).copy()))
-        self.encoder = nn.Sequential(nn.Linear(3 * m, hidden), nn.LeakyReLU(config.leaky_slope),
-                                     nn.Linear(hidden, latent))
-        self.decoder = nn.Sequential(nn.Linear(latent, hidden), nn.LeakyReLU(config.leaky_slope),
-                                     nn.Linear(hidden, 3 * m))
-        self.t_flank = ImageEncoder(config, latent)
-        # f predicts whitened codes; these fixed buffers map them onto the codes' principal axes
-        # (set from the trained autoencoder's codes by `whiten_latent`)
-        self.register_buffer("latent_shift", torch.zeros(latent))
-        self.register_buffer("latent_transform", torch.eye(latent))
-        xavier_init(self)
-
-    def whiten_latent(self, codes: np.ndarray) -> None:
-        """Make the T-flank predict whitened training codes g(C), (N, L): f's output u maps to
-        the codes as shift + u @ transform, with shift their mean and the rows of transform
-        their principal axes scaled by the standard deviation along each.
-
-        Like the base model's fixed PCA layer with whitened scores: a freshly initialized
-        linear head outputs about +-1, far from codes of tens, and f can only move along the
-        directions the training codes span (an axis they do not vary along gets scale 0).
-        With few training shapes the codes fill a small part of the L dimensions, and an
-        unconstrained f strayed off it, where the decoder has seen nothing: on the accuracy
-        test's 16 femurs (300 autoencoder epochs at lr 1e-3, 8 T-flank epochs), scaling each
-        dimension alone gave a test RMSE of 1.38 mm, this 1.21 mm (mean shape 1.37 mm)."""
-        codes = np.asarray(codes, dtype=np.float64)
-        if codes.ndim != 2 or codes.shape[1] != self.config.latent_dim or len(codes) < 2:
-            raise ValueError(f"codes must be (N >= 2, {self.config.latent_dim}), got {codes.shape}")
-        variances, axes = np.linalg.eigh(np.cov(codes, rowvar=False))
-        # eigh may return tiny negative variances for directions the codes do not span
-        transform = (axes * np.sqrt(np.clip(variances, 0.0, None))).T
-        self.latent_shift.copy_(torch.as_tensor(codes.mean(0)))
-        self.latent_transform.copy_(torch.as_tensor(transform))
-
-    def encode(self, points: torch.Tensor) -> torch.Tensor:
-        """g: (B, M, 3) -> (B, latent_dim)."""
-        return self.encoder(points.reshape(len(points), -1) - self.mean_shape)
-
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """h: (B, latent_dim) -> (B, M, 3)."""
-        return (self.decoder(latent) + self.mean_shape).view(len(latent), -1, 3)
-
-    def autoencode(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latent g(C), reconstruction h(g(C))), for L_auto and as the T-flank's target."""
-        latent = self.encode(points)
-        return latent, self.decode(latent)
-
-    def tflank(self, image: torch.Tensor) -> torch.Tensor:
-        """f: image -> (B, latent_dim)."""
-        return self.t_flank(image) @ self.latent_transform + self.latent_shift
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inference from the image alone: (f(I), h(f(I)))."""
-        latent = self.tflank(image)
-        return latent, self.decode(latent)
-
-    def set_phase(self, phase: str) -> list[nn.Parameter]:
-        """Freeze for one training phase and return the parameters it trains.
-
-        autoencoder: g and h (L_auto); tflank: f only, g and h frozen (L_tf); joint: all.
-        """
-        if phase not in PHASES:
-            raise ValueError(f"unknown phase {phase!r}; expected one of {', '.join(PHASES)}")
-        train_ae, train_tf = phase in ("autoencoder", "joint"), phase in ("tflank", "joint")
-        for module, on in ((self.encoder, train_ae), (self.decoder, train_ae), (self.t_flank, train_tf)):
-            module.requires_grad_(on)
-        return [p for p in self.parameters() if p.requires_grad]
-
-
 # -- losses and their thresholds
 
 
@@ -271,7 +143,7 @@ def correspondence_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 def focal_threshold(shapes, percentile: float = 90.0, rows=None, chunk: int = 256) -> float:
     """c for points (sec. 3.3): the percentile of ||C_ij - mu_j|| over all training shapes i, points j.
 
-    `shapes` is an (N, M, 3) array or a row store with a `shape` (train.NpyRows, StackedRows);
+    `shapes` is an (N, M, 3) array or a row store with a `shape` (rows.NpyRows, StackedRows);
     `rows` picks the training shapes (default: all). Shapes are read `chunk` at a time, so memory
     holds the distances (N * M floats), never the shapes themselves."""
     if len(shapes.shape) != 3 or shapes.shape[2] != 3:
@@ -311,14 +183,3 @@ def xavier_init(module: nn.Module) -> nn.Module:
             if layer.bias is not None:
                 nn.init.zeros_(layer.bias)
     return module
-
-
-def build_model(variant: str, config: ModelConfig, mean: np.ndarray, basis: np.ndarray | None = None) -> nn.Module:
-    """The network of a variant; the focal variants differ only in their loss."""
-    if variant in ("base", "base_focal"):
-        if basis is None:
-            raise ValueError(f"variant {variant!r} needs the PCA basis")
-        return BaseDeepSSM(config, mean, basis)
-    if variant in ("tl", "tl_focal"):
-        return TLDeepSSM(config, mean)
-    raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")

@@ -81,4 +81,5 @@ def _trimmed(image: np.ndarray, margin: int = 4) -> np.ndarray:
     rows, cols = np.nonzero((image < 250).any(-1))
     if not len(rows):
         return image
-    return image[max(rows.min() - margin, 0):rows.max() + margin + 1, max(cols.min() - margin, 0):cols.max() + margin + 1]
+    return image[max(rows.min() - margin, 0):rows.max() + margin + 1,
+                 max(cols.min() - margin, 0):cols.max() + margin + 1]

@@ -23,9 +23,9 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .atomic import staged
+from .inference import load_trained, predict
 from .io import apply_transform, write_particles
 from .preprocess import WorldGrid, load_grid, load_reference, preprocess_image
-from .train import load_model, predict
 
 # A predicted shape's RMS radius about its centroid, as a multiple of the training mean shape's
 # (the model's own buffer). Shapes of one anatomy differ in size by tens of percent (PCA modes,
@@ -91,9 +91,10 @@ def predict_split(model_dir, preprocess_dir, split: str, out_dir, threads: int =
     torch.set_num_threads(max(1, threads))
     source = Path(preprocess_dir) / f"{split}.npz"
     data = np.load(source)
-    model = inference_model(load_model(model_dir))
-    world, network_seconds = predict(model, data["images"], batch_size=1)
-    mean, grid = training_mean(model), load_grid(preprocess_dir)[1]
+    trained = load_trained(model_dir)
+    model = inference_model(trained.model)
+    world, network_seconds = predict(trained.method, model, data["images"], batch_size=1)
+    mean, grid = trained.method.training_mean(model), load_grid(preprocess_dir)[1]
     problems = [f"subject {subject}: {source}: prediction refused: {problem}"
                 for subject, points in zip(data["ids"], world)
                 if (problem := prediction_problem(points, mean, grid))]
@@ -133,9 +134,10 @@ def predict_image(model_dir, preprocess_dir, image_path, out_prefix) -> dict:
         array, image_to_world, registration = preprocess_image(image_path, meta, grid, reference)
     except RuntimeError as error:  # SimpleITK's way of failing (the file itself is checked as it is read)
         raise ValueError(f"{image_path}: cannot preprocess the image: {str(error).strip()}") from None
-    model = inference_model(load_model(model_dir))
-    world, _ = predict(model, array[None].astype(np.float32), batch_size=1)
-    problem = prediction_problem(world[0], training_mean(model), grid)
+    trained = load_trained(model_dir)
+    model = inference_model(trained.model)
+    world, _ = predict(trained.method, model, array[None].astype(np.float32), batch_size=1)
+    problem = prediction_problem(world[0], trained.method.training_mean(model), grid)
     if problem:
         raise ValueError(f"{image_path}: prediction refused: {problem}")
     out_prefix = Path(out_prefix)
@@ -150,16 +152,6 @@ def predict_image(model_dir, preprocess_dir, image_path, out_prefix) -> dict:
 
 
 # ---------------------------------------------------------------- plausibility of a prediction
-
-def training_mean(model: nn.Module) -> np.ndarray:
-    """The training mean shape (M, 3) a model carries as a buffer (base: the PCA layer's bias,
-    TL: `mean_shape`); no other file is needed to judge its predictions."""
-    buffers = dict(model.named_buffers())
-    mean = buffers.get("pca_bias", buffers.get("mean_shape"))
-    if mean is None:
-        raise ValueError(f"{type(model).__name__} has no mean shape buffer (pca_bias or mean_shape)")
-    return mean.detach().cpu().numpy().astype(np.float64).reshape(-1, 3)
-
 
 def _rms_radius(points: np.ndarray) -> float:
     return float(np.sqrt(((points - points.mean(0)) ** 2).sum(1).mean()))

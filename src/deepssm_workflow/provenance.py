@@ -65,6 +65,11 @@ def sha256_of(path) -> str:
     return digest.hexdigest()
 
 
+def combined_sha256(paths) -> str:
+    """One sha256 for several files, in order (e.g. the training data's identity)."""
+    return hashlib.sha256("".join(sha256_of(path) for path in paths).encode()).hexdigest()
+
+
 def source_sha256(package_dir=PACKAGE_DIR) -> str:
     """sha256 over this package's source files (relative path and bytes; caches and hidden files left out)."""
     package_dir = Path(package_dir)

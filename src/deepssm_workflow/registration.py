@@ -223,7 +223,8 @@ def initial_translation(moving: sitk.Image, reference: sitk.Image, prior: Regist
     def spectrum(a, flipped=False):
         return fft.rfftn(a[flip] if flipped else a, shape)
 
-    f_m, f_v, f_f = spectrum(fixed_mask, True), spectrum(fixed * fixed_mask, True), spectrum(fixed**2 * fixed_mask, True)
+    f_m, f_v = spectrum(fixed_mask, True), spectrum(fixed * fixed_mask, True)
+    f_f = spectrum(fixed**2 * fixed_mask, True)
     m_m, m_v, m_v2 = spectrum(mask), spectrum(values), spectrum(values**2)
 
     def corr(a, b):

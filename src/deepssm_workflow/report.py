@@ -25,6 +25,7 @@ import pandas as pd
 import yaml
 
 from .atomic import replaced
+from .layout import DatasetLayout
 from .provenance import git_version, package_versions, sha256_of, sidecar_rows
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -152,33 +153,33 @@ def code_version() -> str:
     return git["commit"] + (" + uncommitted changes" if git["uncommitted_changes"] else "")
 
 
-def _inputs(dataset_dir: Path, variants) -> list[Path]:
-    names = ["cohort/subjects.csv", "cohort/shapes_train.npz", "cohort/shapes_test.npz", "preprocess/train.npz",
-             "preprocess/test.npz", "augmentation/samples.npz"]
-    for v in variants:
-        names += [f"models/{v}/model.pt", f"predictions/{v}/predictions.csv"]
-    return [dataset_dir / name for name in names]
+def _inputs(layout: DatasetLayout, methods) -> list[Path]:
+    paths = [layout.subjects_csv, layout.shapes("train"), layout.shapes("test"), layout.preprocessed("train"),
+             layout.preprocessed("test"), layout.samples_npz]
+    for v in methods:
+        paths += [layout.model_pt(v), layout.predictions_csv(v)]
+    return paths
 
 
 # -- the page
 
-def build_report(dataset_dir, dataset: str, settings: dict, variants, out_path, study_dir=None) -> None:
+def build_report(dataset_dir, dataset: str, settings: dict, methods, out_path, study_dir=None) -> None:
     """Write results/{dataset}/report.html from the dataset's artifacts (every one must exist)."""
-    root = Path(dataset_dir)
-    study_dir = Path(study_dir) if study_dir else root / "study"
-    cohort = _read_json(root / "cohort" / "report.json")
+    layout = DatasetLayout(dataset_dir)
+    study_dir = Path(study_dir) if study_dir else layout.study_dir
+    cohort = _read_json(layout.cohort_report)
     study = cohort.get("study")  # "none": no study was configured, no study section
-    evaluation = _read_json(root / "evaluation" / "summary.json")
-    cards = {v: _read_json(root / "models" / v / "model_card.json") for v in variants}
+    evaluation = _read_json(layout.evaluation_summary)
+    cards = {v: _read_json(layout.model_card(v)) for v in methods}
     sections = {
-        "What was run": _what_was_run(root, dataset, settings, variants, cohort, evaluation),
-        "Quality control": _quality_control(root),
-        "Augmentation": _figure(root / "augmentation" / "qc.png", "Augmentation QC",
+        "What was run": _what_was_run(layout, dataset, settings, methods, cohort, evaluation),
+        "Quality control": _quality_control(layout),
+        "Augmentation": _figure(layout.augmentation_qc, "Augmentation QC",
                                 "Generated PCA scores should cover the range of the real ones, and the generated "
                                 "images' points should sit on their warped anatomy.", "the report"),
-        "Training": _training(root, variants, cards),
-        "Evaluation": artifact_section(root / "evaluation", show_summary=False),  # its tables say it all
-        "Provenance": _provenance(root, dataset, settings, variants),
+        "Training": _training(layout, methods, cards),
+        "Evaluation": artifact_section(layout.evaluation_dir, show_summary=False),  # its tables say it all
+        "Provenance": _provenance(layout, dataset, settings, methods),
     }
     if study != "none":
         sections["Clinical study"] = artifact_section(study_dir, show_summary=True)
@@ -189,29 +190,30 @@ def build_report(dataset_dir, dataset: str, settings: dict, variants, out_path, 
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f"<title>DeepSSM report: {_esc(dataset)}</title><style>{STYLE}</style></head><body>"
             f"<h1>DeepSSM report: {_esc(dataset)} ({_esc(cohort.get('anatomy', ''))})</h1>"
-            f"<p>Made by the DeepSSM workflow from the artifacts under <code>{_esc(root)}</code>; it opens "
+            f"<p>Made by the DeepSSM workflow from the artifacts under <code>{_esc(layout.root)}</code>; it opens "
             f"offline (figures embedded). Method: Bhalodia et al., DeepSSM: a blueprint for image-to-shape deep "
             f"learning models, MedIA 2024.</p><nav><ol>{nav}</ol></nav>\n{body}\n</body></html>\n")
     with replaced(out_path) as tmp:
         Path(tmp).write_text(page, encoding="utf-8")
 
 
-def _what_was_run(root: Path, dataset: str, settings: dict, variants, cohort: dict, evaluation: dict) -> str:
+def _what_was_run(layout: DatasetLayout, dataset: str, settings: dict, methods, cohort: dict,
+                  evaluation: dict) -> str:
     source = cohort.get("source", {})
     counts = cohort.get("counts", {})
-    grid = _read_json(root / "preprocess" / "grid.json")["grid"]
+    grid = _read_json(layout.grid_json)["grid"]
     study = cohort.get("study")
     sizes = [("dataset", dataset), ("anatomy", cohort.get("anatomy", "")),
              ("clinical study", "none: no study was configured (config `study: none`)" if study == "none" else
               study or "the anatomy's"),
              ("data source", f"{source.get('kind', '?')}: {source.get('path', '?')}"),
-             ("variants", ", ".join(variants))]
+             ("methods", ", ".join(methods))]
     for split in ("train", "test"):
         groups = counts.get(split, {})
         sizes.append((f"{split} subjects", f"{sum(groups.values())} ("
                       + ", ".join(f"{g} {n}" for g, n in groups.items()) + ")"))
     sizes += [("correspondence points", cohort.get("n_points", "")),
-              ("PCA modes (base variants, PCA floor)", evaluation.get("n_modes", "")),
+              ("PCA modes (shape space: PCA layers, PCA floor)", evaluation.get("n_modes", "")),
               ("augmented samples", settings.get("augmentation", {}).get("n_samples", "")),
               ("network input", " x ".join(map(str, grid["size"])) + " voxels of "
                + " x ".join(f"{s:g}" for s in grid["spacing"]) + " mm")]
@@ -219,17 +221,17 @@ def _what_was_run(root: Path, dataset: str, settings: dict, variants, cohort: di
             + f"<h3>Configuration of {_esc(dataset)}</h3><pre>{_esc(yaml.safe_dump(settings, sort_keys=False))}</pre>")
 
 
-def _quality_control(root: Path) -> str:
+def _quality_control(layout: DatasetLayout) -> str:
     parts = []
-    cohort_qc = root / "qc" / "cohort.png"
+    cohort_qc = layout.cohort_qc
     if cohort_qc.is_file():  # made for every dataset by the workflow
         parts.append(_figure(cohort_qc, "Cohort QC", "Points should sit on the anatomy's boundary in the slices "
                              "(and on the segmentation outline, where one is given) and on the mesh, where one is "
                              "given.", "the report"))
-    parts.append(_figure(root / "qc" / "preprocess.png", "Preprocessing QC",
+    parts.append(_figure(layout.preprocess_qc, "Preprocessing QC",
                          "The mean of the aligned training images should be sharp and the reference's edges "
                          "should follow the anatomy of every registered test image.", "the report"))
-    parts.append(_alignment(root / "preprocess" / "test.npz"))
+    parts.append(_alignment(layout.preprocessed("test")))
     return "\n".join(parts)
 
 
@@ -264,37 +266,36 @@ def _alignment(test_npz: Path) -> str:
     return "".join(parts)
 
 
-def _training(root: Path, variants, cards: dict) -> str:
-    rows = [{"variant": v, "best epoch": c["best_epoch"], "phase": c.get("best_phase", ""),
+def _training(layout: DatasetLayout, methods, cards: dict) -> str:
+    rows = [{"method": v, "best epoch": c["best_epoch"], "phase": c.get("best_phase", ""),
              "validation RMSE (mm)": c["val_rmse"], "epochs run": c.get("epochs_run", ""),
              "seconds per epoch": c.get("mean_epoch_seconds", float("nan")), "device": c.get("device_name", ""),
              "train / validation samples": f"{c.get('n_train', '?')} / {c.get('n_val', '?')}"}
             for v, c in cards.items()]
     parts = [_table(pd.DataFrame(rows)),
-             '<p class="caption">The kept model of each variant is its epoch of lowest validation RMSE '
+             '<p class="caption">The kept model of each method is its epoch of lowest validation RMSE '
              "(paper eq. 12).</p>"]
-    for v in variants:
-        parts.append(_figure(root / "models" / v / "loss_curve.png", f"Training curve: {v}",
+    for v in methods:
+        parts.append(_figure(layout.loss_curve(v), f"Training curve: {v}",
                              "Training loss and validation RMSE per epoch; look for a validation curve that "
                              "flattens rather than rises after the marked (kept) epoch.", "the report"))
     return "\n".join(parts)
 
 
-def _provenance(root: Path, dataset: str, settings: dict, variants) -> str:
-    hashes = [(f"{dataset}/{path.relative_to(root)}", sha256_of(path)) for path in _inputs(root, variants)]
+def _provenance(layout: DatasetLayout, dataset: str, settings: dict, methods) -> str:
+    root = layout.root
+    hashes = [(f"{dataset}/{path.relative_to(root)}", sha256_of(path)) for path in _inputs(layout, methods)]
     hashes.append(("configuration block (JSON, sorted keys)",
                    hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()))
+    folders = [str(folder.relative_to(root)) for folder in layout.provenance_dirs(methods)]  # e.g. models/base
     facts = [("date (UTC)", datetime.now(timezone.utc).isoformat(timespec="seconds")),
              ("code version (git commit)", code_version()),
              ("platform", f"{platform.platform()}, Python {sys.version.split()[0]}")]
     return ("<h3>Run</h3>" + _table(pd.DataFrame(facts, columns=["", "value"]), key_value=True)
             + "<h3>Package versions</h3>"
             + _table(pd.DataFrame(list(package_versions().items()), columns=["package", "version"]), key_value=True)
-            + "<h3>Input files (SHA-256)</h3>" + _table(pd.DataFrame(hashes, columns=["file", "sha256"]), key_value=True)
-            + "<h3>Artifacts</h3>" + _table(pd.DataFrame(sidecar_rows(root, _artifact_folders(variants))))
+            + "<h3>Input files (SHA-256)</h3>"
+            + _table(pd.DataFrame(hashes, columns=["file", "sha256"]), key_value=True)
+            + "<h3>Artifacts</h3>" + _table(pd.DataFrame(sidecar_rows(root, folders)))
             + '<p class="caption">From the provenance.json written beside each expensive artifact (its settings, '
             "input and output SHA-256, code and package versions); <i>outputs match</i> re-hashes the files now.</p>")
-
-
-def _artifact_folders(variants) -> list[str]:
-    return ["augmentation"] + [f"{stage}/{v}" for stage in ("models", "predictions") for v in variants]

@@ -135,7 +135,8 @@ class MixtureSampler:
                  ridge: float = 1e-6):
         if int(n_components) != n_components or n_components < 1:
             raise ValueError(f"n_components must be a positive integer, got {n_components}")
-        self.n_components, self.seed, self.max_iter, self.tol, self.ridge = int(n_components), seed, max_iter, tol, ridge
+        self.n_components, self.seed = int(n_components), seed
+        self.max_iter, self.tol, self.ridge = max_iter, tol, ridge
         self.scores = None
 
     def fit(self, scores: np.ndarray) -> "MixtureSampler":

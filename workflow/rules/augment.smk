@@ -3,20 +3,20 @@
 
 rule augment:
     input:
-        shapes_train="results/{dataset}/cohort/shapes_train.npz",
-        train="results/{dataset}/preprocess/train.npz",
-        grid="results/{dataset}/preprocess/grid.json",
+        shapes_train=RESULTS.shapes("train"),
+        train=RESULTS.preprocessed("train"),
+        grid=RESULTS.grid_json,
     output:
-        images="results/{dataset}/augmentation/images.npy",
-        samples="results/{dataset}/augmentation/samples.npz",
-        shape_space="results/{dataset}/augmentation/shape_space.npz",
+        images=RESULTS.augmentation_images,
+        samples=RESULTS.samples_npz,
+        shape_space=RESULTS.shape_space_npz,
         qc=report(
-            "results/{dataset}/augmentation/qc.png",
+            RESULTS.augmentation_qc,
             caption="../report/augmentation_qc.rst",
             category="Augmentation",
             subcategory="{dataset}",
         ),
-        provenance="results/{dataset}/augmentation/provenance.json",
+        provenance=RESULTS.provenance("augmentation"),
     log:
         "logs/{dataset}/augment.log",
     cache: True

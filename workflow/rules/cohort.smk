@@ -26,14 +26,14 @@ rule synthesize_cohort:
 # Every dataset's, from its ingested cohort (absolute file paths; points from the shapes).
 rule cohort_qc:
     input:
-        subjects="results/{dataset}/cohort/subjects.csv",
-        shapes_train="results/{dataset}/cohort/shapes_train.npz",
-        shapes_test="results/{dataset}/cohort/shapes_test.npz",
+        subjects=RESULTS.subjects_csv,
+        shapes_train=RESULTS.shapes("train"),
+        shapes_test=RESULTS.shapes("test"),
         training_scans=training_scans,  # the figure shows some of them (see common.smk)
         test_scans=test_scans,
     output:
         report(
-            "results/{dataset}/qc/cohort.png",
+            RESULTS.cohort_qc,
             caption="../report/cohort_qc.rst",
             category="Cohort",
             subcategory="{dataset}",

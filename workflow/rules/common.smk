@@ -2,17 +2,18 @@
 import functools
 import json
 
-from snakemake.utils import validate
-
+from deepssm_workflow import methods as registry
 from deepssm_workflow.config import load as load_config
+from deepssm_workflow.layout import EVALUATION_FIGURES, EVALUATION_TABLES, patterns
 from deepssm_workflow.provenance import software_id
 from deepssm_workflow.sources import scan_files
 
-# Our own pass first: it fills the schema's defaults into `config` (and variance 0.99 in a `training`
-# block with neither n_modes nor variance), then names every bad key, one line each. Snakemake's
-# validate then finds nothing left to fill.
+# Not snakemake.utils.validate: the schema's `methods` blocks come from the method registry, which
+# deepssm_workflow.config adds. It fills the schema's defaults into `config` (and variance 0.99 in
+# a `shape_space` block with neither n_modes nor variance), then names every bad key, one line each.
 DATASETS = load_config(config, workflow.source_path("../schemas/config.schema.yaml"))
-validate(config, schema="../schemas/config.schema.yaml")
+# the registered methods: the train and predict rules' {method} wildcard
+METHODS = registry.names()
 SYNTHETIC = [name for name, ds in DATASETS.items() if ds.source == "synthetic"]
 # datasets with a clinical study (config `study`, default the anatomy's own; none: no study rule)
 WITH_STUDY = [name for name, ds in DATASETS.items() if ds.study != "none"]
@@ -23,6 +24,9 @@ WITH_STUDY = [name for name, ds in DATASETS.items() if ds.study != "none"]
 # versions as a param: a changed library (or torch) then misses the cache, and reruns those rules
 # through the params rerun trigger, rather than reusing models that the new code would not make.
 SOFTWARE = software_id()
+
+# results/{dataset}/...: every rule's input and output path, as a pattern (see deepssm_workflow.layout)
+RESULTS = patterns()
 
 
 wildcard_constraints:
@@ -78,34 +82,45 @@ def synthetic_settings(wildcards):
 # Inputs of the evaluation, study and report rules.
 
 
-def dataset_variants(wildcards):
-    """The variants a dataset's evaluation, study and report cover (config `variants`, default all four)."""
-    return config["datasets"][wildcards.dataset].get("variants", VARIANTS)
+def dataset_methods(wildcards):
+    """The methods a dataset trains, evaluates, studies and reports: the keys of its `methods` block."""
+    return list(config["datasets"][wildcards.dataset]["methods"])
+
+
+def training_settings(wildcards):
+    """JSON of what the train rule's method needs: the dataset's shape space, the engine's settings
+    and the method's own block (a method not listed in `methods` trains with its defaults). Only
+    these are in the rule's params, so changing one method's settings retrains that method alone."""
+    entry = config["datasets"][wildcards.dataset]
+    block = entry["methods"].get(wildcards.method, {})
+    return json.dumps(
+        {"shape_space": entry["shape_space"], "training": entry["training"], "method": block}, sort_keys=True
+    )
 
 
 def evaluation_inputs(wildcards):
-    variants = dataset_variants(wildcards)
+    d, methods = patterns(wildcards.dataset), dataset_methods(wildcards)
     return {
-        "subjects": f"results/{wildcards.dataset}/cohort/subjects.csv",
-        "cohort_report": f"results/{wildcards.dataset}/cohort/report.json",
-        "shapes_train": f"results/{wildcards.dataset}/cohort/shapes_train.npz",
-        "shapes_test": f"results/{wildcards.dataset}/cohort/shapes_test.npz",
-        "test": f"results/{wildcards.dataset}/preprocess/test.npz",
-        "cards": [f"results/{wildcards.dataset}/models/{v}/model_card.json" for v in variants],
-        "predictions": [f"results/{wildcards.dataset}/predictions/{v}/predictions.csv" for v in variants],
+        "subjects": d.subjects_csv,
+        "cohort_report": d.cohort_report,
+        "shapes_train": d.shapes("train"),
+        "shapes_test": d.shapes("test"),
+        "test": d.preprocessed("test"),
+        "cards": [d.model_card(m) for m in methods],
+        "predictions": [d.predictions_csv(m) for m in methods],
     }
 
 
 def study_inputs(wildcards):
-    variants = dataset_variants(wildcards)
+    d, methods = patterns(wildcards.dataset), dataset_methods(wildcards)
     inputs = {
-        "subjects": f"results/{wildcards.dataset}/cohort/subjects.csv",
-        "shapes_train": f"results/{wildcards.dataset}/cohort/shapes_train.npz",
-        "shapes_test": f"results/{wildcards.dataset}/cohort/shapes_test.npz",
-        "test": f"results/{wildcards.dataset}/preprocess/test.npz",
-        "models": [f"results/{wildcards.dataset}/models/{v}/model.pt" for v in variants],
-        "cards": [f"results/{wildcards.dataset}/models/{v}/model_card.json" for v in variants],
-        "predictions": [f"results/{wildcards.dataset}/predictions/{v}/predictions.csv" for v in variants],
+        "subjects": d.subjects_csv,
+        "shapes_train": d.shapes("train"),
+        "shapes_test": d.shapes("test"),
+        "test": d.preprocessed("test"),
+        "models": [d.model_pt(m) for m in methods],
+        "cards": [d.model_card(m) for m in methods],
+        "predictions": [d.predictions_csv(m) for m in methods],
     }
     if wildcards.dataset in SYNTHETIC:  # the generator's extra data (metopic expert ratings)
         inputs["data"] = f"resources/{wildcards.dataset}/data"
@@ -117,40 +132,29 @@ def study_resources(wildcards):
 
 
 def report_inputs(wildcards):
-    d, variants = wildcards.dataset, dataset_variants(wildcards)
+    d, methods = patterns(wildcards.dataset), dataset_methods(wildcards)
     inputs = {
-        "cohort_report": f"results/{d}/cohort/report.json",
-        "subjects": f"results/{d}/cohort/subjects.csv",
-        "shapes_train": f"results/{d}/cohort/shapes_train.npz",
-        "shapes_test": f"results/{d}/cohort/shapes_test.npz",
-        "train": f"results/{d}/preprocess/train.npz",
-        "test": f"results/{d}/preprocess/test.npz",
-        "grid": f"results/{d}/preprocess/grid.json",
-        "preprocess_qc": f"results/{d}/qc/preprocess.png",
-        "samples": f"results/{d}/augmentation/samples.npz",
-        "augmentation_qc": f"results/{d}/augmentation/qc.png",
-        "models": [f"results/{d}/models/{v}/model.pt" for v in variants],
-        "cards": [f"results/{d}/models/{v}/model_card.json" for v in variants],
-        "curves": [f"results/{d}/models/{v}/loss_curve.png" for v in variants],
-        "predictions": [f"results/{d}/predictions/{v}/predictions.csv" for v in variants],
-        "provenance": [f"results/{d}/augmentation/provenance.json"]
-        + [f"results/{d}/{stage}/{v}/provenance.json" for stage in ("models", "predictions") for v in variants],
-        "evaluation": [
-            f"results/{d}/evaluation/{name}"
-            for name in (
-                "summary.json",
-                "figures.json",
-                "tables.json",
-                "tables/accuracy_summary.csv",
-                "tables/accuracy_per_subject.csv",
-                "tables/inference_time.csv",
-                "per_point_rmse.png",
-                "surface_boxplot.png",
-                "surface_heatmaps.png",
-            )
-        ],
-        "cohort_qc": f"results/{d}/qc/cohort.png",
+        "cohort_report": d.cohort_report,
+        "subjects": d.subjects_csv,
+        "shapes_train": d.shapes("train"),
+        "shapes_test": d.shapes("test"),
+        "train": d.preprocessed("train"),
+        "test": d.preprocessed("test"),
+        "grid": d.grid_json,
+        "preprocess_qc": d.preprocess_qc,
+        "samples": d.samples_npz,
+        "augmentation_qc": d.augmentation_qc,
+        "models": [d.model_pt(m) for m in methods],
+        "cards": [d.model_card(m) for m in methods],
+        "curves": [d.loss_curve(m) for m in methods],
+        "predictions": [d.predictions_csv(m) for m in methods],
+        "provenance": [d.provenance("augmentation")]
+        + [d.provenance(stage, m) for stage in ("models", "predictions") for m in methods],
+        "evaluation": [d.evaluation_summary, d.evaluation_figures_json, d.evaluation_tables_json]
+        + [d.evaluation_table(name) for name in EVALUATION_TABLES]
+        + [d.evaluation_figure(name) for name in EVALUATION_FIGURES],
+        "cohort_qc": d.cohort_qc,
     }
-    if d in WITH_STUDY:
-        inputs["study"] = f"results/{d}/study"
+    if wildcards.dataset in WITH_STUDY:
+        inputs["study"] = d.study_dir
     return inputs

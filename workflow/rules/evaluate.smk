@@ -1,31 +1,31 @@
-# Evaluation of the trained variants on the test images, beside the mean-shape and PCA-floor baselines.
+# Evaluation of the trained methods on the test images, beside the mean-shape and PCA-floor baselines.
 
 
 rule evaluate:
     input:
         unpack(evaluation_inputs),
     output:
-        summary="results/{dataset}/evaluation/summary.json",
-        figures="results/{dataset}/evaluation/figures.json",
-        tables="results/{dataset}/evaluation/tables.json",
-        accuracy="results/{dataset}/evaluation/tables/accuracy_summary.csv",
-        per_subject="results/{dataset}/evaluation/tables/accuracy_per_subject.csv",
-        timing="results/{dataset}/evaluation/tables/inference_time.csv",
-        per_point="results/{dataset}/evaluation/per_point.npz",
+        summary=RESULTS.evaluation_summary,
+        figures=RESULTS.evaluation_figures_json,
+        tables=RESULTS.evaluation_tables_json,
+        accuracy=RESULTS.evaluation_table("accuracy_summary"),
+        per_subject=RESULTS.evaluation_table("accuracy_per_subject"),
+        timing=RESULTS.evaluation_table("inference_time"),
+        per_point=RESULTS.per_point_npz,
         per_point_figure=report(
-            "results/{dataset}/evaluation/per_point_rmse.png",
+            RESULTS.evaluation_figure("per_point_rmse"),
             caption="../report/per_point_rmse.rst",
             category="Evaluation",
             subcategory="{dataset}",
         ),
         surface_boxplot=report(
-            "results/{dataset}/evaluation/surface_boxplot.png",
+            RESULTS.evaluation_figure("surface_boxplot"),
             caption="../report/surface_boxplot.rst",
             category="Evaluation",
             subcategory="{dataset}",
         ),
         surface_heatmaps=report(
-            "results/{dataset}/evaluation/surface_heatmaps.png",
+            RESULTS.evaluation_figure("surface_heatmaps"),
             caption="../report/surface_heatmaps.rst",
             category="Evaluation",
             subcategory="{dataset}",
@@ -35,9 +35,10 @@ rule evaluate:
     conda:
         "../../envs/deepssm.yaml"
     params:
-        variants=lambda wildcards: " ".join(dataset_variants(wildcards)),
-        dataset_dir=lambda wildcards: f"results/{wildcards.dataset}",
+        methods=lambda wildcards: " ".join(dataset_methods(wildcards)),
+        shape_space=lambda wildcards: json.dumps(config["datasets"][wildcards.dataset]["shape_space"], sort_keys=True),
+        dataset_dir=RESULTS.root,
         out_dir=subpath(output.summary, parent=True),
     shell:
-        "deepssm-wf evaluate --dataset-dir {params.dataset_dir} --variants {params.variants}"
-        " --out-dir {params.out_dir} > {log} 2>&1"
+        "deepssm-wf evaluate --dataset-dir {params.dataset_dir} --methods {params.methods}"
+        " --shape-space {params.shape_space:q} --out-dir {params.out_dir} > {log} 2>&1"

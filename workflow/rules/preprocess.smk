@@ -5,10 +5,10 @@ rule ingest_cohort:
     input:
         unpack(cohort_source_files),
     output:
-        subjects="results/{dataset}/cohort/subjects.csv",
-        shapes_train="results/{dataset}/cohort/shapes_train.npz",
-        shapes_test="results/{dataset}/cohort/shapes_test.npz",
-        report="results/{dataset}/cohort/report.json",
+        subjects=RESULTS.subjects_csv,
+        shapes_train=RESULTS.shapes("train"),
+        shapes_test=RESULTS.shapes("test"),
+        report=RESULTS.cohort_report,
     log:
         "logs/{dataset}/ingest_cohort.log",
     conda:
@@ -25,13 +25,13 @@ rule ingest_cohort:
 
 rule preprocess_train:
     input:
-        subjects="results/{dataset}/cohort/subjects.csv",
-        shapes_train="results/{dataset}/cohort/shapes_train.npz",
+        subjects=RESULTS.subjects_csv,
+        shapes_train=RESULTS.shapes("train"),
         scans=training_scans,
     output:
-        grid="results/{dataset}/preprocess/grid.json",
-        reference="results/{dataset}/preprocess/reference.nrrd",
-        train="results/{dataset}/preprocess/train.npz",
+        grid=RESULTS.grid_json,
+        reference=RESULTS.reference_nrrd,
+        train=RESULTS.preprocessed("train"),
     log:
         "logs/{dataset}/preprocess_train.log",
     conda:
@@ -50,12 +50,12 @@ rule preprocess_train:
 # test subjects' particles (shapes_test.npz) or segmentations.
 rule preprocess_test:
     input:
-        subjects="results/{dataset}/cohort/subjects.csv",
-        grid="results/{dataset}/preprocess/grid.json",
-        reference="results/{dataset}/preprocess/reference.nrrd",
+        subjects=RESULTS.subjects_csv,
+        grid=RESULTS.grid_json,
+        reference=RESULTS.reference_nrrd,
         scans=test_scans,
     output:
-        "results/{dataset}/preprocess/test.npz",
+        RESULTS.preprocessed("test"),
     log:
         "logs/{dataset}/preprocess_test.log",
     conda:
@@ -70,13 +70,13 @@ rule preprocess_test:
 
 rule preprocess_qc:
     input:
-        grid="results/{dataset}/preprocess/grid.json",
-        reference="results/{dataset}/preprocess/reference.nrrd",
-        train="results/{dataset}/preprocess/train.npz",
-        test="results/{dataset}/preprocess/test.npz",
+        grid=RESULTS.grid_json,
+        reference=RESULTS.reference_nrrd,
+        train=RESULTS.preprocessed("train"),
+        test=RESULTS.preprocessed("test"),
     output:
         report(
-            "results/{dataset}/qc/preprocess.png",
+            RESULTS.preprocess_qc,
             caption="../report/preprocess_qc.rst",
             category="Preprocessing",
             subcategory="{dataset}",

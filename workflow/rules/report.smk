@@ -6,7 +6,7 @@ rule study:
         unpack(study_inputs),
     output:
         report(
-            directory("results/{dataset}/study"),
+            directory(RESULTS.study_dir),
             patterns=["figures/{name}.png"],
             caption="../report/study.rst",
             category="Clinical study",
@@ -20,27 +20,27 @@ rule study:
         "../../envs/deepssm.yaml"
     params:
         study=lambda wildcards: DATASETS[wildcards.dataset].study,
-        variants=lambda wildcards: ",".join(dataset_variants(wildcards)),
-        dataset_dir=lambda wildcards: f"results/{wildcards.dataset}",
+        methods=lambda wildcards: " ".join(dataset_methods(wildcards)),
+        dataset_dir=RESULTS.root,
         resources=study_resources,
     shell:
         "deepssm-wf study --study {params.study} --dataset-dir {params.dataset_dir} {params.resources}"
-        " --variants {params.variants} --out-dir {output} > {log} 2>&1"
+        " --methods {params.methods} --out-dir {output} > {log} 2>&1"
 
 
 rule report_html:
     input:
         unpack(report_inputs),
     output:
-        "results/{dataset}/report.html",
+        RESULTS.report_html,
     log:
         "logs/{dataset}/report_html.log",
     conda:
         "../../envs/deepssm.yaml"
     params:
         settings=lambda wildcards: json.dumps(config["datasets"][wildcards.dataset], sort_keys=True),
-        variants=lambda wildcards: " ".join(dataset_variants(wildcards)),
-        dataset_dir=lambda wildcards: f"results/{wildcards.dataset}",
+        methods=lambda wildcards: " ".join(dataset_methods(wildcards)),
+        dataset_dir=RESULTS.root,
     shell:
         "deepssm-wf report --dataset-dir {params.dataset_dir} --dataset {wildcards.dataset}"
-        " --settings {params.settings:q} --variants {params.variants} --out {output} > {log} 2>&1"
+        " --settings {params.settings:q} --methods {params.methods} --out {output} > {log} 2>&1"

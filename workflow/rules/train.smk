@@ -1,30 +1,28 @@
-# The four DeepSSM variants as GPU rules, and inference on the test images.
-
-VARIANTS = ["base", "base_focal", "tl", "tl_focal"]
+# Every registered method (deepssm_workflow.methods) as a GPU rule, and inference on the test images.
 
 
 rule train:
     input:
-        shapes_train="results/{dataset}/cohort/shapes_train.npz",
-        train="results/{dataset}/preprocess/train.npz",
-        samples="results/{dataset}/augmentation/samples.npz",
-        images="results/{dataset}/augmentation/images.npy",
-        augmentation_provenance="results/{dataset}/augmentation/provenance.json",
+        shapes_train=RESULTS.shapes("train"),
+        train=RESULTS.preprocessed("train"),
+        samples=RESULTS.samples_npz,
+        images=RESULTS.augmentation_images,
+        augmentation_provenance=RESULTS.provenance("augmentation"),
     output:
-        model="results/{dataset}/models/{variant}/model.pt",
-        card="results/{dataset}/models/{variant}/model_card.json",
-        log_csv="results/{dataset}/models/{variant}/log.csv",
+        model=RESULTS.model_pt("{method}"),
+        card=RESULTS.model_card("{method}"),
+        log_csv=RESULTS.training_log("{method}"),
         curve=report(
-            "results/{dataset}/models/{variant}/loss_curve.png",
+            RESULTS.loss_curve("{method}"),
             caption="../report/loss_curve.rst",
             category="Training",
             subcategory="{dataset}",
         ),
-        provenance="results/{dataset}/models/{variant}/provenance.json",
+        provenance=RESULTS.provenance("models", "{method}"),
     log:
-        "logs/{dataset}/train_{variant}.log",
+        "logs/{dataset}/train_{method}.log",
     wildcard_constraints:
-        variant="|".join(VARIANTS),
+        method="|".join(METHODS),
     cache: True
     conda:
         "../../envs/deepssm.yaml"
@@ -32,7 +30,7 @@ rule train:
     resources:
         gpu=1,
     params:
-        settings=lambda wildcards: json.dumps(config["datasets"][wildcards.dataset]["training"], sort_keys=True),
+        settings=training_settings,
         software=SOFTWARE,  # only for the cache key and the params rerun trigger (see common.smk)
         cohort=subpath(input.shapes_train, parent=True),
         preprocess_dir=subpath(input.train, parent=True),
@@ -43,7 +41,7 @@ rule train:
         # a killed job (--rerun-incomplete) resumes from it instead of starting over. The augmentation
         # store is checked against its sidecar first: a corrupted one is removed and rebuilt next run.
         "deepssm-wf train --cohort {params.cohort} --preprocess-dir {params.preprocess_dir}"
-        " --augmentation-dir {params.augmentation_dir} --variant {wildcards.variant}"
+        " --augmentation-dir {params.augmentation_dir} --method {wildcards.method}"
         " --settings {params.settings:q} --out-dir {params.out_dir} --threads {threads}"
         " --verify {input.samples} {input.images} --inputs {input} --outputs {output}"
         " --provenance {output.provenance} > {log} 2>&1"
@@ -51,18 +49,18 @@ rule train:
 
 rule predict:
     input:
-        model="results/{dataset}/models/{variant}/model.pt",
-        card="results/{dataset}/models/{variant}/model_card.json",
-        model_provenance="results/{dataset}/models/{variant}/provenance.json",
-        test="results/{dataset}/preprocess/test.npz",
+        model=RESULTS.model_pt("{method}"),
+        card=RESULTS.model_card("{method}"),
+        model_provenance=RESULTS.provenance("models", "{method}"),
+        test=RESULTS.preprocessed("test"),
     output:
-        table="results/{dataset}/predictions/{variant}/predictions.csv",
-        particles=directory("results/{dataset}/predictions/{variant}/particles"),
-        provenance="results/{dataset}/predictions/{variant}/provenance.json",
+        table=RESULTS.predictions_csv("{method}"),
+        particles=directory(RESULTS.predicted_particles("{method}")),
+        provenance=RESULTS.provenance("predictions", "{method}"),
     log:
-        "logs/{dataset}/predict_{variant}.log",
+        "logs/{dataset}/predict_{method}.log",
     wildcard_constraints:
-        variant="|".join(VARIANTS),
+        method="|".join(METHODS),
     conda:
         "../../envs/deepssm.yaml"
     threads: 1

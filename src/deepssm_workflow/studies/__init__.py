@@ -1,27 +1,27 @@
 """The paper's clinical studies (sec. 4), one per anatomy, on the ground-truth PDM and on
-each variant's predictions: `run_study` is the one entry point.
+each method's predictions: `run_study` is the one entry point.
 
-    run_study(study, dataset_dir, variants, out_dir, resources_dir=None)
+    run_study(study, dataset_dir, method_names, out_dir, resources_dir=None)
 
 `study` is a name of `registry.STUDIES` (cam_fai, metopic_severity, af_recurrence: the femur,
 metopic and left-atrium studies). It reads
-results/{dataset} (cohort/, predictions/{variant}/, models/{variant}/, preprocess/test.npz
-for TL descriptors) and writes, atomically (all or nothing), into out_dir:
+results/{dataset} (cohort/, predictions/{method}/, models/{method}/, preprocess/test.npz
+for image codes; see deepssm_workflow.layout) and writes, atomically (all or nothing), into out_dir:
 
   summary.json   {"<femur|metopic|left_atrium>": {"<source>": {"<name>": number | null, ...}, ...},
-                  "variants": [...used], "skipped_variants": [...no predictions],
+                  "methods": [...used], "skipped_methods": [...no predictions],
                   "notes": ["why a number is null", ...]}
-                 sources: ground_truth, base, base_focal, tl, tl_focal, and for the femur
+                 sources: ground_truth, each method used, and for the femur
                  ground_truth_all (every subject, the paper's setting). null = not defined
                  on these data (e.g. one class only); the notes say which and why.
                    metopic: n_scored, n_metopic, n_reference_controls, ppca_modes, ppca_explained,
                             n_rated, pearson, spearman, auc [, spearman_true_severity]
                    femur:   n_control, n_cam, peak_difference_mm, peak_point, mean_difference_mm
                             [, n_significant_points, min_q, test_method] [, map_correlation];
-                            a TL variant also swim_max_displacement_mm
+                            a LATENT_CODE method also swim_max_displacement_mm
                    left_atrium: n_train, n_test, n_dims, mlp_accuracy_mean, mlp_accuracy_sd, mlp_brier,
                             logistic_accuracy, logistic_brier, majority_accuracy, n_seeds;
-                            a TL variant also swim_max_displacement_mm
+                            a LATENT_CODE method also swim_max_displacement_mm
   tables/*.csv   with a `source` column: metopic_severity_table2 (Table 2), metopic_severity_scores,
                  femur_group_difference, femur_group_difference_points,
                  left_atrium_recurrence_table3 (Table 3)
@@ -31,8 +31,8 @@ for TL descriptors) and writes, atomically (all or nothing), into out_dir:
 Splits (predictions exist for the test split only): each study's module docstring says
 which subjects fit and which are scored; in short, reference models and classifiers are
 fitted on the training split's ground-truth shapes and every source is scored on the
-same test subjects. Variants asked for without a predictions folder are skipped and
-listed; the latent swims use the TL variants among those used.
+same test subjects. Methods asked for without a predictions folder are skipped and
+listed; the latent swims use the methods with the LATENT_CODE capability among those used.
 """
 
 from __future__ import annotations
@@ -44,11 +44,12 @@ from ..atomic import staged
 from .registry import STUDIES, study_named  # noqa: F401 (STUDIES: the studies by name)
 
 
-def run_study(study: str, dataset_dir, variants, out_dir, resources_dir=None) -> dict:
-    """`study` is a name of `registry.STUDIES`."""
+def run_study(study: str, dataset_dir, method_names, out_dir, resources_dir=None) -> dict:
+    """`study` is a name of `registry.STUDIES`; `method_names` are registered methods."""
     import importlib
 
-    from .data import available_variants, load_cohort, predicted_shapes  # deferred: torch
+    from .. import methods  # deferred: torch
+    from .data import available_methods, load_cohort, predicted_shapes
 
     spec = study_named(study)
     module = importlib.import_module(f"{__name__}.{spec.module}")
@@ -56,15 +57,15 @@ def run_study(study: str, dataset_dir, variants, out_dir, resources_dir=None) ->
         raise ValueError(f"{resources_dir}: resources folder not found")
     dataset_dir = Path(dataset_dir)
     cohort = load_cohort(dataset_dir)
-    used = available_variants(dataset_dir, variants)
+    used = available_methods(dataset_dir, method_names)
     sources = {"ground_truth": cohort.test}
-    for variant in used:
-        shapes = predicted_shapes(dataset_dir, variant, list(cohort.test.ids))
+    for method in used:
+        shapes = predicted_shapes(dataset_dir, method, list(cohort.test.ids))
         if shapes.world.shape != cohort.test.world.shape:
-            raise ValueError(f"{dataset_dir / 'predictions' / variant}: predictions have {shapes.world.shape[1]} "
+            raise ValueError(f"{cohort.layout.predictions_dir(method)}: predictions have {shapes.world.shape[1]} "
                              f"points per shape; the cohort has {cohort.test.world.shape[1]}")
-        sources[variant] = shapes
-    tl_variants = [v for v in used if v.startswith("tl")]
+        sources[method] = shapes
+    latent_methods = [m for m in used if methods.get(m).has(methods.LATENT_CODE)]
 
     with staged(out_dir, ["figures", "tables", "figures.json", "summary.json"]) as staging:
         (staging / "figures").mkdir()
@@ -72,12 +73,12 @@ def run_study(study: str, dataset_dir, variants, out_dir, resources_dir=None) ->
         if spec.module == "metopic":
             result = module.run(cohort, sources, staging / "figures", resources_dir)
         else:
-            result = module.run(cohort, sources, staging / "figures", tl_variants=tl_variants)
+            result = module.run(cohort, sources, staging / "figures", latent_methods=latent_methods)
         for name, table in result.tables.items():
             table.to_csv(staging / "tables" / f"{name}.csv", index=False)
         listing = [{**entry, "file": f"figures/{entry['file']}"} for entry in result.figures]
         (staging / "figures.json").write_text(json.dumps(listing, indent=2) + "\n")
-        summary = {spec.module: result.summary, "variants": used,
-                   "skipped_variants": [v for v in variants if v not in used], "notes": result.notes}
+        summary = {spec.module: result.summary, "methods": used,
+                   "skipped_methods": [m for m in method_names if m not in used], "notes": result.notes}
         (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -1,5 +1,5 @@
 """What the studies read from a dataset's results folder: the ingested cohort (ground-truth
-PDM, groups, meshes) and each variant's predicted test shapes, checked on the way in."""
+PDM, groups, meshes) and each method's predicted test shapes, checked on the way in."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..inference import Trained, load_trained
 from ..io import read_particles, resolve
-from ..train import load_model
+from ..layout import DatasetLayout
 from ..surface import TemplateMesh, template_from_training
 
 
@@ -38,12 +39,17 @@ class Cohort:
     train_image_to_world: np.ndarray
 
     @property
+    def layout(self) -> DatasetLayout:
+        return DatasetLayout(self.dataset_dir)
+
+    @property
     def table_path(self) -> Path:
-        return self.dataset_dir / "cohort" / "subjects.csv"
+        return self.layout.subjects_csv
 
     @property
     def all(self) -> Shapes:
-        return Shapes(np.concatenate([self.train.ids, self.test.ids]), np.concatenate([self.train.world, self.test.world]))
+        return Shapes(np.concatenate([self.train.ids, self.test.ids]),
+                      np.concatenate([self.train.world, self.test.world]))
 
     def column(self, ids, name: str) -> np.ndarray:
         if name not in self.subjects.columns:
@@ -63,13 +69,14 @@ class Cohort:
 
 def load_cohort(dataset_dir) -> Cohort:
     dataset_dir = Path(dataset_dir)
-    table = dataset_dir / "cohort" / "subjects.csv"
+    layout = DatasetLayout(dataset_dir)
+    table = layout.subjects_csv
     if not table.is_file():
         raise ValueError(f"{table}: the ingested subjects table is missing (run the ingest_cohort rule)")
     subjects = pd.read_csv(table, dtype={"id": str}).set_index("id")
     arrays = {}
     for split in ("train", "test"):
-        path = dataset_dir / "cohort" / f"shapes_{split}.npz"
+        path = layout.shapes(split)
         if not path.is_file():
             raise ValueError(f"{path}: missing (run the ingest_cohort rule)")
         with np.load(path) as data:
@@ -81,12 +88,11 @@ def load_cohort(dataset_dir) -> Cohort:
     return Cohort(dataset_dir, subjects, arrays["train"][0], arrays["test"][0], arrays["train"][1])
 
 
-def predicted_shapes(dataset_dir, variant: str, ids) -> Shapes:
-    """The variant's predicted world-frame shapes of `ids` (test subjects), in that order."""
-    folder = Path(dataset_dir) / "predictions" / variant
-    table_path = folder / "predictions.csv"
+def predicted_shapes(dataset_dir, method: str, ids) -> Shapes:
+    """The method's predicted world-frame shapes of `ids` (test subjects), in that order."""
+    table_path = DatasetLayout(dataset_dir).predictions_csv(method)
     if not table_path.is_file():
-        raise ValueError(f"{table_path}: no predictions for variant {variant!r}")
+        raise ValueError(f"{table_path}: no predictions for method {method!r}")
     table = pd.read_csv(table_path, dtype={"id": str}).set_index("id")
     world = []
     for subject in ids:
@@ -103,14 +109,12 @@ def predicted_shapes(dataset_dir, variant: str, ids) -> Shapes:
     return Shapes(np.asarray(ids), world)
 
 
-def available_variants(dataset_dir, variants) -> list[str]:
-    """The requested variants that have a predictions folder."""
-    return [v for v in variants if (Path(dataset_dir) / "predictions" / v / "predictions.csv").is_file()]
+def available_methods(dataset_dir, methods) -> list[str]:
+    """The requested methods that have a predictions folder."""
+    layout = DatasetLayout(dataset_dir)
+    return [m for m in methods if layout.predictions_csv(m).is_file()]
 
 
-def variant_model(dataset_dir, variant: str):
-    """The trained model of a variant (results/{dataset}/models/{variant})."""
-    folder = Path(dataset_dir) / "models" / variant
-    if not (folder / "model.pt").is_file() or not (folder / "model_card.json").is_file():
-        raise ValueError(f"{folder}: the trained {variant} model (model.pt, model_card.json) is missing")
-    return load_model(folder)
+def trained_model(dataset_dir, method: str) -> Trained:
+    """The trained model of a method (results/{dataset}/models/{method}), rebuilt by its method."""
+    return load_trained(DatasetLayout(dataset_dir).model_dir(method))

@@ -2,7 +2,7 @@
 
 Group difference mu_cam - mu_control of the world-frame shapes, shown on the mean cam
 shape with arrows (direction) and the normalized magnitude. Sources: `ground_truth`
-and each variant on the test subjects (the only ones with predictions, so the maps
+and each method on the test subjects (the only ones with predictions, so the maps
 are comparable), and `ground_truth_all` on every subject, train and test, as the paper
 computes its Fig. 9. Each source's map is compared with the ground truth's on the same
 subjects (`map_correlation`: Pearson correlation of the two flattened difference fields).
@@ -11,7 +11,7 @@ Beyond the paper: at every point a two-sample Hotelling T^2 of the 3D positions 
 permutation p-value and Benjamini-Hochberg FDR q-value, for every source with enough
 subjects for an invertible pooled covariance (n_cam + n_control >= 5).
 
-TL latent swim (Fig. 10): control mean to cam mean in each TL variant's latent space.
+Latent swim (Fig. 10): control mean to cam mean in the latent space of each method that has one.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import figures as fig
 from ..surface import values_at_vertices
-from .data import Cohort, Shapes, variant_model
+from . import figures as fig
+from .data import Cohort, Shapes, trained_model
 from .output import StudyOutput
 from .stats import pearson, permutation_hotelling
 from .swim import latent_swim, swim_figure
@@ -40,7 +40,7 @@ def group_difference(world: np.ndarray, cam: np.ndarray) -> tuple[np.ndarray, np
     return world[cam].mean(0), world[cam].mean(0) - world[~cam].mean(0)
 
 
-def run(cohort: Cohort, sources: dict[str, Shapes], out_dir: Path, tl_variants=(), seed: int = 0) -> StudyOutput:
+def run(cohort: Cohort, sources: dict[str, Shapes], out_dir: Path, latent_methods=(), seed: int = 0) -> StudyOutput:
     out = StudyOutput()
     group = cohort.subjects["group"].astype(str)
     unknown = sorted(set(group) - set(GROUPS))
@@ -113,18 +113,19 @@ def run(cohort: Cohort, sources: dict[str, Shapes], out_dir: Path, tl_variants=(
                                        "sit at the cam lesion."})
 
     swims = {}
-    for variant in tl_variants:
-        model = variant_model(cohort.dataset_dir, variant)
+    for method in latent_methods:
+        trained = trained_model(cohort.dataset_dir, method)
         shapes = cohort.all
         cam = group[shapes.ids].to_numpy() == "cam"
-        swim = out.attempt(f"{variant} latent swim", lambda: latent_swim(model, shapes.world[~cam], shapes.world[cam]))
+        swim = out.attempt(f"{method} latent swim", lambda: latent_swim(trained, shapes.world[~cam], shapes.world[cam]))
         if swim is not None:
-            swims[variant] = swim
-            out.summary.setdefault(variant, {})["swim_max_displacement_mm"] = float(
+            swims[method] = swim
+            out.summary.setdefault(method, {})["swim_max_displacement_mm"] = float(
                 np.linalg.norm(swim[-1] - swim[0], axis=1).max())
     if swims:
         swim_figure(template, swims, out_dir / "femur_latent_swim.png")
-        out.figures.append({"file": "femur_latent_swim.png", "title": "TL-DeepSSM latent swim, control to cam (Fig. 10)",
+        out.figures.append({"file": "femur_latent_swim.png",
+                            "title": "Latent swim, control to cam (TL-DeepSSM: Fig. 10)",
                             "caption": "Shapes decoded along the line from the control to the cam mean latent code; "
                                        "colour is the movement from the control end along the surface normal, which "
                                        "should grow smoothly at the head-neck junction as lambda increases."})

@@ -1,13 +1,14 @@
 """AF recurrence from left-atrium shape descriptors (paper sec. 4.3, Table 3, Fig. 12).
 
-Descriptors, per source:
+Descriptors, per source (a method's by its capabilities, `deepssm_workflow.methods`):
   ground_truth  PCA scores (95 % variance) of the ground-truth training shapes, for
-                the training subjects and the test subjects' true shapes;
-  base*         scores in the variant's own PCA layer: of the ground-truth training
-                shapes, and of the shapes it predicts for the test images (its network's
-                output scores);
-  tl*           the autoencoder latent g(C) of the ground-truth training shapes, and
-                the T-flank's latent f(I) predicted from each preprocessed test image.
+                the training subjects and the test subjects' true shapes (pdm_scores);
+  PCA_SCORES    scores in the method's own PCA layer (Base-DeepSSM): of the ground-truth
+                training shapes, and predicted from each preprocessed test image;
+  LATENT_CODE   the method's latent code (TL-DeepSSM: the autoencoder's g(C)) of the
+                ground-truth training shapes, and predicted from each preprocessed test
+                image (TL-DeepSSM: the T-flank's f(I));
+  neither       pdm_scores, as for the ground truth, of the shapes it predicts.
 So every classifier is trained on the training split's true shapes, as the network
 was, and tested on the test split, where a deployed model sees only images.
 
@@ -19,7 +20,7 @@ regression fitted by maximum likelihood with statsmodels (a calibrated probabili
 baseline, deterministic) and the majority-class rate. Brier scores measure the
 calibration of the predicted probabilities.
 
-TL latent swim (Fig. 12): no-recurrence mean to recurrence mean in each TL latent space.
+Latent swim (Fig. 12): no-recurrence mean to recurrence mean in each LATENT_CODE method's space.
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ import statsmodels.api as sm
 import torch
 from torch import nn
 
+from .. import methods
+from ..inference import codes
 from ..shape_space import ShapeSpace
 from . import figures as fig
-from .data import Cohort, Shapes, variant_model
+from .data import Cohort, Shapes, trained_model
 from .output import StudyOutput
-from .swim import encode, latent_swim, swim_figure
+from .swim import latent_swim, swim_figure
 
 N_DIMS = 10
 VARIANCE = 0.95
@@ -104,37 +107,37 @@ def classify(train_x, train_y, test_x, test_y, seeds=SEEDS) -> dict:
             "majority_accuracy": float((test_y == majority).mean()), "n_seeds": len(seeds)}
 
 
-def _scores_in_layer(model, world: np.ndarray) -> np.ndarray:
-    """Coordinates of shapes in a base model's fixed PCA layer (least squares; exact for its own output)."""
-    weight = model.pca_weight.double().numpy()  # (3M, K)
-    bias = model.pca_bias.double().numpy()
-    return np.linalg.lstsq(weight, (world.reshape(len(world), -1) - bias).T, rcond=None)[0].T
-
-
-def _tflank_latents(model, dataset_dir: Path, ids) -> np.ndarray:
-    path = Path(dataset_dir) / "preprocess" / "test.npz"
+def _test_images(path: Path, ids) -> np.ndarray:
+    """The test subjects' preprocessed images (preprocess/test.npz), in the order of `ids`."""
     if not path.is_file():
-        raise ValueError(f"{path}: the preprocessed test images the T-flank needs are missing")
+        raise ValueError(f"{path}: the preprocessed test images an image code needs are missing")
     with np.load(path) as data:
         order = {str(i): k for k, i in enumerate(data["ids"])}
         missing = [i for i in ids if i not in order]
         if missing:
             raise ValueError(f"{path}: no preprocessed image of test subject {missing[0]}")
-        images = data["images"][[order[i] for i in ids]]
-    with torch.no_grad():
-        return np.concatenate([model.tflank(torch.as_tensor(images[i:i + 8], dtype=torch.float32)).double().numpy()
-                               for i in range(0, len(images), 8)])
+        return data["images"][[order[i] for i in ids]]
+
+
+def descriptor_kind(source: str) -> str:
+    """What a source's descriptors are (see the module docstring)."""
+    if source == "ground_truth":
+        return "pdm_scores"
+    entry = methods.get(source)
+    if entry.has(methods.LATENT_CODE):
+        return "latent"
+    return "pca_scores" if entry.has(methods.PCA_SCORES) else "pdm_scores"
 
 
 def descriptors(cohort: Cohort, source: str, test_shapes: Shapes) -> tuple[np.ndarray, np.ndarray]:
     """(training descriptors, test descriptors) of one source (see the module docstring)."""
-    if source == "ground_truth":
+    if descriptor_kind(source) == "pdm_scores":
         space = ShapeSpace(variance=VARIANCE).fit(cohort.train.world)
         return space.transform(cohort.train.world), space.transform(test_shapes.world)
-    model = variant_model(cohort.dataset_dir, source)
-    if source.startswith("base"):
-        return _scores_in_layer(model, cohort.train.world), _scores_in_layer(model, test_shapes.world)
-    return encode(model, cohort.train.world), _tflank_latents(model, cohort.dataset_dir, list(test_shapes.ids))
+    trained = trained_model(cohort.dataset_dir, source)
+    images = _test_images(cohort.layout.preprocessed("test"), list(test_shapes.ids))
+    return (codes(trained.method, trained.model, shapes=cohort.train.world),
+            codes(trained.method, trained.model, images=images))
 
 
 def labels(cohort: Cohort, ids) -> np.ndarray:
@@ -146,7 +149,7 @@ def labels(cohort: Cohort, ids) -> np.ndarray:
     return values.to_numpy(dtype=int)
 
 
-def run(cohort: Cohort, sources: dict[str, Shapes], out_dir: Path, tl_variants=()) -> StudyOutput:
+def run(cohort: Cohort, sources: dict[str, Shapes], out_dir: Path, latent_methods=()) -> StudyOutput:
     out = StudyOutput()
     train_y = labels(cohort, cohort.train.ids)
     if train_y.min() == train_y.max():
@@ -155,7 +158,7 @@ def run(cohort: Cohort, sources: dict[str, Shapes], out_dir: Path, tl_variants=(
     rows = []
     for source, shapes in sources.items():
         train_x, test_x = descriptors(cohort, source, shapes)
-        row = {"source": source, "descriptor": "latent" if source.startswith("tl") else "pca_scores",
+        row = {"source": source, "descriptor": descriptor_kind(source),
                **classify(train_x, train_y, test_x, labels(cohort, shapes.ids))}
         rows.append(row)
         out.summary[source] = {k: v for k, v in row.items() if k not in ("source", "descriptor", "dims")}
@@ -170,15 +173,15 @@ def run(cohort: Cohort, sources: dict[str, Shapes], out_dir: Path, tl_variants=(
     swims = {}
     everyone = cohort.all
     recurrence = labels(cohort, everyone.ids) == 1
-    for variant in tl_variants:
-        model = variant_model(cohort.dataset_dir, variant)
-        swims[variant] = latent_swim(model, everyone.world[~recurrence], everyone.world[recurrence])
-        out.summary.setdefault(variant, {})["swim_max_displacement_mm"] = float(
-            np.linalg.norm(swims[variant][-1] - swims[variant][0], axis=1).max())
+    for method in latent_methods:
+        trained = trained_model(cohort.dataset_dir, method)
+        swims[method] = latent_swim(trained, everyone.world[~recurrence], everyone.world[recurrence])
+        out.summary.setdefault(method, {})["swim_max_displacement_mm"] = float(
+            np.linalg.norm(swims[method][-1] - swims[method][0], axis=1).max())
     if swims:
         swim_figure(cohort.template_mesh(), swims, out_dir / "left_atrium_latent_swim.png")
         out.figures.append({"file": "left_atrium_latent_swim.png",
-                            "title": "TL-DeepSSM latent swim, no recurrence to recurrence (Fig. 12)",
+                            "title": "Latent swim, no recurrence to recurrence (TL-DeepSSM: Fig. 12)",
                             "caption": "Shapes decoded along the line from the no-recurrence to the recurrence mean "
                                        "latent code, coloured by movement along the normal; red growing on the body "
                                        "means the atrium bulges (becomes rounder) towards recurrence."})

@@ -2,7 +2,7 @@
 
 Reference: PPCA (95 % variance subspace) of the ground-truth shapes of the training
 controls. Scored: the test subjects, from the ground-truth PDM (`ground_truth`) and
-from each variant's predictions, so every source is scored against the same reference
+from each method's predictions, so every source is scored against the same reference
 on the same scans (the paper fits on 72 controls and scores the 48 others; here the
 test split plays the 48, since predictions exist only there).
 
@@ -86,7 +86,8 @@ def run(cohort: Cohort, sources: dict[str, Shapes], out_dir: Path, resources_dir
         row = {"source": source, "n_scored": len(table), "n_metopic": int(label.sum()),
                "n_reference_controls": len(reference), "ppca_modes": ppca.n_modes,
                "ppca_explained": ppca.explained, "n_rated": len(rated),
-               "pearson": out.attempt(f"{source} Pearson", lambda: pearson(rated["severity"], rated["expert_severity"])),
+               "pearson": out.attempt(f"{source} Pearson",
+                                      lambda: pearson(rated["severity"], rated["expert_severity"])),
                "spearman": out.attempt(f"{source} Spearman",
                                        lambda: spearman(rated["severity"], rated["expert_severity"])),
                "auc": out.attempt(f"{source} AUC", lambda: auc(table["severity"], label))}

@@ -11,8 +11,8 @@ log sigma_r to 0, so theta is in units of a typical rater's noise. The latent
 severities theta are estimated by maximum likelihood with weak priors: N(0, 10^2) on
 theta, without which a subject every rater put in the lowest (or highest) category
 would have theta = -inf (+inf), and N(0, 1) on log sigma_r, without which a rater whose
-few ratings happen to be perfectly ordered would get sigma_r = 0. statsmodels' OrderedModel was not used because it has no
-per-rater noise scale and no way to keep such subjects finite.
+few ratings happen to be perfectly ordered would get sigma_r = 0. statsmodels' OrderedModel
+was not used because it has no per-rater noise scale and no way to keep such subjects finite.
 
 The ratings table has columns subject, rater, rating (integers; the categories are
 the distinct values that occur, in order).

@@ -16,9 +16,9 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 
+from ..io import apply_transform
 from ..points import farthest_point_sampling
 from . import geometry
-from ..io import apply_transform
 from .imaging import Grid
 
 

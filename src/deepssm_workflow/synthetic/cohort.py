@@ -162,7 +162,8 @@ def generate_cohort(anatomy_name: str, settings: SyntheticSettings, out_dir: Pat
     with staged(out_dir, ["data", "subjects.csv", "ground_truth.csv"]) as staging:
         for sub in ("images", "segmentations", "meshes", "particles", "transforms", "template"):
             (staging / "data" / sub).mkdir(parents=True)
-        jobs = [(anatomy, settings, point_ids, i, row.id, row.group, staging) for i, row in enumerate(plan.itertuples())]
+        jobs = [(anatomy, settings, point_ids, i, row.id, row.group, staging)
+                for i, row in enumerate(plan.itertuples())]
         if workers > 1:
             with ProcessPoolExecutor(max_workers=workers) as pool:
                 results = list(pool.map(synthesize_subject, *zip(*jobs)))

@@ -17,7 +17,6 @@ from typing import Callable
 import numpy as np
 import pyvista as pv
 
-
 SDF = Callable[[np.ndarray], np.ndarray]
 
 
@@ -134,7 +133,8 @@ def polydata(vertices: np.ndarray, faces: np.ndarray) -> pv.PolyData:
     return pv.PolyData(np.asarray(vertices, dtype=np.float64), cells.ravel())
 
 
-def mesh_sdf(sdf: SDF, lower, upper, resolution: float, smoothing_iterations: int = 20) -> tuple[np.ndarray, np.ndarray]:
+def mesh_sdf(sdf: SDF, lower, upper, resolution: float,
+             smoothing_iterations: int = 20) -> tuple[np.ndarray, np.ndarray]:
     """Mesh the zero level set of `sdf` inside the box [lower, upper].
 
     Returns (vertices, faces) of the largest connected, closed triangle surface.

@@ -1,0 +1,308 @@
+"""The training engine: trains any registered method (`deepssm_workflow.methods`) phase by
+phase, with the guarantees every method gets by being registered:
+
+* a seeded run: the network is built after `torch.manual_seed(seed)`, and batches are
+  shuffled by a numpy Generator seeded by (seed, epoch); nothing else draws random numbers;
+* every epoch ends with the validation RMSE (eq. 12, mean over validation samples) of the
+  correspondences the phase validates on; the kept model is the epoch of lowest validation
+  RMSE among the phases that select (per epoch, over all validation samples);
+* after each epoch the full training state is written atomically to `checkpoint.pt` (its
+  sha256 in `checkpoint.pt.sha256`: a corrupted checkpoint is ignored with a warning); a
+  rerun with the same method, settings, network, data and split resumes from it and ends
+  with the same weights as an uninterrupted run;
+* `log.csv` gets one row per epoch, flushed as it runs, and a log line per epoch says the
+  loss, the validation RMSE and the time; the device chosen is stated first.
+
+Outputs in `out_dir`: `model.pt` (the kept state_dict), `model_card.json` (see `card`),
+`log.csv`, `loss_curve.png`, and `checkpoint.pt` (+ `.sha256`).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import card as cards
+from .atomic import replaced
+from .methods import Batch, DataSpec, TrainingData, get
+from .plotting import figure, save_figure
+from .provenance import checksum_problem, record_checksum
+from .shape_space import ShapeSpace, rmse
+
+LOG_COLUMNS = ("epoch", "phase", "train_loss", "val_rmse", "lr", "seconds")
+CHECKPOINT_FORMAT = 4  # 4: method + settings + network in the signature, method state instead of focal_c
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """The config's `training` block: what every method's training shares."""
+
+    batch_size: int = 8
+    val_fraction: float = 0.1  # of the real subjects (paper: 0.2 for the left atrium)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+def split_by_source(n_real: int, source_index, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Train/validation indices into [real subjects 0..n_real-1, generated samples ...].
+
+    `source_index[j]` is the real subject (0..n_real-1) that generated sample j was made
+    from (KDE augmentation warps that subject's image). round(val_fraction * n_real)
+    real subjects (at least 1, at most n_real - 1) are drawn for validation, and every
+    generated sample follows its source subject into the same split. No subject's
+    anatomy is therefore on both sides, unlike the reference implementation, which
+    split real and augmented samples together and so validated on warped copies of
+    training images. Deterministic in `seed`; both arrays are sorted.
+    """
+    source = np.asarray(source_index, dtype=np.int64).reshape(-1)
+    if n_real < 2:
+        raise ValueError(f"need at least 2 real subjects to split, got {n_real}")
+    if source.size and (source.min() < 0 or source.max() >= n_real):
+        raise ValueError(f"source_index must name real subjects 0..{n_real - 1}")
+    n_val = min(max(int(round(val_fraction * n_real)), 1), n_real - 1)
+    val_real = np.random.default_rng(seed).choice(n_real, size=n_val, replace=False)
+    is_val = np.zeros(n_real + source.size, dtype=bool)
+    is_val[val_real] = True
+    is_val[n_real:] = np.isin(source, val_real)
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+# -- batches
+
+
+def batches(indices: np.ndarray, batch_size: int, seed: int = 0, epoch: int = 0, shuffle: bool = False):
+    """Index batches; the order depends only on (seed, epoch), so a resumed run shuffles alike."""
+    indices = np.asarray(indices)
+    if shuffle:
+        indices = np.random.default_rng([seed, epoch]).permutation(indices)
+    for start in range(0, len(indices), batch_size):
+        yield indices[start:start + batch_size]
+
+
+def rows_tensor(array, idx, device) -> torch.Tensor:
+    """Rows `idx` of an array or a row store (`rows.NpyRows`, `StackedRows`: only those rows are read)
+    as a float32 tensor."""
+    return torch.from_numpy(np.ascontiguousarray(array[np.asarray(idx)], dtype=np.float32)).to(device)
+
+
+def image_batch(images, idx, device, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """Rows `idx` of (n, Z, Y, X) images as a (B, 1, Z, Y, X) float32 batch."""
+    return rows_tensor(images, idx, device).unsqueeze(1).contiguous(memory_format=memory_format)
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    """Channels-last activations on CPU: oneDNN's 3D convs, pools and PReLUs run faster on them
+    (the training benchmark measures it). CUDA keeps the default, where it was not measured."""
+    return torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format
+
+
+def _batch(images, points, rows, device, layout) -> Batch:
+    return Batch(rows, rows_tensor(points, rows, device), lambda: image_batch(images, rows, device, layout))
+
+
+# -- files
+
+
+def _save_checkpoint(state: dict, path: Path) -> None:
+    """Atomically, with its sha256 recorded in path.sha256 (checked before a resume)."""
+    with replaced(path) as tmp:
+        torch.save(state, tmp)
+        record_checksum(path, tmp)
+
+
+def _write_log(path: Path, history: list[dict]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, LOG_COLUMNS)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def _append_log(path: Path, row: dict) -> None:
+    with open(path, "a", newline="") as handle:
+        csv.DictWriter(handle, LOG_COLUMNS).writerow(row)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _plot_history(history: list[dict], best_epoch: int, path: Path) -> None:
+    fig, axes = figure(1, 2, cell=(4.0, 3.0))
+    ax_loss, ax_rmse = axes[0]
+    for phase in dict.fromkeys(row["phase"] for row in history):
+        rows = [row for row in history if row["phase"] == phase]
+        epochs = [row["epoch"] for row in rows]
+        ax_loss.plot(epochs, [row["train_loss"] for row in rows], marker=".", label=phase)
+        ax_rmse.plot(epochs, [row["val_rmse"] for row in rows], marker=".", label=phase)
+    ax_rmse.axvline(best_epoch, color="0.5", linestyle="--", linewidth=0.8, label=f"best ({best_epoch})")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss")
+    ax_rmse.set(xlabel="epoch", ylabel="RMSE (eq. 12)", title="validation RMSE")
+    ax_rmse.legend(frameon=False)
+    save_figure(fig, path)
+
+
+# -- training
+
+
+def pick_device(device, log) -> torch.device:
+    if device is not None:
+        device = torch.device(device)
+        log(f"device: {device} (given by the caller)")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+        log(f"device: cuda (CUDA visible: {torch.cuda.get_device_name(device)})")
+    else:
+        device = torch.device("cpu")
+        log("device: cpu (no CUDA device visible, using CPU)")
+    return device
+
+
+def _clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().to("cpu", copy=True) for name, value in model.state_dict().items()}
+
+
+def _resume_point(ckpt_path: Path, signature: dict, device, log) -> dict | None:
+    corrupted = checksum_problem(ckpt_path) if ckpt_path.exists() else None
+    if corrupted:
+        log(f"WARNING: ignoring {ckpt_path}: {corrupted}; starting afresh")
+        return None
+    if not ckpt_path.exists():
+        return None
+    ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    if ckpt.get("signature") != signature:
+        log(f"ignoring {ckpt_path}: written for another method, settings, data or split; starting afresh")
+        return None
+    return ckpt
+
+
+def train(method: str, settings, images, points, train_idx, val_idx, shape_space: ShapeSpace, out_dir,
+          engine: EngineSettings = EngineSettings(), device=None, log=print, data_hash: str | None = None,
+          stop_after_epochs: int | None = None) -> dict | None:
+    """Train the registered `method` (its Settings: `methods.get(method).settings(block)`) on
+    images (n, Z, Y, X) and correspondences (n, M, 3).
+
+    `train_idx` / `val_idx` index both arrays (see `split_by_source`); either may be a row store
+    (np.memmap, NpyRows, StackedRows), read one batch at a time. `shape_space` is the dataset's
+    (mean shape, PCA). `data_hash` identifies the data for the model card and the checkpoint.
+    Resumes from `out_dir/checkpoint.pt` when it was written for the same method, settings,
+    network, data and split. `stop_after_epochs=k` returns None after k epochs in total
+    (checkpoint written), as if the run had been killed there. Returns the model card.
+    """
+    entry = get(method)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train_idx, val_idx = np.asarray(train_idx, dtype=np.int64), np.asarray(val_idx, dtype=np.int64)
+    if len(train_idx) == 0 or len(val_idx) == 0:
+        raise ValueError(f"need training and validation samples, got {len(train_idx)} and {len(val_idx)}")
+    if np.intersect1d(train_idx, val_idx).size:
+        raise ValueError("train_idx and val_idx overlap")
+    if len(images) != len(points) or points.shape[-1] != 3:
+        raise ValueError(f"need n images and n (M, 3) shapes, got {len(images)} images and points {points.shape}")
+    device = pick_device(device, log)
+
+    torch.manual_seed(engine.seed)
+    layout = memory_format(device)
+    spec = DataSpec(tuple(images.shape[1:]), points.shape[1], shape_space)
+    model = entry.method.build(settings, spec).to(device, memory_format=layout)
+    network = entry.method.network_config(model)
+    data = TrainingData(points, train_idx, engine.batch_size, device)
+    val_points = np.asarray(points[val_idx], dtype=np.float64)
+    phases = entry.method.phases(settings)
+
+    signature = {"format": CHECKPOINT_FORMAT, "method": method, "settings": asdict(settings),
+                 "engine": asdict(engine), "network": network, "data_hash": data_hash,
+                 "train_idx": train_idx.tolist(), "val_idx": val_idx.tolist()}
+    ckpt_path, log_path = out_dir / "checkpoint.pt", out_dir / "log.csv"
+    ckpt = _resume_point(ckpt_path, signature, device, log)
+    if ckpt is None:
+        state = entry.method.prepare(model, settings, data)
+        history, best = [], {"epoch": None, "val_rmse": float("inf"), "state": None}
+        start_phase, start_epoch = 0, 0
+        _write_log(log_path, history)
+    else:
+        model.load_state_dict(ckpt["model"])
+        history, best, state = ckpt["history"], ckpt["best"], ckpt["state"]
+        start_phase, start_epoch = ckpt["phase_index"], ckpt["phase_epoch"]
+        _write_log(log_path, history)  # drops a row written after the checkpoint, if any
+        log(f"resuming from {ckpt_path} after epoch {len(history)}")
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        for phase_index, phase in enumerate(phases):
+            if phase_index < start_phase or phase.epochs == 0:
+                continue
+            params = entry.method.trainable(model, phase)
+            # fused: one kernel for all parameters instead of several passes over each tensor
+            # (the encoder's first FC layer alone has 20 M weights at femur size)
+            optimizer = torch.optim.Adam(params, lr=phase.lr, weight_decay=phase.weight_decay, fused=True)
+            scheduler = (torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+                         if phase.schedule == "constant" else
+                         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=phase.epochs))
+            first = 0
+            if ckpt is not None and phase_index == start_phase:
+                optimizer.load_state_dict(ckpt["optimizer"])
+                scheduler.load_state_dict(ckpt["scheduler"])
+                first = start_epoch
+            if first == 0:
+                entry.method.begin_phase(model, settings, phase, data, state, log)
+
+            for epoch_in_phase in range(first, phase.epochs):
+                epoch = len(history) + 1
+                start = time.perf_counter()
+                lr = optimizer.param_groups[0]["lr"]
+                model.train()
+                total, count = 0.0, 0
+                for rows in batches(train_idx, engine.batch_size, engine.seed, epoch, shuffle=True):
+                    loss = entry.method.loss(model, settings, phase, _batch(images, points, rows, device, layout),
+                                             state)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    total += float(loss.detach()) * len(rows)
+                    count += len(rows)
+                scheduler.step()
+
+                model.eval()
+                with torch.no_grad():
+                    pred = np.concatenate([
+                        entry.method.validation_points(model, phase, _batch(images, points, rows, device, layout))
+                        .cpu().numpy() for rows in batches(val_idx, engine.batch_size)])
+                val_rmse = float(rmse(pred, val_points).mean())
+                if phase.selects_best and val_rmse < best["val_rmse"]:
+                    best = {"epoch": epoch, "val_rmse": val_rmse, "state": _clone_state(model)}
+
+                row = {"epoch": epoch, "phase": phase.name, "train_loss": total / count, "val_rmse": val_rmse,
+                       "lr": lr, "seconds": round(time.perf_counter() - start, 4)}
+                history.append(row)
+                _save_checkpoint({"signature": signature, "model": model.state_dict(),
+                                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                  "phase_index": phase_index, "phase_epoch": epoch_in_phase + 1,
+                                  "history": history, "best": best, "state": state}, ckpt_path)
+                _append_log(log_path, row)
+                log(f"epoch {epoch} [{phase.name}] loss {row['train_loss']:.5g} val RMSE {val_rmse:.4g} "
+                    f"lr {lr:.3g} ({row['seconds']:.2f} s)")
+                if stop_after_epochs is not None and epoch >= stop_after_epochs:
+                    return None
+            ckpt = None
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+    with replaced(out_dir / "model.pt") as tmp:
+        torch.save(best["state"], tmp)
+    card = cards.write(out_dir / "model_card.json", method=method, settings=asdict(settings), engine=asdict(engine),
+                       network=network, device=device, history=history, best=best, state=state,
+                       n_train=len(train_idx), n_val=len(val_idx), data_hash=data_hash)
+    _plot_history(history, best["epoch"], out_dir / "loss_curve.png")
+    log(f"best epoch {best['epoch']} ({card['best_phase']}): validation RMSE {best['val_rmse']:.4g}")
+    return card

@@ -1,0 +1,261 @@
+"""Where each artifact of a dataset lives: the one home of the results layout, read by the
+Snakemake rules (through `patterns`) and by the library (through `DatasetLayout`) alike.
+
+    results/{dataset}/                  DatasetLayout(root)
+        cohort/                         cohort_dir
+            subjects.csv                subjects_csv
+            shapes_{split}.npz          shapes(split)
+            report.json                 cohort_report
+        preprocess/                     preprocess_dir
+            grid.json                   grid_json
+            reference.nrrd              reference_nrrd
+            {split}.npz                 preprocessed(split)
+        augmentation/                   augmentation_dir
+            images.npy                  augmentation_images
+            samples.npz                 samples_npz
+            shape_space.npz             shape_space_npz
+            qc.png                      augmentation_qc
+            provenance.json             provenance("augmentation")
+        models/{method}/                model_dir(method)
+            model.pt                    model_pt(method)
+            model_card.json             model_card(method)
+            log.csv                     training_log(method)
+            loss_curve.png              loss_curve(method)
+            provenance.json             provenance("models", method)
+        predictions/{method}/           predictions_dir(method)
+            predictions.csv             predictions_csv(method)
+            particles/                  predicted_particles(method)
+            provenance.json             provenance("predictions", method)
+        evaluation/                     evaluation_dir
+            summary.json                evaluation_summary
+            figures.json                evaluation_figures_json
+            tables.json                 evaluation_tables_json
+            tables/{name}.csv           evaluation_table(name), name in EVALUATION_TABLES
+            {name}.png                  evaluation_figure(name), name in EVALUATION_FIGURES
+            per_point.npz               per_point_npz
+        study/                          study_dir
+        qc/                             qc_dir
+            cohort.png                  cohort_qc
+            preprocess.png              preprocess_qc
+        report.html                     report_html
+
+Each step writes the files of its own folder under these names into the out-dir its rule
+passes it; the readers of a whole dataset folder (evaluation, studies, report) find them here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .provenance import SIDECAR
+
+EVALUATION_TABLES = ("accuracy_summary", "accuracy_per_subject", "inference_time")
+EVALUATION_FIGURES = ("per_point_rmse", "surface_boxplot", "surface_heatmaps")
+PROVENANCE_STAGES = ("augmentation", "models", "predictions")  # the steps that write a provenance.json
+
+
+def _part(name: str) -> str:
+    """A method, split or file stem as one path component: one with a separator would leave its folder."""
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise ValueError(f"{name!r}: not a valid name for a folder or file of the results layout")
+    return name
+
+
+class DatasetLayout:
+    """The files and folders of one dataset's results folder (`results/{dataset}`), as paths."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"DatasetLayout({str(self.root)!r})"
+
+    # -- cohort/: the ingested cohort
+
+    @property
+    def cohort_dir(self) -> Path:
+        return self.root / "cohort"
+
+    @property
+    def subjects_csv(self) -> Path:
+        return self.cohort_dir / "subjects.csv"
+
+    def shapes(self, split: str) -> Path:
+        """The split's ground-truth correspondences (ids, world, local, image_to_world)."""
+        return self.cohort_dir / f"shapes_{_part(split)}.npz"
+
+    @property
+    def cohort_report(self) -> Path:
+        return self.cohort_dir / "report.json"
+
+    # -- preprocess/: the networks' input grid and the preprocessed images
+
+    @property
+    def preprocess_dir(self) -> Path:
+        return self.root / "preprocess"
+
+    @property
+    def grid_json(self) -> Path:
+        return self.preprocess_dir / "grid.json"
+
+    @property
+    def reference_nrrd(self) -> Path:
+        return self.preprocess_dir / "reference.nrrd"
+
+    def preprocessed(self, split: str) -> Path:
+        """The split's images, registered and resampled onto the grid (train.npz, test.npz)."""
+        return self.preprocess_dir / f"{_part(split)}.npz"
+
+    # -- augmentation/
+
+    @property
+    def augmentation_dir(self) -> Path:
+        return self.root / "augmentation"
+
+    @property
+    def augmentation_images(self) -> Path:
+        return self.augmentation_dir / "images.npy"
+
+    @property
+    def samples_npz(self) -> Path:
+        return self.augmentation_dir / "samples.npz"
+
+    @property
+    def shape_space_npz(self) -> Path:
+        return self.augmentation_dir / "shape_space.npz"
+
+    @property
+    def augmentation_qc(self) -> Path:
+        return self.augmentation_dir / "qc.png"
+
+    # -- models/{method}/: one trained network per method
+
+    def model_dir(self, method: str) -> Path:
+        return self.root / "models" / _part(method)
+
+    def model_pt(self, method: str) -> Path:
+        return self.model_dir(method) / "model.pt"
+
+    def model_card(self, method: str) -> Path:
+        return self.model_dir(method) / "model_card.json"
+
+    def training_log(self, method: str) -> Path:
+        """Per-epoch losses and timings (log.csv)."""
+        return self.model_dir(method) / "log.csv"
+
+    def loss_curve(self, method: str) -> Path:
+        return self.model_dir(method) / "loss_curve.png"
+
+    # -- predictions/{method}/: each method's predicted test shapes
+
+    def predictions_dir(self, method: str) -> Path:
+        return self.root / "predictions" / _part(method)
+
+    def predictions_csv(self, method: str) -> Path:
+        return self.predictions_dir(method) / "predictions.csv"
+
+    def predicted_particles(self, method: str) -> Path:
+        return self.predictions_dir(method) / "particles"
+
+    # -- provenance sidecars of the expensive steps
+
+    def provenance_dir(self, stage: str, method: str | None = None) -> Path:
+        """The folder of a step that writes a provenance.json: augmentation/ (no method), models/{method}/ or
+        predictions/{method}/."""
+        if stage == "augmentation" and method is None:
+            return self.augmentation_dir
+        if stage == "models" and method is not None:
+            return self.model_dir(method)
+        if stage == "predictions" and method is not None:
+            return self.predictions_dir(method)
+        raise ValueError(f"no provenance folder for stage {stage!r} and method {method!r}: the stages are "
+                         f"{', '.join(PROVENANCE_STAGES)}, and only models and predictions are per method")
+
+    def provenance(self, stage: str, method: str | None = None) -> Path:
+        return self.provenance_dir(stage, method) / SIDECAR
+
+    def provenance_dirs(self, methods) -> list[Path]:
+        """Every folder with a provenance.json for these methods: augmentation, then models, then predictions."""
+        return ([self.augmentation_dir] + [self.model_dir(m) for m in methods]
+                + [self.predictions_dir(m) for m in methods])
+
+    # -- evaluation/
+
+    @property
+    def evaluation_dir(self) -> Path:
+        return self.root / "evaluation"
+
+    @property
+    def evaluation_summary(self) -> Path:
+        return self.evaluation_dir / "summary.json"
+
+    @property
+    def evaluation_figures_json(self) -> Path:
+        return self.evaluation_dir / "figures.json"
+
+    @property
+    def evaluation_tables_json(self) -> Path:
+        return self.evaluation_dir / "tables.json"
+
+    def evaluation_table(self, name: str) -> Path:
+        """A table of the evaluation, by file stem (EVALUATION_TABLES)."""
+        return self.evaluation_dir / "tables" / f"{_part(name)}.csv"
+
+    def evaluation_figure(self, name: str) -> Path:
+        """A figure of the evaluation, by file stem (EVALUATION_FIGURES)."""
+        return self.evaluation_dir / f"{_part(name)}.png"
+
+    @property
+    def per_point_npz(self) -> Path:
+        return self.evaluation_dir / "per_point.npz"
+
+    # -- study/, qc/ and the report
+
+    @property
+    def study_dir(self) -> Path:
+        return self.root / "study"
+
+    @property
+    def qc_dir(self) -> Path:
+        return self.root / "qc"
+
+    @property
+    def cohort_qc(self) -> Path:
+        return self.qc_dir / "cohort.png"
+
+    @property
+    def preprocess_qc(self) -> Path:
+        return self.qc_dir / "preprocess.png"
+
+    @property
+    def report_html(self) -> Path:
+        return self.root / "report.html"
+
+
+class Patterns:
+    """A DatasetLayout whose paths come back as str, which Snakemake's inputs and outputs want, with
+    wildcards such as {dataset} and {method} kept as written (pathlib leaves braces alone)."""
+
+    def __init__(self, layout: DatasetLayout):
+        self._layout = layout
+
+    def __repr__(self) -> str:
+        return f"Patterns({self._layout!r})"
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):  # private and dunder lookups (copy, pickle) never reach the layout
+            raise AttributeError(name)
+        value = getattr(self._layout, name)
+        if callable(value):
+            return lambda *args, **kwargs: _as_str(value(*args, **kwargs))
+        return _as_str(value)
+
+
+def _as_str(value):
+    return str(value) if isinstance(value, Path) else [str(path) for path in value]
+
+
+def patterns(dataset: str = "{dataset}", results: str = "results") -> Patterns:
+    """The layout of results/{dataset} for the Snakefile: `patterns().model_pt("{method}")` is
+    "results/{dataset}/models/{method}/model.pt"; `patterns("femur")` gives one dataset's paths."""
+    return Patterns(DatasetLayout(Path(results) / dataset))

@@ -1,0 +1,175 @@
+"""What a method is: the interface every image-to-shape method implements to be trained by
+the engine (`deepssm_workflow.engine`), predicted from, evaluated and used by the studies.
+
+A method says
+* its settings: a frozen dataclass (`Settings`, fields without defaults) and the JSON-schema
+  properties of its config block (`schema`, the one home of the defaults);
+* `smoke`: settings of the smallest run that exercises every phase (the conformance tests);
+* what it needs from the results layout (`needs`: NEEDS names) and what it can do
+  (`capabilities`: CAPABILITIES names), so that evaluation and studies ask for a capability,
+  never for a name;
+* how to build its network from the data (`build`), what the model card must keep to build
+  it again (`network_config`, `rebuild`);
+* its training phases (`phases`: epochs, optimizer settings, schedule, whether the phase's
+  epochs compete for the kept model), which parameters each phase trains (`trainable`), the
+  loss of a batch (`loss`) and what a phase validates (`validation_points`);
+* how it predicts (`predict`) and, with PCA_SCORES or LATENT_CODE, the codes it hands the
+  studies (`shape_code`, `image_code`, `decode`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..shape_space import ShapeSpace
+
+# -- capabilities: what evaluation and the studies may ask of a method
+CORRESPONDENCES = "correspondences"  # predicts (M, 3) world-frame correspondences from one image
+PCA_SCORES = "pca_scores"            # its shape code is the scores of a fixed linear PCA layer
+LATENT_CODE = "latent_code"          # its shape code is a learned latent that decodes to a shape (latent swims)
+CAPABILITIES = (CORRESPONDENCES, PCA_SCORES, LATENT_CODE)
+
+# -- inputs a method can need from the results layout (`deepssm_workflow.layout`)
+TRAINING_IMAGES = "training_images"  # preprocess/train.npz
+SHAPES = "shapes"                    # cohort/shapes_train.npz: the correspondences
+AUGMENTATION = "augmentation"        # augmentation/samples.npz + images.npy
+NEEDS = (TRAINING_IMAGES, SHAPES, AUGMENTATION)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a network is built for: preprocessed image size (Z, Y, X), correspondences per
+    shape, and the dataset's shape space (mean shape, PCA basis and variances)."""
+
+    input_shape: tuple[int, int, int]
+    n_points: int
+    shape_space: ShapeSpace
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One training phase: `epochs` of Adam at `lr` (cosine-annealed over the phase, or
+    constant), weight decay `weight_decay`. When `selects_best`, its epochs compete for the
+    kept model (lowest validation RMSE); a phase that does not see images (an autoencoder)
+    must not."""
+
+    name: str
+    epochs: int
+    lr: float
+    weight_decay: float
+    schedule: str = "cosine"  # or "constant"
+    selects_best: bool = True
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"phase {self.name}: schedule must be cosine or constant, got {self.schedule!r}")
+        if self.epochs < 0:
+            raise ValueError(f"phase {self.name}: epochs must be >= 0, got {self.epochs}")
+
+
+class Batch:
+    """One batch of training samples: their target correspondences (B, M, 3) on the device,
+    and their images, read only when a phase asks for them (an autoencoder phase never does)."""
+
+    def __init__(self, rows: np.ndarray, points: torch.Tensor, read_images: Callable[[], torch.Tensor]):
+        self.rows, self.points, self._read_images, self._images = rows, points, read_images, None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def images(self) -> torch.Tensor:
+        if self._images is None:
+            self._images = self._read_images()
+        return self._images
+
+
+class Method:
+    """Base class of a method; a subclass sets the class attributes and implements the hooks.
+    Defaults here are those of a single-network method trained end to end on images."""
+
+    summary: str = ""
+    Settings: type
+    schema: dict = {}  # JSON-schema `properties` of its config block, each with its default
+    needs: frozenset = frozenset({TRAINING_IMAGES, SHAPES, AUGMENTATION})
+    capabilities: frozenset = frozenset({CORRESPONDENCES})
+    # the smallest settings that run every phase, on a tiny network: what the conformance tests
+    # (tests/test_methods.py) train every registered method with
+    smoke: dict = {}
+
+    # -- network
+    def build(self, settings, spec: DataSpec) -> nn.Module:
+        raise NotImplementedError
+
+    def network_config(self, model: nn.Module) -> dict:
+        """JSON-able: with the state_dict, all `rebuild` needs."""
+        raise NotImplementedError
+
+    def rebuild(self, network: dict, state: dict[str, torch.Tensor]) -> nn.Module:
+        raise NotImplementedError
+
+    # -- training
+    def phases(self, settings) -> list[Phase]:
+        raise NotImplementedError
+
+    def check(self, settings) -> list[str]:
+        """Problems of a settings combination the schema cannot see (e.g. no epoch that selects a model)."""
+        if not any(p.epochs > 0 and p.selects_best for p in self.phases(settings)):
+            return ["no phase with epochs that validates on images: the kept model would be chosen on none"]
+        return []
+
+    def trainable(self, model: nn.Module, phase: Phase) -> list[nn.Parameter]:
+        return list(model.parameters())
+
+    def prepare(self, model: nn.Module, settings, data: "TrainingData") -> dict:
+        """Before the first epoch (not on resume): JSON-able state kept in the checkpoint and the card."""
+        return {}
+
+    def begin_phase(self, model: nn.Module, settings, phase: Phase, data: "TrainingData", state: dict, log) -> None:
+        """When a phase starts afresh (not when it is resumed): may change fixed buffers and `state`."""
+
+    def loss(self, model: nn.Module, settings, phase: Phase, batch: Batch, state: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def validation_points(self, model: nn.Module, phase: Phase, batch: Batch) -> torch.Tensor:
+        """(B, M, 3) correspondences the phase is validated on (default: predicted from the images)."""
+        return self.predict(model, batch.images)
+
+    # -- inference and descriptors
+    def predict(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1, Z, Y, X) images -> (B, M, 3) world-frame correspondences (CORRESPONDENCES)."""
+        raise NotImplementedError
+
+    def training_mean(self, model: nn.Module) -> np.ndarray:
+        """The training mean shape (M, 3) the model carries, to judge its predictions by."""
+        raise NotImplementedError
+
+    def shape_code(self, model: nn.Module, shapes: torch.Tensor) -> torch.Tensor:
+        """(B, M, 3) shapes -> (B, D) codes (PCA_SCORES or LATENT_CODE)."""
+        raise NotImplementedError
+
+    def image_code(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1, Z, Y, X) images -> (B, D) codes predicted from the image, in shape_code's space."""
+        raise NotImplementedError
+
+    def decode(self, model: nn.Module, codes: torch.Tensor) -> torch.Tensor:
+        """(B, D) codes -> (B, M, 3) shapes (LATENT_CODE)."""
+        raise NotImplementedError
+
+
+class TrainingData:
+    """The training samples as a method's `prepare` / `begin_phase` sees them: the target shapes
+    of the training rows, a batch at a time, on the model's device."""
+
+    def __init__(self, points, train_idx: np.ndarray, batch_size: int, device: torch.device):
+        self.points, self.train_idx, self.batch_size, self.device = points, train_idx, batch_size, device
+
+    def point_batches(self):
+        for start in range(0, len(self.train_idx), self.batch_size):
+            rows = self.train_idx[start:start + self.batch_size]
+            yield torch.from_numpy(np.ascontiguousarray(self.points[rows], dtype=np.float32)).to(self.device)
