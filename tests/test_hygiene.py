@@ -1,5 +1,6 @@
-"""Workflow hygiene: snakefmt formatting, a clean `snakemake --lint`, and the rules' conda env
-matching pyproject's pins and installing this checkout."""
+"""Workflow hygiene: ruff (pyflakes, pycodestyle, import order) clean on the package and the tests,
+snakefmt formatting, a clean `snakemake --lint`, and the rules' conda env matching pyproject's pins
+and installing this checkout."""
 
 import importlib.util
 import json
@@ -24,6 +25,23 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 def _snakefmt(*args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "snakefmt", "--config", str(REPO / "pyproject.toml"), *args]
     return subprocess.run(command, capture_output=True, text=True)
+
+
+def _ruff(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "ruff", "check", "--config", str(REPO / "pyproject.toml"), *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+
+
+def test_ruff_is_clean_on_the_package_and_the_tests():
+    result = _ruff("src", "tests")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ruff_flags_an_unused_import_and_unsorted_imports(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import sys\nimport os\n\nprint(os.sep)\n")
+    output = _ruff("--no-cache", str(bad)).stdout
+    assert "F401" in output and "I001" in output
 
 
 def test_snakefiles_are_formatted_with_snakefmt():
