@@ -27,8 +27,11 @@ def test_quick_benchmark_writes_its_table(tmp_path):
     # what the timings stand on must hold: same outputs, same warp, both memory runs done
     assert len(result["inference"]) == 3 * 2 * 2  # datasets x networks (base, tl) x (batch 1, batched)
     assert bench.one_per_network() == ["base", "tl"]
-    assert max(row["max_abs_difference_mm"] for row in result["inference"]) < 1e-3
-    assert [row["samples"] for row in result["training"]] == [bench.QUICK.train_samples] * 2
+    # float32 rounding on the CPU; a CUDA row's convolutions run in TF32 by default (10-bit mantissa:
+    # ~1e-3 relative on coordinates of ~100 mm), a bound set from that precision, not yet measured
+    for row in result["inference"]:
+        assert row["max_abs_difference_mm"] < (1e-3 if row["device"] == "cpu" else 0.1), row
+    assert [row["samples"] for row in result["training"]] == [bench.QUICK.train_samples] * 4
     augmentation = result["augmentation"]
     assert augmentation["samples"] == bench.QUICK.augment_samples
     assert augmentation["store_bytes_per_sample"] >= 4 * np.prod(bench.QUICK.inputs["femur"])

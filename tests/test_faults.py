@@ -82,7 +82,9 @@ def killed_and_resumed(prepared, tmp_path_factory):
     work = copy_of(prepared[0], tmp_path_factory.mktemp("killed") / "work")
     configfile = prepared[1]
     models = work / "results" / "femur" / "models" / "base"
-    job = subprocess.Popen(snakemake_command(work, MODEL, "--cores", "2", configfile=configfile),
+    # a checkpoint every epoch (the rule's default writes one at most every 60 s)
+    every_epoch = ("--set-resources", "train:checkpoint_seconds=0")
+    job = subprocess.Popen(snakemake_command(work, MODEL, "--cores", "2", *every_epoch, configfile=configfile),
                            env=workflow_env(work), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)
     deadline = time.monotonic() + 600

@@ -66,7 +66,7 @@ PAPER_INPUT = {"femur": (58, 46, 65), "metopic": (66, 51, 69), "left_atrium": (8
 PAPER_POINTS = {"femur": 1024, "metopic": 2048, "left_atrium": 1024}
 PAPER_MODES = 20
 N_CONTROL = 256  # the augmentation's default thin-plate-spline control points
-SECTIONS = ("inference", "training", "augmentation", "memory")
+SECTIONS = ("inference", "training", "augmentation", "memory", "checkpoint")
 TARGETS = {
     "inference_seconds": 0.15,      # per scan, femur, batch 1
     "training_speedup": 1.5,        # vs the straightforward loop
@@ -202,23 +202,27 @@ def _write_store(path: Path, images) -> NpyRows:
     return NpyRows(path)
 
 
-def _manual_epoch(model, read_batch, points, order, batch_size: int) -> float:
+def _manual_epoch(model, read_batch, points, order, batch_size: int, device: str = "cpu") -> float:
     """One training epoch written out the straightforward way (NCDHW, Adam's default
-    implementation, eq. 2 loss); returns its seconds."""
+    implementation, eq. 2 loss, a float() of the loss each step); returns its seconds."""
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=5e-5)
     start = time.perf_counter()
+    total = 0.0
     for first in range(0, len(order), batch_size):
         batch = order[first:first + batch_size]
-        image = torch.from_numpy(read_batch(batch)).unsqueeze(1)
-        loss = correspondence_loss(model(image)[1], torch.from_numpy(points[batch]).float())
+        image = torch.from_numpy(read_batch(batch)).unsqueeze(1).to(device)
+        loss = correspondence_loss(model(image)[1], torch.from_numpy(points[batch]).float().to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        total += float(loss)
+    if device != "cpu":
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
-def bench_training(scale: Scale, cohort: Cohort, work: Path, log) -> list[dict]:
+def bench_training(scale: Scale, cohort: Cohort, work: Path, log, device: str = "cpu") -> list[dict]:
     epochs = 2
     n_train, n_val = scale.train_samples, 2
     count = n_train + n_val
@@ -239,22 +243,61 @@ def bench_training(scale: Scale, cohort: Cohort, work: Path, log) -> list[dict]:
     # oneDNN's kernel creation, which would otherwise count against whichever loop runs first
     rows = []
     method = one_per_network()[0]
-    baseline_model = _random_model(method, shape, points.shape[1])
-    baseline = min(_manual_epoch(baseline_model, from_files, points, order, scale.train_batch)
+    baseline_model = _random_model(method, shape, points.shape[1]).to(device)
+    baseline = min(_manual_epoch(baseline_model, from_files, points, order, scale.train_batch, device)
                    for _ in range(epochs))
     rows.append({"loop": "baseline: per-sample .npy reads, no prefetch, NCDHW", "seconds": baseline})
     space = ShapeSpace(n_modes=min(PAPER_MODES, len(cohort.ids) - 1)).fit(cohort.world)
-    train(method, methods.get(method).settings({"epochs": epochs}), store, points, np.arange(n_train),
-          np.arange(n_train, count), space, work / "model", engine=EngineSettings(batch_size=scale.train_batch),
-          device="cpu", log=lambda *_: None)
-    with open(work / "model" / "log.csv", newline="") as handle:
-        ours = min(float(row["seconds"]) for row in csv.DictReader(handle))
-    rows.append({"loop": f"workflow: train.train (store rows by pread, channels-last, fused Adam; "
-                         f"epoch incl. validation of {n_val})", "seconds": ours})
+
+    def ours(folder: str, checkpoint_seconds: float) -> tuple[float, float]:
+        """(fastest epoch's own seconds from log.csv, wall seconds per epoch with the checkpoints)."""
+        start = time.perf_counter()
+        train(method, methods.get(method).settings({"epochs": epochs + 1}), store, points, np.arange(n_train),
+              np.arange(n_train, count), space, work / folder, engine=EngineSettings(batch_size=scale.train_batch),
+              device=device, log=lambda *_: None, checkpoint_seconds=checkpoint_seconds)
+        wall = (time.perf_counter() - start) / (epochs + 1)
+        with open(work / folder / "log.csv", newline="") as handle:
+            return min(float(row["seconds"]) for row in csv.DictReader(handle)), wall
+
+    epoch, every_epoch = ours("model", 0.0)
+    _, throttled = ours("model_throttled", 60.0)
+    rows.append({"loop": f"workflow: engine.train (store rows by pread, channels-last, fused Adam; "
+                         f"epoch incl. validation of {n_val})", "seconds": epoch})
+    rows.append({"loop": "workflow, wall time per epoch with a checkpoint after every epoch (before)",
+                 "seconds": every_epoch})
+    rows.append({"loop": "workflow, wall time per epoch with checkpoints at most every 60 s and at the phase's "
+                         "end (the rule's default)", "seconds": throttled})
     for row in rows:
         row.update(samples=n_train, samples_per_second=n_train / row["seconds"],
                    speedup_vs_baseline=baseline / row["seconds"])
         log(f"training {row['loop']}: {row['samples_per_second']:.2f} samples/s")
+    return rows
+
+
+def bench_checkpoint(scale: Scale, work: Path, log) -> list[dict]:
+    """Bytes and seconds (write, fsync'd rename and sha256) of one training checkpoint: the model, its
+    Adam state and the best weights, for one network per kind at the femur and left-atrium sizes."""
+    from .engine import _clone_state, _save_checkpoint
+
+    rows = []
+    for dataset, method in zip(("femur", "left_atrium"), one_per_network()):
+        model = _random_model(method, scale.inputs[dataset], scale.points[dataset])
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()  # Adam's moments exist, as after the first batch
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "best": {"state": _clone_state(model)}}
+        path = work / f"checkpoint_{dataset}.pt"
+        seconds = []
+        for _ in range(2):
+            start = time.perf_counter()
+            _save_checkpoint(state, path)
+            seconds.append(time.perf_counter() - start)
+        rows.append({"dataset": dataset, "method": method, "input": "x".join(map(str, scale.inputs[dataset][::-1])),
+                     "bytes": path.stat().st_size, "seconds": min(seconds)})
+        log(f"checkpoint {dataset} {method}: {rows[-1]['bytes'] / 2**20:.0f} MiB in {rows[-1]['seconds']:.2f} s")
+        path.unlink()
     return rows
 
 
@@ -520,6 +563,16 @@ def markdown(result: dict) -> str:
                      f"{base['samples_per_second']:.2f} | {ours['samples_per_second']:.2f} | "
                      f"{ours['speedup_vs_baseline']:.2f}x | >= {TARGETS['training_speedup']}x | "
                      f"{_met(ours['speedup_vs_baseline'], TARGETS['training_speedup'], True)} |")
+        if len(training) == 4:
+            every, throttled = training[2], training[3]
+            lines.append(f"| training wall time per epoch with its checkpoints (samples/s): after every epoch vs "
+                         f"at most every 60 s | {every['samples_per_second']:.2f} | "
+                         f"{throttled['samples_per_second']:.2f} | "
+                         f"{every['seconds'] / throttled['seconds']:.2f}x | | |")
+    for row in result.get("checkpoint", []):
+        lines.append(f"| one checkpoint, {row['dataset']} {row['method']} {row['input']} "
+                     f"({row['bytes'] / 2**20:.0f} MiB; s per write) | {row['seconds']:.2f} s after every epoch | "
+                     f"at most every 60 s (rule), 300 s (Slurm) | | | |")
     aug = result.get("augmentation")
     if aug:
         target = f">= {TARGETS['augmentation_speedup']}x"
@@ -573,7 +626,7 @@ def markdown(result: dict) -> str:
 
 
 def run(sections, quick: bool, out_dir, threads: int, end_to_end: str | None = None,
-        augment_samples: int | None = None, log=print) -> dict:
+        augment_samples: int | None = None, log=print, device: str = "cpu") -> dict:
     """Run the chosen sections; write bench.json and bench.md into out_dir; return the results."""
     unknown = set(sections) - set(SECTIONS)
     if unknown:
@@ -597,7 +650,7 @@ def run(sections, quick: bool, out_dir, threads: int, end_to_end: str | None = N
             _write(result, out_dir)
         if "training" in sections:
             (work / "training").mkdir()
-            result["training"] = bench_training(scale, cohort, work / "training", log)
+            result["training"] = bench_training(scale, cohort, work / "training", log, device)
             _write(result, out_dir)
         if "augmentation" in sections:
             result["augmentation"] = bench_augmentation(scale, cohort, work / "augmentation_bench", log)
@@ -605,6 +658,9 @@ def run(sections, quick: bool, out_dir, threads: int, end_to_end: str | None = N
             _write(result, out_dir)
         if "memory" in sections:
             result["memory"] = bench_memory(scale, cohort, work / "memory", threads, log)
+        if "checkpoint" in sections:
+            result["checkpoint"] = bench_checkpoint(scale, work, log)
+            _write(result, out_dir)
     if end_to_end:
         result["end_to_end"] = bench_end_to_end(Path(__file__).resolve().parents[2], end_to_end, threads, log)
     _write(result, out_dir)
@@ -633,13 +689,15 @@ def main(argv=None) -> int:
                         "(default target: results/femur/report.html)")
     parser.add_argument("--augment-samples", type=int, help="samples augment() generates (default: 5000; "
                         "fewer gives a projection of the 5000-sample time)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device of the training section")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
         print(json.dumps(memory_child(json.loads(args.memory_child))))
         return 0
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    result = run(sections, args.quick, args.out, args.threads, args.end_to_end, args.augment_samples)
+    result = run(sections, args.quick, args.out, args.threads, args.end_to_end, args.augment_samples,
+                 device=args.device)
     print(markdown(result))
     return 0
 

@@ -13,7 +13,7 @@ import torch
 from .atomic import replaced
 
 
-def write(path, *, method: str, settings: dict, engine: dict, network: dict, device: torch.device,
+def write(path, *, method: str, settings: dict, engine: dict, network: dict, device: torch.device, facts: dict,
           history: list[dict], best: dict, state: dict, n_train: int, n_val: int, data_hash: str | None) -> dict:
     card = {
         "method": method,
@@ -21,7 +21,8 @@ def write(path, *, method: str, settings: dict, engine: dict, network: dict, dev
         "engine": engine,
         "network": network,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device_name": facts["name"],
+        "device_facts": facts,  # torch, CUDA and cuDNN versions, TF32 and determinism flags
         "best_epoch": best["epoch"],
         "best_phase": history[best["epoch"] - 1]["phase"],
         "val_rmse": best["val_rmse"],

@@ -60,7 +60,8 @@ def _train(args) -> None:
     from .train import train_from_artifacts
 
     card = train_from_artifacts(args.cohort, args.preprocess_dir, args.augmentation_dir, args.method,
-                                json.loads(args.settings), args.out_dir, threads=args.threads)
+                                json.loads(args.settings), args.out_dir, threads=args.threads, device=args.device,
+                                checkpoint_seconds=args.checkpoint_seconds)
     print(json.dumps(card, indent=2, default=str))
 
 
@@ -187,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
                    '"method": {...}}, the dataset\'s blocks')
     p.add_argument("--out-dir", required=True)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), help="default: $DEEPSSM_DEVICE, else auto (CUDA when "
+                   "usable; on a machine with an NVIDIA GPU whose CUDA is unusable, an error, never a silent CPU run)")
+    p.add_argument("--checkpoint-seconds", type=float, default=0.0, help="write the checkpoint at most this often "
+                   "(0: every epoch); always at a phase's end. A killed job redoes at most this much training")
     _artifact_flags(p)
     p.set_defaults(run=_train)
 

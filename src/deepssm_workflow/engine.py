@@ -6,12 +6,19 @@ phase, with the guarantees every method gets by being registered:
 * every epoch ends with the validation RMSE (eq. 12, mean over validation samples) of the
   correspondences the phase validates on; the kept model is the epoch of lowest validation
   RMSE among the phases that select (per epoch, over all validation samples);
-* after each epoch the full training state is written atomically to `checkpoint.pt` (its
-  sha256 in `checkpoint.pt.sha256`: a corrupted checkpoint is ignored with a warning); a
-  rerun with the same method, settings, network, data and split resumes from it and ends
-  with the same weights as an uninterrupted run;
+* the full training state is written atomically to `checkpoint.pt` (its sha256 in
+  `checkpoint.pt.sha256`: a corrupted checkpoint is ignored with a warning) at most every
+  `checkpoint_seconds` (0: every epoch), always at the end of a phase and before a planned
+  stop; a rerun with the same method, settings, network, data and split resumes from it,
+  redoes the epochs after it, and ends with the same weights as an uninterrupted run. The
+  checkpoint is read onto the CPU and records the device and its numerics (`devices.facts`);
+  resuming on another kind of device says that the weights will differ;
 * `log.csv` gets one row per epoch, flushed as it runs, and a log line per epoch says the
-  loss, the validation RMSE and the time; the device chosen is stated first.
+  loss, the validation RMSE and the time; the device chosen, and why, is stated first
+  (`devices.choose`: no silent fallback to the CPU on a machine with a GPU);
+* on CUDA the loss is summed on the device (no host sync per step) and the next batch is read
+  ahead in a thread into pinned memory and copied without blocking; the CPU path reads each
+  batch when it is used, as before, and its numbers are unchanged.
 
 Outputs in `out_dir`: `model.pt` (the kept state_dict), `model_card.json` (see `card`),
 `log.csv`, `loss_curve.png`, and `checkpoint.pt` (+ `.sha256`).
@@ -22,6 +29,7 @@ from __future__ import annotations
 import csv
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +38,7 @@ import torch
 from torch import nn
 
 from . import card as cards
+from . import devices
 from .atomic import replaced
 from .methods import Batch, DataSpec, TrainingData, get
 from .plotting import figure, save_figure
@@ -37,7 +46,7 @@ from .provenance import checksum_problem, record_checksum
 from .shape_space import ShapeSpace, rmse
 
 LOG_COLUMNS = ("epoch", "phase", "train_loss", "val_rmse", "lr", "seconds")
-CHECKPOINT_FORMAT = 4  # 4: method + settings + network in the signature, method state instead of focal_c
+CHECKPOINT_FORMAT = 5  # 4: method + settings + network in the signature; 5: device facts
 
 
 @dataclass(frozen=True)
@@ -47,12 +56,15 @@ class EngineSettings:
     batch_size: int = 8
     val_fraction: float = 0.1  # of the real subjects (paper: 0.2 for the left atrium)
     seed: int = 0
+    precision: str = "fp32"    # or bf16: autocast on the image conv stack only (see models.ModelConfig)
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
 
 
 def split_by_source(n_real: int, source_index, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -112,6 +124,34 @@ def _batch(images, points, rows, device, layout) -> Batch:
     return Batch(rows, rows_tensor(points, rows, device), lambda: image_batch(images, rows, device, layout))
 
 
+def _host_batch(images, points, rows, with_images: bool, pin: bool):
+    """A batch read into (pinned, for an asynchronous copy) host memory: (rows, points, images or None)."""
+    host = [torch.from_numpy(np.ascontiguousarray(points[rows], dtype=np.float32))]
+    if with_images:
+        host.append(torch.from_numpy(np.ascontiguousarray(images[rows], dtype=np.float32)).unsqueeze(1))
+    if pin:
+        host = [t.pin_memory() for t in host]
+    return rows, host[0], host[1] if with_images else None
+
+
+def _read_ahead(images, points, row_batches, device, layout, with_images: bool):
+    """Batches on `device`, each read in a thread while the one before is used, copied without blocking."""
+    row_batches = list(row_batches)
+    pin = device.type == "cuda"
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        pending = reader.submit(_host_batch, images, points, row_batches[0], with_images, pin) if row_batches else None
+        for k in range(len(row_batches)):
+            rows, points_host, images_host = pending.result()
+            if k + 1 < len(row_batches):
+                pending = reader.submit(_host_batch, images, points, row_batches[k + 1], with_images, pin)
+            on_device = points_host.to(device, non_blocking=True)
+            if images_host is None:  # a phase that reads no images (it still may, synchronously)
+                yield Batch(rows, on_device, lambda rows=rows: image_batch(images, rows, device, layout))
+            else:
+                batch_images = images_host.to(device, non_blocking=True).contiguous(memory_format=layout)
+                yield Batch(rows, on_device, lambda batch_images=batch_images: batch_images)
+
+
 # -- files
 
 
@@ -155,15 +195,12 @@ def _plot_history(history: list[dict], best_epoch: int, path: Path) -> None:
 
 
 def pick_device(device, log) -> torch.device:
-    if device is not None:
-        device = torch.device(device)
-        log(f"device: {device} (given by the caller)")
-    elif torch.cuda.is_available():
-        device = torch.device("cuda")
-        log(f"device: cuda (CUDA visible: {torch.cuda.get_device_name(device)})")
+    """The caller's device (a torch device, or auto / cuda / cpu), else `devices.choose`; stated in the log."""
+    if device is None or str(device) in devices.CHOICES:
+        device, why = devices.choose(None if device is None else str(device))
     else:
-        device = torch.device("cpu")
-        log("device: cpu (no CUDA device visible, using CPU)")
+        device, why = torch.device(device), f"{device} (given by the caller)"
+    log(f"device: {why}")
     return device
 
 
@@ -171,32 +208,42 @@ def _clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: value.detach().to("cpu", copy=True) for name, value in model.state_dict().items()}
 
 
-def _resume_point(ckpt_path: Path, signature: dict, device, log) -> dict | None:
+def _resume_point(ckpt_path: Path, signature: dict, device: torch.device, log) -> dict | None:
     corrupted = checksum_problem(ckpt_path) if ckpt_path.exists() else None
     if corrupted:
         log(f"WARNING: ignoring {ckpt_path}: {corrupted}; starting afresh")
         return None
     if not ckpt_path.exists():
         return None
-    ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    # onto the CPU first: load_state_dict then copies into the model wherever it is, and nothing
+    # saved later (model.pt, the best state) can carry another device's storages
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     if ckpt.get("signature") != signature:
         log(f"ignoring {ckpt_path}: written for another method, settings, data or split; starting afresh")
         return None
+    written_on = ckpt.get("device", {}).get("device", "?")
+    if torch.device(written_on).type != device.type:
+        log(f"WARNING: resuming on {device} a checkpoint written on {written_on}: the result will not be "
+            f"bit-identical to an uninterrupted run on either device")
     return ckpt
 
 
 def train(method: str, settings, images, points, train_idx, val_idx, shape_space: ShapeSpace, out_dir,
           engine: EngineSettings = EngineSettings(), device=None, log=print, data_hash: str | None = None,
-          stop_after_epochs: int | None = None) -> dict | None:
+          stop_after_epochs: int | None = None, checkpoint_seconds: float = 0.0,
+          read_ahead: bool | None = None) -> dict | None:
     """Train the registered `method` (its Settings: `methods.get(method).settings(block)`) on
     images (n, Z, Y, X) and correspondences (n, M, 3).
 
     `train_idx` / `val_idx` index both arrays (see `split_by_source`); either may be a row store
     (np.memmap, NpyRows, StackedRows), read one batch at a time. `shape_space` is the dataset's
     (mean shape, PCA). `data_hash` identifies the data for the model card and the checkpoint.
-    Resumes from `out_dir/checkpoint.pt` when it was written for the same method, settings,
-    network, data and split. `stop_after_epochs=k` returns None after k epochs in total
-    (checkpoint written), as if the run had been killed there. Returns the model card.
+    `device`: None (auto, `devices.choose`), auto / cuda / cpu, or a torch device. Resumes from
+    `out_dir/checkpoint.pt` when it was written for the same method, settings, network, data
+    and split. A checkpoint is written at most every `checkpoint_seconds` (0: every epoch),
+    always at a phase's end. `stop_after_epochs=k` returns None after k epochs in total
+    (checkpoint written), as if the run had been killed there. `read_ahead` (default: on CUDA
+    only) reads the next batch in a thread. Returns the model card.
     """
     entry = get(method)
     out_dir = Path(out_dir)
@@ -209,10 +256,12 @@ def train(method: str, settings, images, points, train_idx, val_idx, shape_space
     if len(images) != len(points) or points.shape[-1] != 3:
         raise ValueError(f"need n images and n (M, 3) shapes, got {len(images)} images and points {points.shape}")
     device = pick_device(device, log)
+    read_ahead = device.type == "cuda" if read_ahead is None else read_ahead
+    on_device_sum = device.type == "cuda"  # no host sync per step; on CPU the float sum, as before
 
     torch.manual_seed(engine.seed)
     layout = memory_format(device)
-    spec = DataSpec(tuple(images.shape[1:]), points.shape[1], shape_space)
+    spec = DataSpec(tuple(images.shape[1:]), points.shape[1], shape_space, engine.precision)
     model = entry.method.build(settings, spec).to(device, memory_format=layout)
     network = entry.method.network_config(model)
     data = TrainingData(points, train_idx, engine.batch_size, device)
@@ -233,11 +282,13 @@ def train(method: str, settings, images, points, train_idx, val_idx, shape_space
         model.load_state_dict(ckpt["model"])
         history, best, state = ckpt["history"], ckpt["best"], ckpt["state"]
         start_phase, start_epoch = ckpt["phase_index"], ckpt["phase_epoch"]
-        _write_log(log_path, history)  # drops a row written after the checkpoint, if any
+        _write_log(log_path, history)  # drops the rows of epochs after the checkpoint: they run again
         log(f"resuming from {ckpt_path} after epoch {len(history)}")
 
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
+    facts = devices.facts(device)
+    last_checkpoint = time.monotonic()
     try:
         for phase_index, phase in enumerate(phases):
             if phase_index < start_phase or phase.epochs == 0:
@@ -262,15 +313,19 @@ def train(method: str, settings, images, points, train_idx, val_idx, shape_space
                 start = time.perf_counter()
                 lr = optimizer.param_groups[0]["lr"]
                 model.train()
-                total, count = 0.0, 0
-                for rows in batches(train_idx, engine.batch_size, engine.seed, epoch, shuffle=True):
-                    loss = entry.method.loss(model, settings, phase, _batch(images, points, rows, device, layout),
-                                             state)
+                total, count = (torch.zeros((), device=device) if on_device_sum else 0.0), 0
+                row_batches = batches(train_idx, engine.batch_size, engine.seed, epoch, shuffle=True)
+                if read_ahead:
+                    loader = _read_ahead(images, points, row_batches, device, layout, phase.images)
+                else:
+                    loader = (_batch(images, points, rows, device, layout) for rows in row_batches)
+                for batch in loader:
+                    loss = entry.method.loss(model, settings, phase, batch, state)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
-                    total += float(loss.detach()) * len(rows)
-                    count += len(rows)
+                    total = total + (loss.detach() if on_device_sum else float(loss.detach())) * len(batch)
+                    count += len(batch)
                 scheduler.step()
 
                 model.eval()
@@ -282,17 +337,21 @@ def train(method: str, settings, images, points, train_idx, val_idx, shape_space
                 if phase.selects_best and val_rmse < best["val_rmse"]:
                     best = {"epoch": epoch, "val_rmse": val_rmse, "state": _clone_state(model)}
 
-                row = {"epoch": epoch, "phase": phase.name, "train_loss": total / count, "val_rmse": val_rmse,
+                row = {"epoch": epoch, "phase": phase.name, "train_loss": float(total) / count, "val_rmse": val_rmse,
                        "lr": lr, "seconds": round(time.perf_counter() - start, 4)}
                 history.append(row)
-                _save_checkpoint({"signature": signature, "model": model.state_dict(),
-                                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                  "phase_index": phase_index, "phase_epoch": epoch_in_phase + 1,
-                                  "history": history, "best": best, "state": state}, ckpt_path)
+                stopping = stop_after_epochs is not None and epoch >= stop_after_epochs
+                if (epoch_in_phase + 1 == phase.epochs or stopping
+                        or time.monotonic() - last_checkpoint >= checkpoint_seconds):
+                    _save_checkpoint({"signature": signature, "model": model.state_dict(),
+                                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                      "phase_index": phase_index, "phase_epoch": epoch_in_phase + 1,
+                                      "history": history, "best": best, "state": state, "device": facts}, ckpt_path)
+                    last_checkpoint = time.monotonic()
                 _append_log(log_path, row)
                 log(f"epoch {epoch} [{phase.name}] loss {row['train_loss']:.5g} val RMSE {val_rmse:.4g} "
                     f"lr {lr:.3g} ({row['seconds']:.2f} s)")
-                if stop_after_epochs is not None and epoch >= stop_after_epochs:
+                if stopping:
                     return None
             ckpt = None
     finally:
@@ -301,7 +360,7 @@ def train(method: str, settings, images, points, train_idx, val_idx, shape_space
     with replaced(out_dir / "model.pt") as tmp:
         torch.save(best["state"], tmp)
     card = cards.write(out_dir / "model_card.json", method=method, settings=asdict(settings), engine=asdict(engine),
-                       network=network, device=device, history=history, best=best, state=state,
+                       network=network, device=device, facts=facts, history=history, best=best, state=state,
                        n_train=len(train_idx), n_val=len(val_idx), data_hash=data_hash)
     _plot_history(history, best["epoch"], out_dir / "loss_curve.png")
     log(f"best epoch {best['epoch']} ({card['best_phase']}): validation RMSE {best['val_rmse']:.4g}")

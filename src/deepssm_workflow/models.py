@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+PRECISIONS = ("fp32", "bf16")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -39,6 +41,10 @@ class ModelConfig:
     fc_batch_norm: bool = False            # the authors' code has none; BatchNorm1d breaks on a batch of 1
     ae_hidden: int = 256                   # autoencoder hidden width, each side
     leaky_slope: float = 0.01              # autoencoder LeakyReLU
+    # bf16: the conv stack runs under bf16 autocast (GPUs, CPUs with bf16 units); the FC head, the
+    # PCA layer and the decoder stay fp32, as they add world coordinates of ~100 mm that bf16's 8-bit
+    # mantissa would round to ~0.3 mm
+    precision: str = "fp32"
 
     def __post_init__(self):
         # tuples even when read from YAML/JSON lists, so the config stays hashable and comparable
@@ -56,6 +62,8 @@ class ModelConfig:
         for name in ("n_points", "n_modes", "latent_dim", "ae_hidden"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
 
@@ -84,6 +92,7 @@ class ImageEncoder(nn.Module):
             self.feature_shape = tuple(self.features(torch.zeros(1, 1, *config.input_shape)).shape[1:])
         self.features.train()
         self.input_shape = config.input_shape
+        self.bf16 = config.precision == "bf16"
 
         fc, width = [], int(np.prod(self.feature_shape))
         for size in config.fc_sizes:
@@ -101,7 +110,9 @@ class ImageEncoder(nn.Module):
             image = image.unsqueeze(1)
         if tuple(image.shape[2:]) != self.input_shape:
             raise ValueError(f"image of size {tuple(image.shape[2:])}; this encoder was built for {self.input_shape}")
-        return self.head(self.features(image).flatten(1))
+        with torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            features = self.features(image)
+        return self.head(features.float().flatten(1))
 
 
 # -- losses and their thresholds

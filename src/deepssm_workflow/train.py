@@ -16,12 +16,14 @@ from .shape_space import ShapeSpace
 
 
 def train_from_artifacts(cohort_dir, preprocess_dir, augmentation_dir, method: str, settings: dict, out_dir,
-                         threads: int = 1, log=print) -> dict:
+                         threads: int = 1, log=print, device: str | None = None,
+                         checkpoint_seconds: float = 0.0) -> dict:
     """Train `method` on the real training images plus the augmented samples.
 
     `settings` holds the dataset's config blocks this needs: `shape_space` (n_modes or
     variance of the real training shapes), `training` (EngineSettings) and `method` (the
-    method's own block, schema defaults filled in by the config).
+    method's own block, schema defaults filled in by the config). `device` and
+    `checkpoint_seconds`: see `engine.train`.
     """
     cohort_dir, preprocess_dir, augmentation_dir = Path(cohort_dir), Path(preprocess_dir), Path(augmentation_dir)
     paths = [preprocess_dir / "train.npz", cohort_dir / "shapes_train.npz", augmentation_dir / "samples.npz",
@@ -39,4 +41,4 @@ def train_from_artifacts(cohort_dir, preprocess_dir, augmentation_dir, method: s
     torch.set_num_threads(max(1, threads))
     log(f"{method}: {len(train_idx)} training / {len(val_idx)} validation samples, {space.n_modes} PCA modes")
     return train(method, method_settings, images, points, train_idx, val_idx, space, out_dir, engine=engine,
-                 log=log, data_hash=combined_sha256(paths))
+                 log=log, data_hash=combined_sha256(paths), device=device, checkpoint_seconds=checkpoint_seconds)

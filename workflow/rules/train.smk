@@ -29,6 +29,10 @@ rule train:
     threads: 2
     resources:
         gpu=1,
+        # a checkpoint at most this often (always at a phase's end): a killed job redoes at most this
+        # much training, and a GPU epoch of a fraction of a second does not wait on a ~0.3 GB write each
+        # time. The Slurm profile sets its own; results do not depend on it (exact resume).
+        checkpoint_seconds=60,
     params:
         settings=training_settings,
         software=SOFTWARE,  # only for the cache key and the params rerun trigger (see common.smk)
@@ -37,12 +41,13 @@ rule train:
         augmentation_dir=subpath(input.samples, parent=True),
         out_dir=subpath(output.model, parent=True),
     shell:
-        # out_dir/checkpoint.pt (+ .sha256) is written every epoch and not declared, so that a rerun of
+        # out_dir/checkpoint.pt (+ .sha256) is written as training goes and not declared, so that a rerun of
         # a killed job (--rerun-incomplete) resumes from it instead of starting over. The augmentation
         # store is checked against its sidecar first: a corrupted one is removed and rebuilt next run.
         "deepssm-wf train --cohort {params.cohort} --preprocess-dir {params.preprocess_dir}"
         " --augmentation-dir {params.augmentation_dir} --method {wildcards.method}"
         " --settings {params.settings:q} --out-dir {params.out_dir} --threads {threads}"
+        " --checkpoint-seconds {resources.checkpoint_seconds}"
         " --verify {input.samples} {input.images} --inputs {input} --outputs {output}"
         " --provenance {output.provenance} > {log} 2>&1"
 

@@ -88,7 +88,8 @@ def _point_threshold(settings, data: TrainingData) -> dict:
 
 
 def _model_config(spec: DataSpec, network: dict, **sizes) -> ModelConfig:
-    return ModelConfig(input_shape=tuple(spec.input_shape), n_points=spec.n_points, **sizes, **network)
+    return ModelConfig(input_shape=tuple(spec.input_shape), n_points=spec.n_points, precision=spec.precision,
+                       **sizes, **network)
 
 
 # -- Base-DeepSSM
@@ -327,7 +328,7 @@ class TLDeepSSMMethod(Method):
 
     def phases(self, settings):
         return [Phase("autoencoder", settings.ae_epochs, settings.ae_lr, settings.weight_decay, "constant",
-                      selects_best=False),
+                      selects_best=False, images=False),
                 Phase("tflank", settings.tflank_epochs, settings.lr, settings.weight_decay),
                 Phase("joint", settings.joint_epochs, settings.lr, settings.weight_decay)]
 

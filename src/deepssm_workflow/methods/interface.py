@@ -44,11 +44,13 @@ NEEDS = (TRAINING_IMAGES, SHAPES, AUGMENTATION)
 @dataclass(frozen=True)
 class DataSpec:
     """What a network is built for: preprocessed image size (Z, Y, X), correspondences per
-    shape, and the dataset's shape space (mean shape, PCA basis and variances)."""
+    shape, the dataset's shape space (mean shape, PCA basis and variances), and the precision
+    of its image convolutions (fp32, or bf16 autocast on the conv stack only)."""
 
     input_shape: tuple[int, int, int]
     n_points: int
     shape_space: ShapeSpace
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class Phase:
     weight_decay: float
     schedule: str = "cosine"  # or "constant"
     selects_best: bool = True
+    images: bool = True  # whether its loss reads the images (a read-ahead reads them only then)
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "constant"):
