@@ -170,6 +170,7 @@ def test_the_cached_model_carries_its_provenance(two_checkouts):
     assert sidecar["code"]["software_id"] == software_id(package)
     assert sidecar["packages"]["torch"] == torch.__version__
     assert sidecar["host"]["cuda_device"] is None  # hidden from the workflow by these tests
+    assert sidecar["host"]["cpu_kernels"] == torch.backends.cpu.get_cpu_capability()  # e.g. AVX2, AVX512
     assert "--method base" in sidecar["command"]
     verify([model_dir(b) / "model.pt", model_dir(b) / "model_card.json", store])
     predictions = read_sidecar(b / "results/femur/predictions/base/provenance.json")

@@ -106,6 +106,7 @@ def test_the_train_step_refuses_a_gpu_machine_without_usable_cuda_and_writes_not
     assert main(train_command(artifacts, tmp_path / "model", 2, "--device", "cpu")) == 0
     card = json.loads((tmp_path / "model" / "model_card.json").read_text())
     assert card["device"] == "cpu" and card["device_facts"]["torch"] == str(torch.__version__)
+    assert card["device_facts"]["cpu_kernels"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_the_training_log_shows_each_epoch_while_the_job_runs(artifacts, tmp_path):

@@ -96,6 +96,9 @@ def facts(device: torch.device) -> dict:
         "name": torch.cuda.get_device_name(device) if cuda else "cpu",
         "capability": ".".join(map(str, torch.cuda.get_device_capability(device))) if cuda else None,
         "torch": str(torch.__version__),  # a str subclass that the safe checkpoint loader refuses
+        # the instruction set of torch's CPU kernels (AVX2, AVX512): weights trained on CPUs that differ
+        # in it differ, so a result is compared within one machine
+        "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if cuda else None,
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,

@@ -142,6 +142,13 @@ def _visible_gpu() -> str | None:
     return None
 
 
+def _cpu_kernels() -> str | None:
+    """The instruction set torch's CPU kernels use here (AVX2, AVX512, ...): trained weights differ
+    between CPUs that differ in it. Asked only when the step imported torch, like `_visible_gpu`."""
+    torch = sys.modules.get("torch")
+    return torch.backends.cpu.get_cpu_capability() if torch is not None else None
+
+
 def write_sidecar(sidecar, step: str, inputs, outputs, settings=None, command: str | None = None) -> dict:
     """Write the provenance sidecar of a finished step; every output must lie in the sidecar's folder
     (outputs are recorded by their path relative to it, so the record survives moving the folder or
@@ -169,7 +176,7 @@ def write_sidecar(sidecar, step: str, inputs, outputs, settings=None, command: s
         "code": {"source_sha256": source, "git": git_version(), "software_id": _software_id(source, versions)},
         "packages": versions,
         "host": {"name": platform.node(), "platform": platform.platform(), "cpus": os.cpu_count(),
-                 "cuda_device": _visible_gpu()},
+                 "cpu_kernels": _cpu_kernels(), "cuda_device": _visible_gpu()},
     }
     with replaced(sidecar) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")

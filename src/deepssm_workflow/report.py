@@ -266,10 +266,18 @@ def _alignment(test_npz: Path) -> str:
     return "".join(parts)
 
 
+def _device(card: dict) -> str:
+    """The device a model trained on; on a CPU with its kernels' instruction set, since weights
+    trained on CPUs that differ in it differ."""
+    kernels = card.get("device_facts", {}).get("cpu_kernels")
+    name = card.get("device_name", "")
+    return f"{name} ({kernels} kernels)" if name == "cpu" and kernels else name
+
+
 def _training(layout: DatasetLayout, methods, cards: dict) -> str:
     rows = [{"method": v, "best epoch": c["best_epoch"], "phase": c.get("best_phase", ""),
              "validation RMSE (mm)": c["val_rmse"], "epochs run": c.get("epochs_run", ""),
-             "seconds per epoch": c.get("mean_epoch_seconds", float("nan")), "device": c.get("device_name", ""),
+             "seconds per epoch": c.get("mean_epoch_seconds", float("nan")), "device": _device(c),
              "train / validation samples": f"{c.get('n_train', '?')} / {c.get('n_val', '?')}"}
             for v, c in cards.items()]
     parts = [_table(pd.DataFrame(rows)),
