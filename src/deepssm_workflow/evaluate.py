@@ -224,7 +224,7 @@ def evaluate_dataset(dataset_dir, trained, shape_space: dict, out_dir) -> dict:
 
 def _surface_metrics(cohort: TestCohort, shapes: dict, trained):
     """Surface distances of every method's rebuilt meshes, where meshes exist: the template (or
-    None), the measured test subjects' indices, a (method, id) table, the trained' per-vertex
+    None), the measured test subjects' indices, a (method, id) table, the trained methods' per-vertex
     distance maps on the true meshes, and notes naming what could not be measured."""
     from .surface import read_mesh, surface_distance, template_from_training
 
@@ -313,8 +313,8 @@ def _figure_entries(n_modes: int, template, surface: bool, trained) -> list[dict
     entries = [{"file": "per_point_rmse.png", "title": "Per-point RMSE on the mean shape",
                 "caption": f"Mean (top) and standard deviation (bottom) over the test subjects of each point's "
                            f"RMSE on {on}, per trained method and for the mean-shape predictor and the PCA floor "
-                           f"({n_modes} modes), average eq. 12 RMSE below: look for where the trained' error "
-                           f"concentrates (colours saturate at the trained' largest value)."}]
+                           f"({n_modes} modes), average eq. 12 RMSE below: look for where the methods' error "
+                           f"concentrates (colours saturate at the methods' largest value)."}]
     if surface:
         entries += [
             {"file": "surface_boxplot.png", "title": "Surface-to-surface distance per test subject",
