@@ -13,6 +13,7 @@ import pyvista as pv
 from deepssm_workflow.evaluate import (
     MEAN_SHAPE,
     PCA_FLOOR,
+    bootstrap_interval,
     evaluate_dataset,
     gap_closed,
     per_point_rmse,
@@ -188,7 +189,8 @@ def test_evaluation_folder_of_a_real_cohort(evaluated_layout, tmp_path):
     per_subject = pd.read_csv(out / "tables" / "accuracy_per_subject.csv")
     assert len(per_subject) == 4 * len(test_ids) and per_subject["surface_mean_mm"].notna().all()
     figures = json.loads((out / "figures.json").read_text())
-    assert [f["file"] for f in figures] == ["per_point_rmse.png", "surface_boxplot.png", "surface_heatmaps.png"]
+    assert [f["file"] for f in figures] == ["error_decomposition.png", "per_point_rmse.png", "surface_boxplot.png",
+                                            "surface_heatmaps.png"]
     for entry in figures:
         image = mpimg.imread(out / entry["file"])
         assert image.shape[0] > 200 and image.std() > 0.05 and entry["caption"]
@@ -222,7 +224,7 @@ def test_subjects_without_meshes_are_named_not_dropped(evaluated_layout, tmp_pat
     summary = evaluate_dataset(root, ["base"], {"n_modes": 4}, tmp_path / "none")
     assert summary["surface_measured_subjects"] == [] and "Surface distance not measured" in summary["notes"][0]
     figures = json.loads((tmp_path / "none" / "figures.json").read_text())
-    assert [f["file"] for f in figures] == ["per_point_rmse.png"]
+    assert [f["file"] for f in figures] == ["error_decomposition.png", "per_point_rmse.png"]
     assert (tmp_path / "none" / "surface_boxplot.png").is_file()  # the note, as the declared output
 
     # a test subject's mesh that is gone: named with its subject, and nothing written
@@ -246,3 +248,60 @@ def test_subjects_without_meshes_are_named_not_dropped(evaluated_layout, tmp_pat
     with pytest.raises(ValueError, match=rf"{table['id'][0]}_local\.particles: subject {table['id'][0]} has 1 points"):
         evaluate_dataset(root, ["base"], {"n_modes": 4}, tmp_path / "broken")
     assert not (tmp_path / "broken").exists()
+
+
+# -- the error decomposition and the intervals
+
+
+def test_a_bootstrap_interval_brackets_the_mean_and_narrows_with_n():
+    rng = np.random.default_rng(1)
+    small, large = rng.normal(2.0, 1.0, 10), rng.normal(2.0, 1.0, 400)
+    low, high = bootstrap_interval(small)
+    assert low < small.mean() < high and bootstrap_interval(small) == (low, high)  # seeded
+    wide = high - low
+    low, high = bootstrap_interval(large)
+    assert low < large.mean() < high and high - low < wide / 3  # ~ 1 / sqrt(n)
+    assert all(np.isnan(bootstrap_interval([1.0])))
+
+
+def test_the_error_is_split_into_alignment_and_network(evaluated_layout, tmp_path):
+    """The registration of the evaluated layout, off by 2 mm along world x: a prediction equal to the
+    true local shape has no scan-frame error and (2 + 0 + 0) / 3 mm (eq. 12) in the world frame, and
+    the true shape placed by that registration is off by the same 2 mm, seen along each scan's own
+    (rotated) axes: eq. 12 averages the coordinates' RMSEs, so it costs sum(|R^-1 (2, 0, 0)|) / 3."""
+    root = tmp_path / "results"
+    root.mkdir()
+    for name in ("cohort", "predictions", "models"):
+        (root / name).symlink_to(evaluated_layout / name)
+    (root / "preprocess").mkdir()
+    registered = dict(np.load(evaluated_layout / "preprocess" / "test.npz"))
+    off = np.eye(4)
+    off[0, 3] = 2.0
+    perfect = registered["image_to_world"].copy()
+    registered["image_to_world"] = off @ perfect
+    np.savez(root / "preprocess" / "test.npz", **registered)
+
+    summary = evaluate_dataset(root, ["base", "tl"], {"n_modes": 4}, tmp_path / "evaluation")
+    split = summary["error_decomposition"]
+    assert split["base"]["scan_rmse_mm"] == pytest.approx(0.0, abs=1e-5)
+    assert split["base"]["world_rmse_mm"] == pytest.approx(2 / 3, abs=1e-5)
+    in_scan = [np.abs(np.linalg.inv(t[:3, :3]) @ [2.0, 0, 0]).sum() / 3 for t in perfect]
+    assert split["base"]["alignment_floor_mm"] == pytest.approx(np.mean(in_scan), abs=1e-5)
+    assert split["base"]["pca_floor_aligned_mm"] >= split["base"]["alignment_floor_mm"] - 0.05
+    assert split["tl"]["alignment_floor_mm"] == split["base"]["alignment_floor_mm"]  # the same alignment
+    n = len(registered["ids"])
+    for method in ("base", "tl"):
+        row = split[method]
+        assert row["n"] == n
+        for term in ("scan_rmse_mm", "alignment_floor_mm", "pca_floor_aligned_mm", "mean_shape_rmse_mm"):
+            assert row[f"{term}_low"] <= row[term] + 1e-9 and row[term] <= row[f"{term}_high"] + 1e-9, term
+    # against the reachable floor the perfect prediction is past it; the old gap_closed is kept beside it
+    assert split["base"]["reachable_gap_closed"] > 1.0 and "gap_closed_true_pose" in split["base"]
+    table = pd.read_csv(tmp_path / "evaluation" / "tables" / "error_decomposition.csv")
+    assert list(table["method"]) == ["base", "tl"]
+    per_subject = pd.read_csv(tmp_path / "evaluation" / "tables" / "error_decomposition_per_subject.csv")
+    assert len(per_subject) == 2 * n
+    accuracy = pd.read_csv(tmp_path / "evaluation" / "tables" / "accuracy_summary.csv").set_index("method")
+    assert (accuracy["rmse_low_mm"] <= accuracy["rmse_mm"] + 1e-9).all() and (accuracy["n"] == n).all()
+    image = mpimg.imread(tmp_path / "evaluation" / "error_decomposition.png")
+    assert image.shape[0] > 150 and image.std() > 0.05

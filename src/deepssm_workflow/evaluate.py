@@ -9,6 +9,17 @@ would score) and the PCA-truncation floor (the true shape projected onto the K m
 of the training shapes: the best any model predicting K scores through this basis can
 do). A method's "gap closed" is how far it got from the first towards the second.
 
+The error decomposition (`error_decomposition`) splits each method's scan-frame error into
+what its alignment alone costs and what is left to the network: the alignment-only floor (the
+true shape placed through the method's own alignment, the image-only registration), the PCA
+floor through that alignment (the best a K-mode model can do after it) and with the true pose,
+and the world-frame RMSE of the prediction (before it is placed in the scan). "Reachable gap
+closed" measures the method against the floor it can reach, the PCA floor through its own
+alignment; the old gap_closed (against the true-pose floor) stays beside it.
+
+Every mean over test subjects comes with its 95 % bootstrap interval (percentile, 2000
+resamples of the subjects, seed 0) and n.
+
 `evaluate_dataset` writes results/{dataset}/evaluation/: summary.json, tables/*.csv
 with tables.json (title and caption of each), the figures with figures.json, and
 per_point.npz.
@@ -29,6 +40,7 @@ from .layout import DatasetLayout
 from .shape_space import ShapeSpace, rmse
 
 MEAN_SHAPE, PCA_FLOOR = "mean shape", "PCA floor"
+BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 2000, 0
 
 # DeepSSM paper, Table 1: inference time for one scan (CPU, inference only; for ShapeWorks
 # the optimization of a new shape, without the segmentation it needs first).
@@ -152,6 +164,67 @@ def summarize(dataset_results, methods, shape_space: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def bootstrap_interval(values, level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES,
+                       seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (resampling them with replacement);
+    (nan, nan) for fewer than 2 values, where no interval means anything."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size < 2:
+        return float("nan"), float("nan")
+    draws = np.random.default_rng(seed).integers(0, values.size, (resamples, values.size))
+    means = values[draws].mean(1)
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
+def error_decomposition(cohort: TestCohort, predicted_local: dict, space: ShapeSpace) -> pd.DataFrame:
+    """Per method and test subject (mm, eq. 12): the scan-frame RMSE, the world-frame RMSE of the
+    prediction, the alignment-only floor, and the PCA floor through that alignment and with the
+    true pose. Each method's alignment is the registration its prediction went through (the image-only
+    registration of preprocess/test.npz: today every method's)."""
+    to_world = cohort.registered_to_world
+    projected = space.inverse_transform(space.transform(cohort.true_world))
+    aligned = np.stack([apply_transform(np.linalg.inv(t), w) for t, w in zip(to_world, cohort.true_world)])
+    pca_aligned = np.stack([apply_transform(np.linalg.inv(t), p) for t, p in zip(to_world, projected)])
+    pca_true_pose = np.stack([apply_transform(np.linalg.inv(t), p)
+                              for t, p in zip(cohort.true_to_world, projected)])
+    rows = []
+    for method, local in predicted_local.items():
+        world = np.stack([apply_transform(t, p) for t, p in zip(to_world, local)])
+        for k, subject in enumerate(cohort.ids):
+            rows.append({"method": method, "id": subject,
+                         "scan_rmse_mm": float(rmse(local[k], cohort.true_local[k])),
+                         "world_rmse_mm": float(rmse(world[k], cohort.true_world[k])),
+                         "alignment_floor_mm": float(rmse(aligned[k], cohort.true_local[k])),
+                         "pca_floor_aligned_mm": float(rmse(pca_aligned[k], cohort.true_local[k])),
+                         "pca_floor_true_pose_mm": float(rmse(pca_true_pose[k], cohort.true_local[k]))})
+    return pd.DataFrame(rows)
+
+
+DECOMPOSED = ("scan_rmse_mm", "world_rmse_mm", "alignment_floor_mm", "pca_floor_aligned_mm",
+              "pca_floor_true_pose_mm")
+
+
+def decomposition_summary(per_subject: pd.DataFrame, mean_shape_rmse: np.ndarray) -> pd.DataFrame:
+    """One row per method: n, and each DECOMPOSED mean with its bootstrap interval; the mean shape's
+    scan RMSE (the same subjects) with its interval; gap closed against the reachable floor (PCA
+    through the method's alignment) and against the true-pose PCA floor."""
+    rows = []
+    mean_shape = float(np.mean(mean_shape_rmse))
+    for method, table in per_subject.groupby("method", sort=False):
+        row = {"method": method, "n": len(table)}
+        for column in DECOMPOSED:
+            values = table[column].to_numpy()
+            low, high = bootstrap_interval(values)
+            row.update({column: float(values.mean()), f"{column}_low": low, f"{column}_high": high})
+        low, high = bootstrap_interval(mean_shape_rmse)
+        row.update(mean_shape_rmse_mm=mean_shape, mean_shape_rmse_mm_low=low, mean_shape_rmse_mm_high=high,
+                   reachable_gap_closed=gap_closed(row["scan_rmse_mm"], mean_shape, row["pca_floor_aligned_mm"]),
+                   gap_closed_true_pose=gap_closed(row["scan_rmse_mm"], mean_shape, row["pca_floor_true_pose_mm"]))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def gap_closed(value: float, mean_shape: float, floor: float) -> float:
     """Fraction of the way from the mean-shape predictor's error to the PCA floor's (1 = at the floor)."""
     return float((mean_shape - value) / (mean_shape - floor)) if mean_shape > floor else float("nan")
@@ -159,7 +232,7 @@ def gap_closed(value: float, mean_shape: float, floor: float) -> float:
 
 # -- the evaluation folder of a dataset
 
-FIGURES = ("per_point_rmse.png", "surface_boxplot.png", "surface_heatmaps.png")
+FIGURES = ("per_point_rmse.png", "surface_boxplot.png", "surface_heatmaps.png", "error_decomposition.png")
 
 
 def evaluate_dataset(dataset_dir, trained, shape_space: dict, out_dir) -> dict:
@@ -189,6 +262,8 @@ def evaluate_dataset(dataset_dir, trained, shape_space: dict, out_dir) -> dict:
     summary_table = _summary_table(per_subject, point_errors, methods, cards)
     timing = _timing_table(layout, trained, anatomy, n_points)
     mean_surface = template.warp(space.mean) if template else None
+    decomposed = error_decomposition(cohort, {m: shapes[m] for m in trained}, space)
+    decomposition = decomposition_summary(decomposed, rmse(shapes[MEAN_SHAPE], cohort.true_local))
 
     outputs = ["tables", "per_point.npz", "summary.json", "figures.json", "tables.json", *FIGURES]
     with staged(out_dir, outputs) as staging:
@@ -196,6 +271,9 @@ def evaluate_dataset(dataset_dir, trained, shape_space: dict, out_dir) -> dict:
         per_subject.to_csv(staging / "tables" / "accuracy_per_subject.csv", index=False)
         summary_table.to_csv(staging / "tables" / "accuracy_summary.csv", index=False)
         timing.to_csv(staging / "tables" / "inference_time.csv", index=False)
+        decomposition.to_csv(staging / "tables" / "error_decomposition.csv", index=False)
+        decomposed.to_csv(staging / "tables" / "error_decomposition_per_subject.csv", index=False)
+        _decomposition_figure(decomposition, staging / "error_decomposition.png")
         np.savez(staging / "per_point.npz", mean_shape=space.mean, methods=np.array(methods),
                  mean=np.stack([point_errors[m].mean(0) for m in methods]),
                  std=np.stack([point_errors[m].std(0) for m in methods]))
@@ -206,7 +284,7 @@ def evaluate_dataset(dataset_dir, trained, shape_space: dict, out_dir) -> dict:
             _surface_heatmaps(cohort, measured, per_subject, surface_maps, trained,
                               staging / "surface_heatmaps.png")
         else:
-            for name in FIGURES[1:]:
+            for name in ("surface_boxplot.png", "surface_heatmaps.png"):
                 _note_figure(" ".join(notes), staging / name)
         figures = _figure_entries(n_modes, template, bool(measured), trained)
         (staging / "figures.json").write_text(json.dumps(figures, indent=2))
@@ -217,6 +295,9 @@ def evaluate_dataset(dataset_dir, trained, shape_space: dict, out_dir) -> dict:
             "surface_measured_subjects": [cohort.ids[k] for k in measured], "notes": notes,
             "methods": {row["method"]: {key: _plain(value) for key, value in row.items() if key != "method"}
                         for row in summary_table.to_dict("records")},
+            "error_decomposition": {row["method"]: {key: _plain(value) for key, value in row.items()
+                                                    if key != "method"}
+                                    for row in decomposition.to_dict("records")},
         }
         (staging / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -273,9 +354,11 @@ def _summary_table(per_subject: pd.DataFrame, point_errors: dict, methods, cards
     sds = grouped[["rmse_mm", "surface_mean_mm"]].std()
     rows = []
     for m in methods:
+        low, high = bootstrap_interval(per_subject.loc[per_subject["method"] == m, "rmse_mm"])
         rows.append({
-            "method": m, "kind": "method" if m in cards else "baseline",
-            "rmse_mm": means.loc[m, "rmse_mm"], "rmse_sd_mm": sds.loc[m, "rmse_mm"],
+            "method": m, "kind": "method" if m in cards else "baseline", "n": int(grouped.size()[m]),
+            "rmse_mm": means.loc[m, "rmse_mm"], "rmse_low_mm": low, "rmse_high_mm": high,
+            "rmse_sd_mm": sds.loc[m, "rmse_mm"],
             "gap_closed": gap_closed(means.loc[m, "rmse_mm"], means.loc[MEAN_SHAPE, "rmse_mm"],
                                      means.loc[PCA_FLOOR, "rmse_mm"]),
             "worst_point_rmse_mm": float(point_errors[m].mean(0).max()),
@@ -310,7 +393,13 @@ def _timing_table(layout: DatasetLayout, trained, anatomy: str, n_points: int) -
 def _figure_entries(n_modes: int, template, surface: bool, trained) -> list[dict]:
     on = f"the mean training shape (subject {template.subject}'s mesh warped onto it)" if template else \
         "the mean training shape's points (the cohort has no meshes)"
-    entries = [{"file": "per_point_rmse.png", "title": "Per-point RMSE on the mean shape",
+    entries = [{"file": "error_decomposition.png", "title": "Where the error comes from: alignment and network",
+                "caption": "Per method, the mean scan-frame RMSE (bar end, with its 95 % bootstrap interval) split "
+                           "into what the alignment alone costs (true shape through the method's alignment), what "
+                           f"the {n_modes}-mode PCA adds after it (the reachable floor), and what is left to the "
+                           "network; the dashed line is the mean shape, with its interval shaded. A method whose "
+                           "bar ends near its reachable floor is limited by its alignment, not its network."},
+               {"file": "per_point_rmse.png", "title": "Per-point RMSE on the mean shape",
                 "caption": f"Mean (top) and standard deviation (bottom) over the test subjects of each point's "
                            f"RMSE on {on}, per trained method and for the mean-shape predictor and the PCA floor "
                            f"({n_modes} modes), average eq. 12 RMSE below: look for where the methods' error "
@@ -333,10 +422,20 @@ def _table_entries(n_modes: int, anatomy: str) -> list[dict]:
     paper = "beside the paper's Table 1 figures, labelled as reported" if anatomy in PAPER_TABLE1 else \
         "(the paper reports no time for this anatomy)"
     return [
+        {"file": "tables/error_decomposition.csv", "title": "Where the error comes from: alignment and network",
+         "caption": "Per method, means over the test subjects (mm, eq. 12) with 95 % bootstrap intervals (_low, "
+                    "_high) and n: the scan-frame RMSE; the world-frame RMSE of the prediction; the alignment-only "
+                    "floor (the true shape placed through the method's own alignment); the PCA floor through that "
+                    f"alignment and with the true pose ({n_modes} modes); the mean shape. reachable_gap_closed "
+                    "measures the method from the mean shape (0) to the floor it can reach, the PCA floor through "
+                    "its alignment (1); gap_closed_true_pose against the true-pose floor, as before."},
+        {"file": "tables/error_decomposition_per_subject.csv", "title": "Error decomposition per test subject",
+         "caption": "The decomposition's terms for every method and test subject."},
         {"file": "tables/accuracy_summary.csv", "title": "Test accuracy per trained method and baselines",
-         "caption": f"Means over the test subjects (mm, scanner frame) of the eq. 12 RMSE and of the surface "
-                    f"distances, where gap_closed says how far a method got from the mean-shape predictor (0) "
-                    f"towards the PCA floor with {n_modes} modes (1)."},
+         "caption": f"Means over the test subjects (mm, scanner frame) of the eq. 12 RMSE, with its 95 % "
+                    f"bootstrap interval (rmse_low_mm, rmse_high_mm) and n, and of the surface distances, where "
+                    f"gap_closed says how far a method got from the mean-shape predictor (0) towards the PCA "
+                    f"floor with {n_modes} modes and the true pose (1)."},
         {"file": "tables/accuracy_per_subject.csv", "title": "Accuracy per test subject",
          "caption": "Every test subject's RMSE and surface distances for each method and baseline."},
         {"file": "tables/inference_time.csv", "title": "Inference time per scan",
@@ -355,6 +454,31 @@ def _colorbar(fig, axes, top: float, label: str) -> None:
 
     fig.colorbar(ScalarMappable(Normalize(0.0, top), cmap=HEAT_CMAP), ax=list(np.ravel(axes)), shrink=0.8,
                  label=label)
+
+
+def _decomposition_figure(decomposition: pd.DataFrame, path) -> None:
+    from .plotting import figure, save_figure
+
+    fig, axes = figure(1, 1, cell=(6.5, 0.55 * len(decomposition) + 1.6))
+    ax = axes[0, 0]
+    y = np.arange(len(decomposition))[::-1]
+    alignment = decomposition["alignment_floor_mm"].to_numpy()
+    reachable = np.maximum(decomposition["pca_floor_aligned_mm"].to_numpy(), alignment)
+    total = decomposition["scan_rmse_mm"].to_numpy()
+    ax.barh(y, alignment, color="#bbbbbb", label="alignment alone")
+    ax.barh(y, reachable - alignment, left=alignment, color="#77aadd", label="+ PCA truncation (reachable floor)")
+    ax.barh(y, np.maximum(total - reachable, 0), left=reachable, color="#ee8866", label="+ network")
+    errors = np.stack([total - decomposition["scan_rmse_mm_low"], decomposition["scan_rmse_mm_high"] - total])
+    ax.errorbar(total, y, xerr=np.nan_to_num(errors), fmt="none", color="black", capsize=3)
+    mean_shape = decomposition["mean_shape_rmse_mm"].iloc[0]
+    ax.axvline(mean_shape, color="black", linestyle="--", linewidth=1, label="mean shape")
+    low, high = decomposition["mean_shape_rmse_mm_low"].iloc[0], decomposition["mean_shape_rmse_mm_high"].iloc[0]
+    if np.isfinite(low):
+        ax.axvspan(low, high, color="0.85", zorder=0)
+    ax.set_yticks(y, decomposition["method"])
+    ax.set_xlabel(f"scan-frame RMSE (mm, eq. 12), n = {int(decomposition['n'].iloc[0])} test subjects")
+    ax.legend(frameon=False, fontsize=7, loc="lower right")
+    save_figure(fig, path)
 
 
 def _per_point_figure(mean_surface, mean_points, point_errors: dict, trained, summary: pd.DataFrame, path) -> None:

@@ -49,8 +49,9 @@ from pathlib import Path
 
 from .provenance import SIDECAR
 
-EVALUATION_TABLES = ("accuracy_summary", "accuracy_per_subject", "inference_time")
-EVALUATION_FIGURES = ("per_point_rmse", "surface_boxplot", "surface_heatmaps")
+EVALUATION_TABLES = ("accuracy_summary", "accuracy_per_subject", "inference_time", "error_decomposition",
+                     "error_decomposition_per_subject")
+EVALUATION_FIGURES = ("per_point_rmse", "surface_boxplot", "surface_heatmaps", "error_decomposition")
 PROVENANCE_STAGES = ("augmentation", "models", "predictions")  # the steps that write a provenance.json
 
 

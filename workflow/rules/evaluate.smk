@@ -11,6 +11,8 @@ rule evaluate:
         accuracy=RESULTS.evaluation_table("accuracy_summary"),
         per_subject=RESULTS.evaluation_table("accuracy_per_subject"),
         timing=RESULTS.evaluation_table("inference_time"),
+        decomposition=RESULTS.evaluation_table("error_decomposition"),
+        decomposition_per_subject=RESULTS.evaluation_table("error_decomposition_per_subject"),
         per_point=RESULTS.per_point_npz,
         per_point_figure=report(
             RESULTS.evaluation_figure("per_point_rmse"),
@@ -27,6 +29,12 @@ rule evaluate:
         surface_heatmaps=report(
             RESULTS.evaluation_figure("surface_heatmaps"),
             caption="../report/surface_heatmaps.rst",
+            category="Evaluation",
+            subcategory="{dataset}",
+        ),
+        decomposition_figure=report(
+            RESULTS.evaluation_figure("error_decomposition"),
+            caption="../report/error_decomposition.rst",
             category="Evaluation",
             subcategory="{dataset}",
         ),
