@@ -13,13 +13,13 @@ import pyvista as pv
 from deepssm_workflow.evaluate import (
     MEAN_SHAPE,
     PCA_FLOOR,
-    bootstrap_interval,
     evaluate_dataset,
     gap_closed,
     per_point_rmse,
     rmse_against_baselines,
 )
 from deepssm_workflow.ingest import ingest_cohort
+from deepssm_workflow.intervals import bootstrap_interval, mean_interval
 from deepssm_workflow.io import write_particles
 from deepssm_workflow.layout import DatasetLayout
 from deepssm_workflow.surface import (
@@ -256,12 +256,33 @@ def test_subjects_without_meshes_are_named_not_dropped(evaluated_layout, tmp_pat
 def test_a_bootstrap_interval_brackets_the_mean_and_narrows_with_n():
     rng = np.random.default_rng(1)
     small, large = rng.normal(2.0, 1.0, 10), rng.normal(2.0, 1.0, 400)
-    low, high = bootstrap_interval(small)
-    assert low < small.mean() < high and bootstrap_interval(small) == (low, high)  # seeded
+    low, high = mean_interval(small)
+    assert low < small.mean() < high and mean_interval(small) == (low, high)  # seeded
     wide = high - low
-    low, high = bootstrap_interval(large)
+    low, high = mean_interval(large)
     assert low < large.mean() < high and high - low < wide / 3  # ~ 1 / sqrt(n)
-    assert all(np.isnan(bootstrap_interval([1.0])))
+    assert all(np.isnan(mean_interval([1.0])))
+
+
+def test_a_paired_bootstrap_skips_undefined_resamples_and_refuses_when_most_are():
+    def positive_share(labels):
+        if labels.min() == labels.max():
+            raise ValueError("one class")
+        return labels.mean()
+
+    mixed = np.array([0, 1] * 10)
+    low, high = bootstrap_interval(positive_share, mixed)
+    assert 0.2 < low < 0.5 < high < 0.8
+    def at_least_two_positives(labels):
+        if labels.sum() < 2:
+            raise ValueError("fewer than two positives")
+        return labels.mean()
+
+    rare = np.array([1] + [0] * 39)  # ~74 % of the resamples draw the one positive once or never: no interval
+    assert all(np.isnan(bootstrap_interval(at_least_two_positives, rare)))
+    x = np.arange(30.0)
+    low, high = bootstrap_interval(lambda a, b: np.corrcoef(a, b)[0, 1], x, x + np.sin(x))  # pairs stay paired
+    assert 0.9 < low <= high <= 1.0
 
 
 def test_the_error_is_split_into_alignment_and_network(evaluated_layout, tmp_path):

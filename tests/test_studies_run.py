@@ -31,6 +31,7 @@ def test_metopic_study_through_the_cli(tiny_cohort, tmp_path):
     truth = summary["metopic"]["ground_truth"]
     assert truth["n_scored"] == 2 and truth["n_metopic"] == 1 and truth["n_reference_controls"] == 5
     assert truth["auc"] in (0.0, 0.5, 1.0)  # one metopic against one control
+    assert "auc_low" in truth and "pearson_low" in truth  # intervals: undefined on 2 subjects, said as null
     assert truth["pearson"] is None and any("Pearson" in n for n in summary["notes"])  # 2 subjects: undefined
     table = pd.read_csv(out / "tables" / "metopic_severity_table2.csv")
     assert list(table["source"]) == ["ground_truth"]
@@ -46,6 +47,9 @@ def test_left_atrium_study_and_bad_outcome(tiny_cohort, tmp_path):
     row = summary["left_atrium"]["ground_truth"]
     assert row["n_train"] == 8 and row["n_test"] == 3 and row["n_seeds"] == 5
     assert 0.0 <= row["mlp_accuracy_mean"] <= 1.0 and row["mlp_accuracy_sd"] >= 0.0
+    for name in ("mlp_accuracy", "logistic_accuracy", "majority_accuracy"):  # 95 % intervals over the 3 test subjects
+        value = row[name if name != "mlp_accuracy" else "mlp_accuracy_mean"]
+        assert 0.0 <= row[f"{name}_low"] <= value <= row[f"{name}_high"] <= 1.0, name
     assert (out / "tables" / "left_atrium_recurrence_table3.csv").is_file()
 
     table_path = results / "cohort" / "subjects.csv"

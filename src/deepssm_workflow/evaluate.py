@@ -17,8 +17,8 @@ and the world-frame RMSE of the prediction (before it is placed in the scan). "R
 closed" measures the method against the floor it can reach, the PCA floor through its own
 alignment; the old gap_closed (against the true-pose floor) stays beside it.
 
-Every mean over test subjects comes with its 95 % bootstrap interval (percentile, 2000
-resamples of the subjects, seed 0) and n.
+Every mean over test subjects comes with its 95 % bootstrap interval (`intervals`: percentile,
+2000 resamples of the subjects, seed 0) and n.
 
 `evaluate_dataset` writes results/{dataset}/evaluation/: summary.json, tables/*.csv
 with tables.json (title and caption of each), the figures with figures.json, and
@@ -35,12 +35,12 @@ import numpy as np
 import pandas as pd
 
 from .atomic import staged
+from .intervals import mean_interval
 from .io import apply_transform, read_particles
 from .layout import DatasetLayout
 from .shape_space import ShapeSpace, rmse
 
 MEAN_SHAPE, PCA_FLOOR = "mean shape", "PCA floor"
-BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 2000, 0
 
 # DeepSSM paper, Table 1: inference time for one scan (CPU, inference only; for ShapeWorks
 # the optimization of a new shape, without the segmentation it needs first).
@@ -164,19 +164,6 @@ def summarize(dataset_results, methods, shape_space: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def bootstrap_interval(values, level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES,
-                       seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of `values` (resampling them with replacement);
-    (nan, nan) for fewer than 2 values, where no interval means anything."""
-    values = np.asarray(values, dtype=np.float64)
-    if values.size < 2:
-        return float("nan"), float("nan")
-    draws = np.random.default_rng(seed).integers(0, values.size, (resamples, values.size))
-    means = values[draws].mean(1)
-    tail = (1 - level) / 2 * 100
-    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
-
-
 def error_decomposition(cohort: TestCohort, predicted_local: dict, space: ShapeSpace) -> pd.DataFrame:
     """Per method and test subject (mm, eq. 12): the scan-frame RMSE, the world-frame RMSE of the
     prediction, the alignment-only floor, and the PCA floor through that alignment and with the
@@ -215,9 +202,9 @@ def decomposition_summary(per_subject: pd.DataFrame, mean_shape_rmse: np.ndarray
         row = {"method": method, "n": len(table)}
         for column in DECOMPOSED:
             values = table[column].to_numpy()
-            low, high = bootstrap_interval(values)
+            low, high = mean_interval(values)
             row.update({column: float(values.mean()), f"{column}_low": low, f"{column}_high": high})
-        low, high = bootstrap_interval(mean_shape_rmse)
+        low, high = mean_interval(mean_shape_rmse)
         row.update(mean_shape_rmse_mm=mean_shape, mean_shape_rmse_mm_low=low, mean_shape_rmse_mm_high=high,
                    reachable_gap_closed=gap_closed(row["scan_rmse_mm"], mean_shape, row["pca_floor_aligned_mm"]),
                    gap_closed_true_pose=gap_closed(row["scan_rmse_mm"], mean_shape, row["pca_floor_true_pose_mm"]))
@@ -354,7 +341,7 @@ def _summary_table(per_subject: pd.DataFrame, point_errors: dict, methods, cards
     sds = grouped[["rmse_mm", "surface_mean_mm"]].std()
     rows = []
     for m in methods:
-        low, high = bootstrap_interval(per_subject.loc[per_subject["method"] == m, "rmse_mm"])
+        low, high = mean_interval(per_subject.loc[per_subject["method"] == m, "rmse_mm"])
         rows.append({
             "method": m, "kind": "method" if m in cards else "baseline", "n": int(grouped.size()[m]),
             "rmse_mm": means.loc[m, "rmse_mm"], "rmse_low_mm": low, "rmse_high_mm": high,

@@ -78,7 +78,19 @@ def run_study(study: str, dataset_dir, method_names, out_dir, resources_dir=None
             table.to_csv(staging / "tables" / f"{name}.csv", index=False)
         listing = [{**entry, "file": f"figures/{entry['file']}"} for entry in result.figures]
         (staging / "figures.json").write_text(json.dumps(listing, indent=2) + "\n")
-        summary = {spec.module: result.summary, "methods": used,
-                   "skipped_methods": [m for m in method_names if m not in used], "notes": result.notes}
+        summary = _nan_as_null({spec.module: result.summary, "methods": used,
+                                "skipped_methods": [m for m in method_names if m not in used],
+                                "notes": result.notes})
         (staging / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _nan_as_null(value):
+    """NaN (an interval undefined on these data) as JSON null, like every other undefined number here."""
+    if isinstance(value, dict):
+        return {k: _nan_as_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_as_null(v) for v in value]
+    if isinstance(value, float) and value != value:
+        return None
+    return value

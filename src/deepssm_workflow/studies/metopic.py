@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..intervals import bootstrap_interval
 from . import figures as fig
 from .data import Cohort, Shapes
 from .output import StudyOutput
@@ -91,6 +92,11 @@ def run(cohort: Cohort, sources: dict[str, Shapes], out_dir: Path, resources_dir
                "spearman": out.attempt(f"{source} Spearman",
                                        lambda: spearman(rated["severity"], rated["expert_severity"])),
                "auc": out.attempt(f"{source} AUC", lambda: auc(table["severity"], label))}
+        # 95 % bootstrap intervals over the scored subjects (pairs resampled together)
+        for name, statistic, samples in (("pearson", pearson, (rated["severity"], rated["expert_severity"])),
+                                         ("spearman", spearman, (rated["severity"], rated["expert_severity"])),
+                                         ("auc", auc, (table["severity"], label))):
+            row[f"{name}_low"], row[f"{name}_high"] = bootstrap_interval(statistic, *map(np.asarray, samples))
         if truth is not None:
             row["spearman_true_severity"] = out.attempt(
                 f"{source} Spearman with the true severity", lambda: spearman(table["severity"], truth[table["id"]]))
