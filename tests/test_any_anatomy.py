@@ -40,7 +40,7 @@ def test_a_real_data_block_of_source_and_manifest_validates_and_gets_the_default
     assert entry["preprocess"] == {k: demo["preprocess"][k] for k in ("downsample", "margin_mm", "registration")}
     assert entry["augmentation"] == {**demo["augmentation"], "kde_kernel": "neighbour"}
     assert entry["shape_space"] == {"variance": 0.99}
-    assert entry["training"] == demo["training"]
+    assert entry["training"] == {**demo["training"], "precision": "fp32"}
     # every default method, each with the schema's defaults: the demo's, less its focal percentile
     assert list(entry["methods"]) == ["base", "base_focal", "tl", "tl_focal"]
     for method, block in demo["methods"].items():

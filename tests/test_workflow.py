@@ -71,7 +71,7 @@ def test_a_csv_manifest_cohort_runs_through_the_workflow(tmp_path, tiny_cohort):
         "anatomy": "femur", "source": "csv", "manifest": str(manifest),
         "preprocess": {"downsample": 1, "margin_mm": 5, "registration": "auto"},
         "augmentation": {"n_samples": 4},
-        "training": {"n_modes": 3, "epochs": 1}}}}
+        "shape_space": {"n_modes": 3}, "methods": {"base": {"epochs": 1}}}}}
     configfile = tmp_path / "config.yaml"
     configfile.write_text(yaml.safe_dump(config))
     # up to augmentation: training is the same code as for the synthetic cohorts, tested below
