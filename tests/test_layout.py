@@ -67,7 +67,9 @@ def test_patterns_are_the_paths_the_rules_declare():
         assert isinstance(actual, str) and actual == wanted
     assert results.provenance_dirs(["tl"]) == ["results/{dataset}/augmentation", "results/{dataset}/models/tl",
                                                "results/{dataset}/predictions/tl"]
-    assert len(EVALUATION_TABLES) == len(EVALUATION_FIGURES) == 3
+    assert EVALUATION_TABLES == ("accuracy_summary", "accuracy_per_subject", "inference_time", "error_decomposition",
+                                 "error_decomposition_per_subject")
+    assert EVALUATION_FIGURES == ("per_point_rmse", "surface_boxplot", "surface_heatmaps", "error_decomposition")
 
 
 def test_a_filled_in_pattern_is_the_librarys_path():

@@ -216,7 +216,7 @@ def _manual_epoch(model, read_batch, points, order, batch_size: int, device: str
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += float(loss)
+        total += float(loss.detach())  # the straightforward loop's per-step sync
     if device != "cpu":
         torch.cuda.synchronize()
     return time.perf_counter() - start
