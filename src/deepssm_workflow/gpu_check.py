@@ -59,11 +59,6 @@ def cohort(n_real: int, shape, n_points: int, seed: int = 0):
     return images, points, train_idx, val_idx, ShapeSpace(n_modes=3).fit(points[train_idx])
 
 
-def smoke(name: str):
-    entry = methods.get(name)
-    return entry.settings({k: v for k, v in entry.method.smoke.items() if k not in entry.fixed})
-
-
 def same_weights(a: Path, b: Path) -> bool:
     x, y = (torch.load(p, map_location="cpu", weights_only=True) for p in (a, b))
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
@@ -145,8 +140,8 @@ def run(quick: bool, out: Path | None = None, log=print) -> dict:
         scratch = Path(scratch)
 
         def fit(name, folder, **options):
-            return train(name, smoke(name), images, points, train_idx, val_idx, space, scratch / folder,
-                         engine=engine, device=device, log=quiet, **options)
+            return train(name, methods.get(name).smoke_settings(), images, points, train_idx, val_idx, space,
+                         scratch / folder, engine=engine, device=device, log=quiet, **options)
 
         for name in methods.names():
             start = time.perf_counter()
@@ -176,8 +171,9 @@ def run(quick: bool, out: Path | None = None, log=print) -> dict:
         np.save(store, images)
         rates = {}
         for ahead in (False, True):
-            card = train(name, smoke(name), np.load(store, mmap_mode="r"), points, train_idx, val_idx, space,
-                         scratch / f"ahead_{ahead}", engine=engine, device=device, log=quiet, read_ahead=ahead)
+            card = train(name, methods.get(name).smoke_settings(), np.load(store, mmap_mode="r"), points,
+                         train_idx, val_idx, space, scratch / f"ahead_{ahead}", engine=engine, device=device,
+                         log=quiet, read_ahead=ahead)
             rates[ahead] = len(train_idx) / card["mean_epoch_seconds"]
         check("read-ahead", same_weights(scratch / "ahead_False/model.pt", scratch / "ahead_True/model.pt"),
               f"samples/s without {rates[False]:.1f}, with {rates[True]:.1f} (same weights)")

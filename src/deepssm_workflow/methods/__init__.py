@@ -69,6 +69,10 @@ class Registered:
             raise ValueError(f"method {self.name}: " + "; ".join(problems))
         return settings
 
+    def smoke_settings(self):
+        """The method's `smoke` settings (less what this name fixes): the smallest run of every phase."""
+        return self.settings({k: v for k, v in self.method.smoke.items() if k not in self.fixed})
+
     def has(self, capability: str) -> bool:
         return capability in self.method.capabilities
 
