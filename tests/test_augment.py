@@ -9,8 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
+from deepssm_workflow import holdout, samplers
 from deepssm_workflow import preprocess as pp
-from deepssm_workflow import samplers
 from deepssm_workflow.augment import augment
 from deepssm_workflow.ingest import ingest_cohort
 from deepssm_workflow.shape_space import ShapeSpace
@@ -145,3 +145,65 @@ def test_invalid_requests_fail_clearly_and_leave_no_output(prepared, tmp_path):
         augment(cohort, broken, tmp_path / "c", 2)
     for name in ("a", "b", "c"):
         assert not (tmp_path / name).exists()
+
+
+def test_validation_subjects_stay_out_of_the_shape_model_but_keep_their_share_of_samples(prepared, tmp_path):
+    cohort, preprocess = prepared
+    world = np.load(cohort / "shapes_train.npz")["world"]
+    ids = [str(i) for i in np.load(cohort / "shapes_train.npz")["ids"]]
+    n_samples, validation = 24, {"val_fraction": 0.25, "seed": 3}
+    held_out = holdout.validation_subjects(len(world), 0.25, 3)
+    fitted = np.setdiff1d(np.arange(len(world)), held_out)
+    summary = augment(cohort, preprocess, tmp_path / "out", n_samples, seed=0, validation=validation)
+    samples = np.load(tmp_path / "out" / "samples.npz")
+    space = ShapeSpace.load(tmp_path / "out" / "shape_space.npz")
+
+    assert list(samples["validation_ids"]) == summary["validation_ids"] == [ids[i] for i in held_out]
+    assert space.n_modes == len(fitted) - 1
+    assert np.allclose(space.mean, world[fitted].mean(0))
+    # a held-out shape is not in the span of the fitted ones: nothing of it reached the model
+    residual = np.abs(space.inverse_transform(space.transform(world[held_out])) - world[held_out]).max()
+    assert residual > 0.1
+    # the held-out subjects get their share, and training's split puts those samples on its validation side
+    source = samples["source_index"]
+    from_held_out = np.isin(source, held_out)
+    assert from_held_out.sum() == round(n_samples * len(held_out) / len(world))
+    _, val_idx = holdout.split_by_source(len(world), source, 0.25, 3)
+    assert np.array_equal(val_idx[val_idx >= len(world)] - len(world), np.flatnonzero(from_held_out))
+    # training samples are points of the fitted model; held-out samples move their own shape by a drawn displacement
+    points = samples["points"]
+    train_points = points[~from_held_out]
+    assert np.allclose(space.inverse_transform(space.transform(train_points)), train_points, atol=1e-6)
+    displacement = points[from_held_out] - world[source[from_held_out]]
+    shape_rms = np.sqrt(((world - world.mean(0)) ** 2).sum(-1).mean())
+    assert 0 < np.sqrt((displacement**2).sum(-1).mean()) < shape_rms
+    # each held-out sample's image is still a warp of its own source subject's image
+    images = np.load(tmp_path / "out" / "images.npy", mmap_mode="r")
+    train_images = np.load(preprocess / "train.npz")["images"]
+    j = int(np.flatnonzero(from_held_out)[0])
+    correlations = [np.corrcoef(images[j].ravel(), train_images[i].ravel())[0, 1] for i in range(len(world))]
+    assert int(np.argmax(correlations)) == source[j]
+
+
+def test_training_fits_its_pca_basis_without_the_validation_subjects_and_refuses_another_split(prepared, tmp_path):
+    import torch
+
+    from deepssm_workflow.methods import get
+    from deepssm_workflow.train import train_from_artifacts
+
+    cohort, preprocess = prepared
+    shapes = np.load(cohort / "shapes_train.npz")
+    augment(cohort, preprocess, tmp_path / "aug", 6, seed=0, validation={"val_fraction": 0.25, "seed": 3})
+    settings = {"shape_space": {"n_modes": 2}, "method": dict(get("base").method.smoke),
+                "training": {"batch_size": 4, "val_fraction": 0.25, "seed": 3}}
+    train_from_artifacts(cohort, preprocess, tmp_path / "aug", "base", settings, tmp_path / "model", log=lambda _: None)
+    held_out = holdout.validation_subjects(len(shapes["ids"]), 0.25, 3)
+    fitted = np.setdiff1d(np.arange(len(shapes["ids"])), held_out)
+    pca_mean = torch.load(tmp_path / "model" / "model.pt", map_location="cpu")["pca_bias"].numpy().reshape(-1, 3)
+    assert np.allclose(pca_mean, shapes["world"][fitted].mean(0), atol=1e-4)
+    assert not np.allclose(pca_mean, shapes["world"].mean(0), atol=1e-4)
+
+    other = {**settings, "training": {**settings["training"], "seed": 4}}
+    with pytest.raises(ValueError, match=r"samples.npz: made with validation subjects .* rerun the augmentation"):
+        train_from_artifacts(cohort, preprocess, tmp_path / "aug", "base", other, tmp_path / "other",
+                             log=lambda _: None)

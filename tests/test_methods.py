@@ -20,7 +20,8 @@ from conftest import SCHEMA
 from deepssm_workflow import methods
 from deepssm_workflow.cli import build_parser
 from deepssm_workflow.config import schema
-from deepssm_workflow.engine import EngineSettings, split_by_source, train
+from deepssm_workflow.engine import EngineSettings, train
+from deepssm_workflow.holdout import split_by_source
 from deepssm_workflow.inference import codes, decode, load_trained, predict
 from deepssm_workflow.shape_space import ShapeSpace
 

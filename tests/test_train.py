@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from deepssm_workflow import methods
-from deepssm_workflow.engine import EngineSettings, split_by_source, train
+from deepssm_workflow.engine import EngineSettings, train
+from deepssm_workflow.holdout import split_by_source
 from deepssm_workflow.inference import load_trained, predict
 from deepssm_workflow.rows import NpyRows, StackedRows
 from deepssm_workflow.shape_space import ShapeSpace, rmse

@@ -7,13 +7,21 @@ back into correspondences, and each sample's image is its source training image 
 subject the sample was drawn around, or the nearest one) warped by a thin-plate spline so
 that the anatomy lies at the generated correspondences.
 
+With a validation hold-out (`validation`: the training's val_fraction and seed, see
+`holdout`), the shape space and the generative model are fit on the other subjects only,
+so that nothing of a validation shape shapes a training sample. The held-out subjects
+still get their share of samples (n_samples x their fraction of the cohort), each a
+held-out shape moved by the displacement of a sample the model drew from its own source:
+validation keeps its warped copies, judged in a space it did not build.
+
 Artifacts (out_dir, written atomically):
     images.npy       (n, Z, Y, X) float32 on the preprocessing grid, written sample by sample
                      through a memory map (memory does not grow with n); load with mmap_mode="r"
-    samples.npz      points (n, M, 3) world, scores (n, N-1), source_index (n,), source_ids (n,),
-                     bandwidth (KDE sigma), noise_std (KDE kernel sd per mode; both NaN for other
-                     samplers), sampler
-    shape_space.npz  the N-1-mode ShapeSpace (ShapeSpace.load)
+    samples.npz      points (n, M, 3) world, scores (n, K) in the shape space, source_index (n,),
+                     source_ids (n,), validation_ids (the held-out subjects; empty without a
+                     hold-out), bandwidth (KDE sigma), noise_std (KDE kernel sd per mode; both NaN
+                     for other samplers), sampler
+    shape_space.npz  the ShapeSpace of the fitted subjects, all K = n_fitted - 1 modes (ShapeSpace.load)
     qc.png           real vs generated score distributions, a few generated images with points
 """
 
@@ -26,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import staged
+from .holdout import validation_subjects
 from .plotting import POINT_COLOR, figure, save_figure
 from .samplers import SAMPLERS, make_sampler
 from .shape_space import ShapeSpace
@@ -77,10 +86,13 @@ def _fit_sampler(name: str, scores: np.ndarray, seed: int, mixture_components: i
 
 
 def augment(cohort_dir, preprocess_dir, out_dir, n_samples: int, sampler: str = "kde", n_control: int = 256,
-            seed: int = 0, mixture_components: int = 4, kde_kernel: str = "neighbour") -> dict:
+            seed: int = 0, mixture_components: int = 4, kde_kernel: str = "neighbour",
+            validation: dict | None = None) -> dict:
     """Generate `n_samples` augmented (image, correspondences, scores) triples; see the module doc.
 
-    Returns a summary: n, seconds, samples_per_second, images_bytes, sampler, bandwidth, n_modes.
+    `validation`: {"val_fraction", "seed"} of the training (`holdout.validation_subjects`), or
+    None to fit on every subject. Returns a summary: n, seconds, samples_per_second,
+    images_bytes, sampler, bandwidth, n_modes, validation_ids.
     """
     start = time.perf_counter()
     if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 1:
@@ -93,13 +105,28 @@ def augment(cohort_dir, preprocess_dir, out_dir, n_samples: int, sampler: str = 
     cohort_dir, preprocess_dir, out_dir = Path(cohort_dir), Path(preprocess_dir), Path(out_dir)
     ids, world, images, origin, spacing = _load_inputs(cohort_dir, preprocess_dir)
 
-    space = ShapeSpace(n_modes=len(world) - 1).fit(world)  # all N - 1 modes (paper eq. 1)
-    train_scores = space.transform(world)
+    held_out = (validation_subjects(len(world), float(validation["val_fraction"]), int(validation["seed"]))
+                if validation else np.array([], dtype=np.int64))
+    fitted = np.setdiff1d(np.arange(len(world)), held_out)
+    if len(fitted) < 3:
+        raise ValueError(f"{cohort_dir}: {len(fitted)} training subjects left after the validation hold-out; "
+                         "the shape model needs at least 3")
+    space = ShapeSpace(n_modes=len(fitted) - 1).fit(world[fitted])  # all modes of the fitted shapes (paper eq. 1)
+    train_scores = space.transform(world[fitted])
     model = _fit_sampler(sampler, train_scores, seed, mixture_components, kde_kernel)
     rng = np.random.default_rng(seed)
-    scores, source = model.sample(rng, n_samples)
-    source = np.asarray(source, dtype=np.int64)
+    n_held_out = int(round(n_samples * len(held_out) / len(world)))
+    scores, drawn_from = model.sample(rng, n_samples - n_held_out)
+    source = fitted[np.asarray(drawn_from, dtype=np.int64)]
     points = space.inverse_transform(scores)
+    if n_held_out:
+        moved_scores, moved_from = model.sample(rng, n_held_out)
+        displacement = space.inverse_transform(moved_scores) - world[fitted[np.asarray(moved_from)]]
+        held_source = held_out[rng.integers(len(held_out), size=n_held_out)]
+        held_points = world[held_source] + displacement
+        source = np.concatenate([source, held_source])
+        points = np.concatenate([points, held_points])
+        scores = np.concatenate([scores, space.transform(held_points)])
     bandwidth = float(model.bandwidth) if sampler == "kde" else float("nan")
     noise_std = float(model.noise_std) if sampler == "kde" else float("nan")
 
@@ -112,18 +139,20 @@ def augment(cohort_dir, preprocess_dir, out_dir, n_samples: int, sampler: str = 
         preview = np.array(stack[:QC_IMAGES])  # a few images for the figure, copied before unmapping
         del stack
         np.savez(staging / "samples.npz", points=points, scores=scores, source_index=source,
-                 source_ids=np.array(ids)[source], bandwidth=np.float64(bandwidth),
+                 source_ids=np.array(ids)[source], validation_ids=np.array(ids)[held_out].astype(str),
+                 bandwidth=np.float64(bandwidth),
                  noise_std=np.float64(noise_std), sampler=np.array(sampler))
         space.save(staging / "shape_space.npz")
         _qc_figure(staging / "qc.png", train_scores, scores, preview, points[:QC_IMAGES],
                    [ids[s] for s in source[:QC_IMAGES]], origin, spacing, sampler, noise_std,
-                   _spread(world, space.mean), _spread(points, space.mean))
+                   _spread(world[fitted], space.mean), _spread(points, space.mean))
         images_bytes = (staging / "images.npy").stat().st_size
 
     seconds = time.perf_counter() - start
     return {"n": n_samples, "seconds": seconds, "samples_per_second": n_samples / seconds,
             "images_bytes": int(images_bytes), "sampler": sampler, "bandwidth": bandwidth, "noise_std": noise_std,
-            "n_modes": int(space.n_modes), "real_spread_mm": _spread(world, space.mean),
+            "n_modes": int(space.n_modes), "validation_ids": [ids[i] for i in held_out],
+            "real_spread_mm": _spread(world[fitted], space.mean),
             "generated_spread_mm": _spread(points, space.mean)}
 
 

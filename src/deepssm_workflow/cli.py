@@ -52,7 +52,8 @@ def _augment(args) -> None:
 
     cfg = json.loads(args.settings)
     summary = augment(args.cohort, args.preprocess_dir, args.out_dir, cfg["n_samples"], cfg.get("sampler", "kde"),
-                      cfg.get("n_control", 256), cfg.get("seed", 0), kde_kernel=cfg.get("kde_kernel", "neighbour"))
+                      cfg.get("n_control", 256), cfg.get("seed", 0), kde_kernel=cfg.get("kde_kernel", "neighbour"),
+                      validation=json.loads(args.validation) if args.validation else None)
     print(json.dumps(summary, indent=2))
 
 
@@ -175,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cohort", required=True, help="ingested cohort folder (training shapes)")
     p.add_argument("--preprocess-dir", required=True, help="folder with train.npz and grid.json")
     p.add_argument("--settings", required=True, help="JSON of the config's `augmentation` block")
+    p.add_argument("--validation", help="JSON {val_fraction, seed} of the training: the subjects it holds out are "
+                   "left out of the shape model (omit to fit on every subject)")
     p.add_argument("--out-dir", required=True)
     _artifact_flags(p)
     p.set_defaults(run=_augment)

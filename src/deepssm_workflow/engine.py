@@ -67,30 +67,6 @@ class EngineSettings:
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
 
 
-def split_by_source(n_real: int, source_index, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Train/validation indices into [real subjects 0..n_real-1, generated samples ...].
-
-    `source_index[j]` is the real subject (0..n_real-1) that generated sample j was made
-    from (KDE augmentation warps that subject's image). round(val_fraction * n_real)
-    real subjects (at least 1, at most n_real - 1) are drawn for validation, and every
-    generated sample follows its source subject into the same split. No subject's
-    anatomy is therefore on both sides, unlike the reference implementation, which
-    split real and augmented samples together and so validated on warped copies of
-    training images. Deterministic in `seed`; both arrays are sorted.
-    """
-    source = np.asarray(source_index, dtype=np.int64).reshape(-1)
-    if n_real < 2:
-        raise ValueError(f"need at least 2 real subjects to split, got {n_real}")
-    if source.size and (source.min() < 0 or source.max() >= n_real):
-        raise ValueError(f"source_index must name real subjects 0..{n_real - 1}")
-    n_val = min(max(int(round(val_fraction * n_real)), 1), n_real - 1)
-    val_real = np.random.default_rng(seed).choice(n_real, size=n_val, replace=False)
-    is_val = np.zeros(n_real + source.size, dtype=bool)
-    is_val[val_real] = True
-    is_val[n_real:] = np.isin(source, val_real)
-    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
-
-
 # -- batches
 
 
@@ -235,7 +211,7 @@ def train(method: str, settings, images, points, train_idx, val_idx, shape_space
     """Train the registered `method` (its Settings: `methods.get(method).settings(block)`) on
     images (n, Z, Y, X) and correspondences (n, M, 3).
 
-    `train_idx` / `val_idx` index both arrays (see `split_by_source`); either may be a row store
+    `train_idx` / `val_idx` index both arrays (see `holdout.split_by_source`); either may be a row store
     (np.memmap, NpyRows, StackedRows), read one batch at a time. `shape_space` is the dataset's
     (mean shape, PCA). `data_hash` identifies the data for the model card and the checkpoint.
     `device`: None (auto, `devices.choose`), auto / cuda / cpu, or a torch device. Resumes from

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from . import devices, methods
-from .engine import EngineSettings, split_by_source, train
+from .engine import EngineSettings, train
+from .holdout import split_by_source
 from .inference import load_trained, predict
 from .shape_space import ShapeSpace
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .engine import EngineSettings, split_by_source, train
+from .engine import EngineSettings, train
+from .holdout import split_by_source
 from .methods import get
 from .provenance import combined_sha256
 from .rows import NpyRows, StackedRows
@@ -34,10 +35,17 @@ def train_from_artifacts(cohort_dir, preprocess_dir, augmentation_dir, method: s
     # generated samples are read a batch at a time, so memory does not grow with their number
     images = StackedRows(real["images"], NpyRows(paths[3]))
     points = StackedRows(shapes["world"], NpyRows(paths[2], "points"))
-    space = ShapeSpace(**settings["shape_space"]).fit(shapes["world"])
     engine = EngineSettings(**settings["training"])
     method_settings = get(method).settings(settings["method"])
-    train_idx, val_idx = split_by_source(len(real["ids"]), samples["source_index"], engine.val_fraction, engine.seed)
+    n_real = len(real["ids"])
+    train_idx, val_idx = split_by_source(n_real, samples["source_index"], engine.val_fraction, engine.seed)
+    held_out = [str(i) for i in real["ids"][val_idx[val_idx < n_real]]]
+    if "validation_ids" in samples.files and sorted(map(str, samples["validation_ids"])) != held_out:
+        raise ValueError(f"{paths[2]}: made with validation subjects {sorted(map(str, samples['validation_ids']))} "
+                         f"but training holds out {held_out} (training.val_fraction {engine.val_fraction}, seed "
+                         f"{engine.seed}); rerun the augmentation with this training block")
+    # the PCA basis is fit without the validation subjects, so that they are judged in a space they did not build
+    space = ShapeSpace(**settings["shape_space"]).fit(shapes["world"][train_idx[train_idx < n_real]])
     torch.set_num_threads(max(1, threads))
     log(f"{method}: {len(train_idx)} training / {len(val_idx)} validation samples, {space.n_modes} PCA modes")
     return train(method, method_settings, images, points, train_idx, val_idx, space, out_dir, engine=engine,
