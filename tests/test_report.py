@@ -14,9 +14,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
-from conftest import REPORT_DATASETS, run_snakemake
-from deepssm_workflow.report import SECTIONS, artifact_section, build_report
+from conftest import REPORT_DATASETS, TINY, run_snakemake
+from deepssm_workflow.report import ANSWER, SECTIONS, artifact_section, build_report, table_title
 
 pytestmark = pytest.mark.slow  # real Snakemake runs of the workflow (deselect with -m 'not slow')
 
@@ -68,12 +69,29 @@ def test_artifact_folders_are_read_alike_and_bad_ones_are_named(tmp_path):
     pd.DataFrame({"variant": ["base"], "pearson": [0.7]}).to_csv(folder / "tables" / "severity_vs_ratings.csv",
                                                                    index=False)
     pd.DataFrame({"id": range(20)}).to_csv(folder / "tables" / "per_subject.csv", index=False)
+    pd.DataFrame({"source": ["base"], "auc": [0.9]}).to_csv(folder / "tables" / "metopic_severity_table2.csv",
+                                                            index=False)
+    pd.DataFrame({"source": ["base"]}).to_csv(folder / "tables" / "hip_angles_table4.csv", index=False)
     section = artifact_section(folder, show_summary=True)
-    assert "<h3>Severity vs ratings</h3>" in section and "<td>0.7</td>" in section  # titled by the file name
+    # titled in words: a known study table by its title, any other by its name in words; the file in small print
+    assert "<h3>Severity vs ratings</h3>" in section and "<td>0.7</td>" in section
+    assert "<h3>Metopic severity against diagnosis and expert ratings, per source (paper Table 2)</h3>" in section
+    assert "<h3>Hip angles (Table 4)</h3>" in section and '<p class="file">tables/hip_angles_table4.csv</p>' in section
+    assert section.index("(paper Table 2)") < section.index("Hip angles")  # a study's main table first
+    assert not re.search(r"<h3>[\w.-]*_[\w.-]*</h3>", section)
     assert "<details><summary>20 rows</summary>" in section  # a long table is folded
     assert 'class="note">few subjects' in section and "Look at the head-neck junction." in section
-    assert "<td>auc.base</td><td>0.81</td>" in section and "<td>dims</td><td>1, 2</td>" in section
+    # the summary's values: still there, folded below the tables and figures
+    folded = section.index("<details><summary>All values of summary.json")
+    assert folded > section.index("<figure>")
+    assert "<td>auc.base</td><td>0.81</td>" in section[folded:] and "<td>dims</td><td>1, 2</td>" in section[folded:]
     assert section.count('src="data:image/png;base64,') == 1
+
+    (folder / "summary.json").write_text(json.dumps({"femur": {"base": {"peak_difference_mm": 1.5}},
+                                                     "notes": [f"note {k}" for k in range(6)]}))
+    section = artifact_section(folder, show_summary=True)
+    assert "<summary>6 notes: numbers not computed, and why</summary>" in section  # many notes are folded
+    assert "<h4>Values per source: femur</h4>" in section and "<th>peak_difference_mm</th>" in section
 
     (folder / "figures.json").write_text(json.dumps([{"file": "missing.png", "title": "t", "caption": "c"}]))
     with pytest.raises(ValueError, match=r"missing\.png: figure not found \(listed by .*figures\.json\)"):
@@ -85,6 +103,12 @@ def test_artifact_folders_are_read_alike_and_bad_ones_are_named(tmp_path):
     (folder / "summary.json").write_text("{broken")
     with pytest.raises(ValueError, match=r"summary\.json: not valid JSON"):
         artifact_section(folder, show_summary=True)
+
+
+def test_tables_are_titled_in_words():
+    assert table_title("tables/femur_group_difference.csv") == "Cam-FAI group difference per source (paper Fig. 9)"
+    assert table_title("knee_widths_fig3.csv") == "Knee widths (Fig. 3)"
+    assert table_title("scores.csv") == "Scores"
 
 
 def test_a_report_with_a_missing_input_names_it_and_writes_nothing(tmp_path):
@@ -136,6 +160,52 @@ def test_tiny_workflow_reports_render_completely_in_headless_chromium(tiny_repor
         for caption in ("Per-point RMSE on", "Surface-to-surface distance on", "Surface distance maps on",
                         "Clinical study on"):
             assert f"{caption} {dataset}" in content, (caption, dataset)
+
+
+def _headings(text: str) -> list[str]:
+    return [html.unescape(re.sub(r"<[^>]+>", "", h)) for h in re.findall(r"<h[1-4][^>]*>(.*?)</h[1-4]>", text, re.S)]
+
+
+def test_tiny_workflow_reports_open_with_the_answer(tiny_reports):
+    """The first screen of every real tiny report: each configured method's test RMSE with its interval
+    and n beside the mean shape and the floors (the numbers of the evaluation's tables), the study's
+    headline, before every other section; and no heading is a bare file name."""
+    workdir, run = tiny_reports
+    assert run.returncode == 0, run.stderr[-4000:]
+    config = yaml.safe_load(TINY.read_text())["datasets"]
+    for dataset in REPORT_DATASETS:
+        results = workdir / "results" / dataset
+        text = (results / "report.html").read_text()
+        sections = re.findall(r'<section id="([^"]+)"><h2>(.*?)</h2>', text)
+        assert [title for _, title in sections] == list(SECTIONS)
+        assert sections[0][1] == ANSWER and text.index("<section") < text.index("<nav>")  # first, before contents
+        answer = text[text.index('<section id="the-answer">'):]
+        answer = answer[:answer.index("</section>")]
+
+        number = r"-?\d+\.\d\d"
+        interval = rf"({number}) \[({number}), ({number})\]"
+        summary = pd.read_csv(results / "evaluation" / "tables" / "accuracy_summary.csv").set_index("method")
+        for method in config[dataset]["methods"]:
+            row = re.search(rf"<tr><td>{re.escape(method)}</td><td>{interval}</td><td>(\d+)</td>", answer)
+            assert row, (dataset, method)
+            expected = summary.loc[method, ["rmse_mm", "rmse_low_mm", "rmse_high_mm", "n"]]
+            assert [float(v) for v in row.groups()] == pytest.approx(list(expected), abs=0.006)
+            assert "the mean shape" in answer[row.end():answer.index("</tr>", row.end())]  # a verdict
+        baselines = ("mean shape (baseline", "reachable floor:", "alignment-only floor:", "PCA floor with the true")
+        for baseline in baselines:
+            assert re.search(rf"<tr><td>{re.escape(baseline)}[^<]*</td><td>{interval}</td><td>\d+</td>", answer), \
+                (dataset, baseline)
+        assert re.search(r"beat", answer.split("</h3>")[1])  # the sentence says which methods beat the mean shape
+        study = answer[answer.index("<h3>Clinical study: headline</h3>"):]
+        assert re.search(interval, study) or "gives no interval" in study, dataset
+        assert "<th>n</th>" in study
+
+        files = {p.name for folder in ("evaluation", "study") for p in (results / folder).rglob("*") if p.is_file()}
+        names = files | {name.rsplit(".", 1)[0] for name in files}
+        names |= {name.replace("_", " ").lower() for name in names}  # "Metopic severity table2" is a file name
+        for heading in _headings(text):
+            assert heading.strip() not in names and heading.strip().lower() not in names, (dataset, heading)
+            assert not re.fullmatch(r"[\w.-]*[_.][\w.-]*", heading.strip()), (dataset, heading)
 
 
 def test_alignment_table_needs_the_registration_record(tmp_path):

@@ -1,11 +1,13 @@
 """results/{dataset}/report.html: one self-contained page (figures embedded as base64 PNG,
 tables as HTML, no script, no external reference) that opens offline.
 
-Sections: what was run, quality control, augmentation, training, evaluation, clinical
-study (unless the cohort's report.json says study "none"), provenance. The evaluation and
-the study folders follow one contract, read here alike: figures.json (a list of {"file",
-"title", "caption"} in display order), tables/*.csv (titled by tables.json when there is
-one) and summary.json.
+Sections: the answer (first screen: per method the test RMSE with its 95 % interval and n
+beside the mean shape and the floors, and the clinical study's headline with its interval),
+what was run, quality control, augmentation, training, evaluation, clinical study (unless the
+cohort's report.json says study "none"), provenance. The evaluation and the study folders
+follow one contract, read here alike: figures.json (a list of {"file", "title", "caption"} in
+display order), tables/*.csv (titled by tables.json, else by TABLE_TITLES, else by their name
+in words; the file name in small print) and summary.json (its values folded below the tables).
 """
 
 from __future__ import annotations
@@ -25,12 +27,68 @@ import pandas as pd
 import yaml
 
 from .atomic import replaced
+from .evaluate import MEAN_SHAPE, PCA_FLOOR
+from .intervals import LEVEL, RESAMPLES
 from .layout import DatasetLayout
 from .provenance import git_version, package_versions, sha256_of, sidecar_rows
+from .studies.registry import STUDIES
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-SECTIONS = ("What was run", "Quality control", "Augmentation", "Training", "Evaluation", "Clinical study",
+ANSWER = "The answer"
+SECTIONS = (ANSWER, "What was run", "Quality control", "Augmentation", "Training", "Evaluation", "Clinical study",
             "Provenance")
+
+# Tables that come without a tables.json entry (the studies'), titled and explained in words.
+TABLE_TITLES = {
+    "metopic_severity_table2": (
+        "Metopic severity against diagnosis and expert ratings, per source (paper Table 2)",
+        "Per source (the ground truth and each method's predictions, on the same test subjects): the AUC of the "
+        "PPCA severity against the diagnosis and its Pearson and Spearman correlation with the expert severity, "
+        "with 95 % bootstrap intervals (_low, _high) where the study gives them; empty where not computed."),
+    "metopic_severity_scores": (
+        "Metopic severity score of every scored test subject",
+        "The PPCA severity (Mahalanobis distance to the training controls) of each test subject per source, "
+        "beside its diagnosis and expert severity."),
+    "femur_group_difference": (
+        "Cam-FAI group difference per source (paper Fig. 9)",
+        "Peak and mean size of the difference mu_cam - mu_control per source, with the group sizes; where "
+        "computed, the points that differ at q < 0.05 and the correlation of the source's difference map "
+        "with the ground truth's."),
+    "femur_group_difference_points": (
+        "Cam-FAI group difference at every point",
+        "The difference vector, its size and the FDR q-value of every correspondence point, per source."),
+    "left_atrium_recurrence_table3": (
+        "AF recurrence prediction accuracy per source (paper Table 3)",
+        "Test accuracy of the MLP (mean and sd over seeds) and of logistic regression on each source's trimmed "
+        "descriptors, with 95 % bootstrap intervals, beside the majority-class rate; Brier scores measure "
+        "calibration."),
+    "accuracy_summary": ("Test accuracy per trained method and baselines", ""),
+    "accuracy_per_subject": ("Accuracy per test subject", ""),
+    "error_decomposition": ("Where the error comes from: alignment and network", ""),
+    "error_decomposition_per_subject": ("Error decomposition per test subject", ""),
+    "inference_time": ("Inference time per scan", ""),
+}
+
+# The headline of each study (its block in study/summary.json, keyed by the registry's module name):
+# the numbers shown per source as (key, label, digits), the key whose interval and n make the sentence,
+# and the group sizes shown as n.
+STUDY_HEADLINES = {
+    "metopic": {
+        "metrics": (("auc", "AUC: severity vs diagnosis", 2), ("pearson", "Pearson r with the experts' severity", 2),
+                    ("spearman", "Spearman rho with the experts' severity", 2)),
+        "n": (("n_scored", "scored"), ("n_metopic", "metopic"), ("n_rated", "rated"))},
+    "femur": {
+        "metrics": (("peak_difference_mm", "peak |mu_cam - mu_control| (mm)", 2),
+                    ("mean_difference_mm", "mean |mu_cam - mu_control| (mm)", 2),
+                    ("n_significant_points", "points differing at q < 0.05", 0),
+                    ("map_correlation", "difference map: correlation with the ground truth's", 2)),
+        "n": (("n_cam", "cam"), ("n_control", "control"))},
+    "left_atrium": {
+        "metrics": (("mlp_accuracy_mean", "MLP accuracy", 2), ("logistic_accuracy", "logistic regression accuracy", 2),
+                    ("majority_accuracy", "majority-class rate", 2)),
+        "n": (("n_test", "test"), ("n_train", "train"))},
+}
+SOURCE_LABELS = {"ground_truth": "ground truth (test subjects)", "ground_truth_all": "ground truth (all subjects)"}
 
 STYLE = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; font-size: 14px; color: #222;
@@ -45,6 +103,9 @@ th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
 pre { background: #f7f7f7; padding: .8em; overflow-x: auto; font-size: .85em; }
 .note { background: #fff6e0; border-left: 4px solid #e0a000; padding: .5em .8em; }
 nav ol { columns: 2; } code { font-size: .9em; } .kv td { text-align: left; }
+.answer p { max-width: 60em; } .answer td:last-child, .answer th:last-child { text-align: left; }
+.scroll { overflow-x: auto; } .file { color: #888; font-size: .78em; margin-top: -.6em; }
+details > summary { cursor: pointer; color: #444; }
 """
 
 
@@ -81,6 +142,8 @@ def _figure(path: Path, title: str, caption: str, listed_by: str) -> str:
 
 
 def _format(value) -> str:
+    if value is None:
+        return "—"
     if isinstance(value, float):
         return "—" if value != value else f"{value:.3g}"
     return str(value)
@@ -91,7 +154,8 @@ def _table(frame: pd.DataFrame, key_value: bool = False) -> str:
     rows = "".join("<tr>" + "".join(f"<td>{_esc(_format(v))}</td>" for v in row) + "</tr>"
                    for row in frame.itertuples(index=False))
     kind = ' class="kv"' if key_value else ""  # key-value lists read left-aligned
-    return f"<table{kind}><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+    # a wide table scrolls by itself rather than widening the page
+    return f'<div class="scroll"><table{kind}><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>'
 
 
 def _csv(path: Path) -> pd.DataFrame:
@@ -114,32 +178,334 @@ def _flatten(value, prefix: str = "") -> list[tuple[str, object]]:
     return [(prefix.rstrip("."), value)]
 
 
-def artifact_section(folder: Path, show_summary: bool) -> str:
-    """The notes, tables, figures (and summary values) of an evaluation or study folder, in its order."""
-    parts = []
-    summary = _read_json(folder / "summary.json")
-    for note in summary.get("notes", []) if isinstance(summary, dict) else []:
-        parts.append(f'<p class="note">{_esc(note)}</p>')
+def table_title(file: str) -> str:
+    """A table's title in words, from its file name: TABLE_TITLES, else the name humanised
+    ("metopic_severity_table2.csv" -> "Metopic severity (Table 2)")."""
+    stem = Path(file).stem
+    if stem in TABLE_TITLES:
+        return TABLE_TITLES[stem][0]
+    words, refs = [], []
+    for word in re.split(r"[_\-\s]+", stem):
+        numbered = re.fullmatch(r"(table|fig|figure)(\d+)", word, re.I)
+        if numbered:
+            refs.append(f"{'Table' if numbered.group(1).lower() == 'table' else 'Fig.'} {numbered.group(2)}")
+        elif word:
+            words.append(word)
+    title = " ".join(words) or stem
+    title = title[:1].upper() + title[1:]
+    return f"{title} ({', '.join(refs)})" if refs else title
+
+
+def _is_file_name(title: str, file: str) -> bool:
+    """A heading that is a bare file name or snake_case stem rather than words."""
+    title = title.strip()
+    return (not title or title in (Path(file).name, Path(file).stem)
+            or bool(re.fullmatch(r"[\w.-]+", title) and ("_" in title or "." in title)))
+
+
+def _table_entries(folder: Path) -> list[dict]:
+    """Every table of a folder with its title in words and caption: tables.json where given, else
+    TABLE_TITLES or the name in words."""
     listed = folder / "tables.json"
     if listed.is_file():
-        tables = _read_json(listed)
-    else:  # no titles given: every CSV under tables/, titled by its name
-        tables = [{"file": str(p.relative_to(folder)), "title": p.stem.replace("_", " ").capitalize(), "caption": ""}
-                  for p in sorted((folder / "tables").glob("*.csv"))]
-    for entry in tables:
+        entries = _read_json(listed)
+    else:  # no titles given: every CSV under tables/
+        order = list(TABLE_TITLES)  # the known tables in their order (a study's main table first), then the rest
+        files = sorted((folder / "tables").glob("*.csv"),
+                       key=lambda p: (order.index(p.stem) if p.stem in order else len(order), p.name))
+        entries = [{"file": str(p.relative_to(folder))} for p in files]
+    return [{**entry,
+             "title": table_title(entry["file"]) if _is_file_name(entry.get("title") or "", entry["file"])
+             else entry["title"],
+             "caption": entry.get("caption") or TABLE_TITLES.get(Path(entry["file"]).stem, ("", ""))[1]}
+            for entry in entries]
+
+
+def _summary_values(summary: dict) -> str:
+    """Every value of a summary.json (but its notes) as tables, folded: one table per block of
+    per-source values (rows: sources), one key-value table for the rest."""
+    parts, rest = [], []
+    for key, value in summary.items():
+        if key == "notes":
+            continue
+        if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+            frame = pd.DataFrame([{"source": source, **dict(_flatten(row))} for source, row in value.items()])
+            parts.append(f"<h4>Values per source: {_esc(key)}</h4>" + _table(frame))
+        else:
+            rest += _flatten(value, f"{key}.")
+    if rest:
+        parts.append("<h4>Other values</h4>" + _table(pd.DataFrame(rest, columns=["key", "value"]), key_value=True))
+    count = sum(len(row) for block in summary.values() if isinstance(block, dict) for row in block.values()
+                if isinstance(row, dict)) + len(rest)
+    return (f"<details><summary>All values of summary.json ({count})</summary>{''.join(parts)}"
+            f'<p class="file">summary.json</p></details>') if parts else ""
+
+
+def _notes(summary) -> str:
+    notes = summary.get("notes", []) if isinstance(summary, dict) else []
+    boxes = "".join(f'<p class="note">{_esc(note)}</p>' for note in notes)
+    if len(notes) > 4:  # many "not computed" notes would push the tables out of view
+        return f"<details><summary>{len(notes)} notes: numbers not computed, and why</summary>{boxes}</details>"
+    return boxes
+
+
+def artifact_section(folder: Path, show_summary: bool) -> str:
+    """The notes, tables, figures (and summary values, folded) of an evaluation or study folder, in its order."""
+    summary = _read_json(folder / "summary.json")
+    parts = [_notes(summary)]
+    for entry in _table_entries(folder):
         frame = _csv(folder / entry["file"])
         body = _table(frame)
         if len(frame) > 12:  # long tables folded, so that the figures stay in view
             body = f"<details><summary>{len(frame)} rows</summary>{body}</details>"
-        parts.append(f"<h3>{_esc(entry['title'])}</h3>{body}<p class=\"caption\">{_esc(entry.get('caption', ''))}</p>")
+        parts.append(f"<h3>{_esc(entry['title'])}</h3>{body}<p class=\"caption\">{_esc(entry['caption'])}</p>"
+                     f'<p class="file">{_esc(entry["file"])}</p>')
     figures = _read_json(folder / "figures.json")
     for entry in figures:
         parts.append(_figure(folder / entry["file"], entry["title"], entry.get("caption", ""),
                              str(folder / "figures.json")))
-    rows = [(k, v) for k, v in _flatten(summary) if not k.startswith("notes")]
-    if show_summary and rows:
-        parts.append("<h3>Summary values</h3>" + _table(pd.DataFrame(rows, columns=["key", "value"]), key_value=True))
-    return "\n".join(parts)
+    if show_summary and isinstance(summary, dict):
+        parts.append(_summary_values(summary))
+    return "\n".join(part for part in parts if part)
+
+
+# -- the answer (first screen)
+
+def _number(value) -> float:
+    """A table or JSON value as a float; missing, null and non-numbers as NaN."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _ci(value, low=None, high=None, digits: int = 2, missing: str = " (no interval)") -> str:
+    """"1.53 [1.36, 1.63]": a value with its 95 % interval; `missing` added where there is none."""
+    value, low, high = _number(value), _number(low), _number(high)
+    if value != value:
+        return "— (not computed)"
+
+    def text(x):
+        return f"{round(x, digits) + 0.0:.{digits}f}"  # + 0.0: no "-0.00"
+    return f"{text(value)} [{text(low)}, {text(high)}]" if low == low and high == high else text(value) + missing
+
+
+def _names(items) -> str:
+    items = list(items)
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _verdict(row, mean_shape) -> str:
+    """A method's RMSE interval against the mean shape's, in words."""
+    low, high = _number(row["rmse_low_mm"]), _number(row["rmse_high_mm"])
+    ms_low, ms_high = _number(mean_shape["rmse_low_mm"]), _number(mean_shape["rmse_high_mm"])
+    if not all(v == v for v in (low, high, ms_low, ms_high)):
+        return "no interval: cannot tell"
+    if high < ms_low:
+        return "beats the mean shape (interval entirely below)"
+    if low > ms_high:
+        return "worse than the mean shape (interval entirely above)"
+    if _number(row["rmse_mm"]) >= _number(mean_shape["rmse_mm"]):
+        return "does not beat the mean shape (higher mean, intervals overlap)"
+    return "does not beat the mean shape (lower mean, but the intervals overlap)"
+
+
+def _floor_rows(decomposition: pd.DataFrame, methods, column: str, label: str, gap: str = "") -> list[dict]:
+    """A floor of the methods' alignment: one row when every method's is the same, else one per method."""
+    values = decomposition.loc[list(methods), column].astype(float)
+    shared = np.allclose(values, values.iloc[0], rtol=0, atol=1e-9, equal_nan=True)
+    rows = []
+    for m in (methods[:1] if shared else methods):
+        d = decomposition.loc[m]
+        rows.append({"": label + ("" if shared else f" ({m})"),
+                     "test RMSE (mm), mean [95 % interval]": _ci(d[column], d.get(f"{column}_low"),
+                                                                  d.get(f"{column}_high")),
+                     "n": int(d["n"]), "reachable gap closed [95 % interval]": gap, "against the mean shape": ""})
+    return rows
+
+
+def _accuracy_answer(layout: DatasetLayout, methods, n_modes) -> str:
+    path = layout.evaluation_table("accuracy_summary")
+    accuracy = _csv(path).set_index("method")
+    decomposition_path = layout.evaluation_table("error_decomposition")
+    decomposition = _csv(decomposition_path).set_index("method")
+    methods = list(methods)
+    for table, where in ((accuracy, path), (decomposition, decomposition_path)):
+        missing = [m for m in methods if m not in table.index]
+        if missing:
+            raise ValueError(f"{where}: no row for method(s) {', '.join(missing)} (made before they were "
+                             "configured: rerun evaluate)")
+    for baseline in (MEAN_SHAPE, PCA_FLOOR):
+        if baseline not in accuracy.index:
+            raise ValueError(f"{path}: no {baseline} row (needed by the report)")
+    mean_shape = accuracy.loc[MEAN_SHAPE]
+    rmse_column, gap_column = "test RMSE (mm), mean [95 % interval]", "reachable gap closed [95 % interval]"
+    rows = []
+    for m in methods:
+        a, d = accuracy.loc[m], decomposition.loc[m]
+        rows.append({"": m, rmse_column: _ci(a["rmse_mm"], a["rmse_low_mm"], a["rmse_high_mm"]), "n": int(a["n"]),
+                     gap_column: _ci(d["reachable_gap_closed"], d.get("reachable_gap_closed_low"),
+                                     d.get("reachable_gap_closed_high")),
+                     "against the mean shape": _verdict(a, mean_shape)})
+    modes = f"{n_modes}-mode " if n_modes not in (None, "") else ""
+    rows.append({"": "mean shape (baseline: a predictor that learnt nothing)",
+                 rmse_column: _ci(mean_shape["rmse_mm"], mean_shape["rmse_low_mm"], mean_shape["rmse_high_mm"]),
+                 "n": int(mean_shape["n"]), gap_column: "0 by definition", "against the mean shape": ""})
+    rows += _floor_rows(decomposition, methods, "pca_floor_aligned_mm",
+                        f"reachable floor: {modes}PCA of the true shape through the method's alignment",
+                        gap="1 by definition")
+    rows += _floor_rows(decomposition, methods, "alignment_floor_mm",
+                        "alignment-only floor: the true shape through the method's alignment")
+    floor = accuracy.loc[PCA_FLOOR]
+    rows.append({"": f"PCA floor with the true pose ({modes}PCA, no alignment error)",
+                 rmse_column: _ci(floor["rmse_mm"], floor["rmse_low_mm"], floor["rmse_high_mm"]),
+                 "n": int(floor["n"]), gap_column: "", "against the mean shape": ""})
+
+    verdicts = {m: rows[k]["against the mean shape"] for k, m in enumerate(methods)}
+    better = [m for m in methods if verdicts[m].startswith("beats")]
+    worse = [m for m in methods if verdicts[m].startswith("worse")]
+    unclear = [m for m in methods if m not in better and m not in worse]
+    ms_text = _ci(mean_shape["rmse_mm"], mean_shape["rmse_low_mm"], mean_shape["rmse_high_mm"])
+    sentences = [f"The mean shape, a predictor that learnt nothing, scores {ms_text} mm on these "
+                 f"n = {int(mean_shape['n'])} test scans."]
+    if all(verdicts[m].startswith("no interval") for m in methods):
+        sentences.append("Without intervals (fewer than 2 test subjects) the report cannot tell whether any method "
+                         "beats the mean shape.")
+    elif not better:
+        sentences.append("No method beats the mean shape here: no method's interval lies below the mean shape's.")
+    else:
+        sentences.append(f"{_names(better)} {'beats' if len(better) == 1 else 'beat'} it: "
+                         f"{'its interval lies' if len(better) == 1 else 'their intervals lie'} entirely below.")
+    if unclear and better:
+        sentences.append(f"{_names(unclear)} {'does' if len(unclear) == 1 else 'do'} not beat the mean shape: "
+                         f"{'its interval overlaps' if len(unclear) == 1 else 'their intervals overlap'} the "
+                         "mean shape's.")
+    if worse:
+        sentences.append(f"{_names(worse)} {'is' if len(worse) == 1 else 'are'} worse than the mean shape "
+                         "(interval entirely above).")
+    gaps = decomposition.loc[methods, "reachable_gap_closed"].astype(float)
+    if gaps.notna().any():
+        best = gaps.idxmax()
+        reachable = decomposition.loc[best]
+        reach, alone = ([reachable.get(f"{key}{end}") for end in ("", "_low", "_high")]
+                        for key in ("pca_floor_aligned_mm", "alignment_floor_mm"))
+        floor = (f"Through its alignment a method can at best reach {_ci(*reach)} mm (the reachable floor; the "
+                 f"alignment alone costs {_ci(*alone)} mm)")
+        gap = _ci(gaps[best], reachable.get("reachable_gap_closed_low"), reachable.get("reachable_gap_closed_high"),
+                  missing="")
+        if gaps[best] > 0:
+            floor += f"; the closest, {best}, closed {gap} of the gap from the mean shape (0) to that floor (1)."
+        else:
+            floor += (f"; no method closed any of the gap from the mean shape (0) to that floor (1): the closest, "
+                      f"{best}, scores {gap}.")
+        sentences.append(floor)
+    return ("<h3>Test accuracy of every method beside the baselines</h3>"
+            f"<p>{_esc(' '.join(sentences))}</p>" + _table(pd.DataFrame(rows))
+            + '<p class="caption">Scan-frame RMSE (mm, paper eq. 12) over the test subjects with its '
+            f"{LEVEL * 100:g} % bootstrap interval (percentile, {RESAMPLES} resamples of the subjects) and n. A "
+            "method beats the mean shape here only when its interval lies entirely below the mean shape's. "
+            "Reachable gap closed: 0 is the mean shape, 1 the reachable floor (the best a PCA model can do after "
+            "the method's alignment). Details: the Evaluation section.</p>"
+            f'<p class="file">{_esc(path.relative_to(layout.root))}, '
+            f"{_esc(decomposition_path.relative_to(layout.root))}</p>")
+
+
+def _headline_sentence(module: str, block: dict, missing: str) -> str:
+    """The study's headline in words (`missing`: what a number without an interval gets)."""
+    def interval(source, key):
+        row = block.get(source, {})
+        base = key.removesuffix("_mean")
+        return _ci(row.get(key), row.get(f"{base}_low"), row.get(f"{base}_high"), missing=missing)
+
+    methods = [s for s in block if not s.startswith("ground_truth") and isinstance(block[s], dict)]
+    if module == "metopic":
+        if "ground_truth" not in block:
+            return ""
+        n = block["ground_truth"]
+        text = (f"Severity separates metopic from control subjects with AUC {interval('ground_truth', 'auc')} on "
+                f"the ground-truth shapes (n = {n.get('n_scored', '?')} test subjects, {n.get('n_metopic', '?')} "
+                f"metopic); from the predictions: " + "; ".join(f"{m} {interval(m, 'auc')}" for m in methods) + ". ")
+        if all(np.isnan(_number(block[s].get("pearson"))) for s in ["ground_truth", *methods]):
+            return text + "The correlation with the experts' severity was not computed (the study's notes say why)."
+        return (text + f"Correlation with the experts' severity (Pearson r, n = {n.get('n_rated', '?')} rated): "
+                f"ground truth {interval('ground_truth', 'pearson')}"
+                + "".join(f"; {m} {interval(m, 'pearson')}" for m in methods) + ".")
+    if module == "femur":
+        reference = "ground_truth_all" if "ground_truth_all" in block else "ground_truth"
+        if reference not in block:
+            return ""
+        n = block[reference]
+        text = (f"On the ground truth of {'all' if reference == 'ground_truth_all' else 'the test'} subjects "
+                f"(n = {n.get('n_cam', '?')} cam, {n.get('n_control', '?')} control) the cam-minus-control shape "
+                f"difference peaks at {interval(reference, 'peak_difference_mm')} mm")
+        if n.get("n_significant_points") is not None:
+            text += f", with {n['n_significant_points']} points differing at q < 0.05"
+        correlations = [f"{m} {interval(m, 'map_correlation')}" for m in methods if "map_correlation" in block[m]]
+        if correlations:
+            text += ("; on the test subjects the methods' difference maps correlate with the ground truth's by "
+                     + "; ".join(correlations))
+        return text + "."
+    if module == "left_atrium":
+        sources = [s for s in block if "mlp_accuracy_mean" in block[s]]
+        if not sources:
+            return ""
+        majority = interval(sources[0], "majority_accuracy")
+        above = [s for s in sources if _number(block[s].get("mlp_accuracy_low")) >
+                 _number(block[s].get("majority_accuracy_high"))]
+        text = (f"AF recurrence predicted from shape (MLP test accuracy, n = {block[sources[0]].get('n_test', '?')} "
+                f"test subjects) against the majority-class rate {majority}: "
+                + "; ".join(f"{SOURCE_LABELS.get(s, s)} {interval(s, 'mlp_accuracy_mean')}" for s in sources) + ". ")
+        if above:
+            return text + f"Only {_names(SOURCE_LABELS.get(s, s) for s in above)} clear the majority rate."
+        return text + ("No source's accuracy interval lies above the majority-class rate: on this test set the "
+                       "shapes carry no demonstrated recurrence information.")
+    return ""
+
+
+def _study_answer(study: str | None, study_dir: Path) -> str:
+    heading = "<h3>Clinical study: headline</h3>"
+    if study == "none":
+        return "<p>No clinical study was configured for this dataset (config <code>study: none</code>).</p>"
+    summary = _read_json(study_dir / "summary.json")
+    module = STUDIES[study].module if study in STUDIES else next((k for k in STUDY_HEADLINES if k in summary), None)
+    title = STUDIES[study].title if study in STUDIES else (study or "the anatomy's study")
+    block = summary.get(module) if module else None
+    spec = STUDY_HEADLINES.get(module)
+    if not spec or not isinstance(block, dict) or not block:
+        return (heading + f"<p>{_esc(title)}: the study's summary.json has no headline numbers the report knows; "
+                "its tables are in the Clinical study section.</p>")
+    metrics = [(key, label, digits) for key, label, digits in spec["metrics"]
+               if any(isinstance(row, dict) and key in row for row in block.values())]
+    if not metrics:
+        return (heading + f"<p>{_esc(title)}: none of the headline numbers ("
+                + _esc(", ".join(key for key, _, _ in spec["metrics"])) + ") is in the study's summary.json.</p>")
+    with_interval = any(f"{key.removesuffix('_mean')}_low" in row for row in block.values() if isinstance(row, dict)
+                        for key, _, _ in metrics)
+    missing = " (no interval)" if with_interval else ""  # else said once, in the caption
+    rows = []
+    for source, row in block.items():
+        if not isinstance(row, dict) or not any(key in row for key, _, _ in metrics):
+            continue  # e.g. a method with a latent swim only
+        line = {"source": SOURCE_LABELS.get(source, source)}
+        for key, label, digits in metrics:
+            base = key.removesuffix("_mean")
+            line[label] = _ci(row.get(key), row.get(f"{base}_low"), row.get(f"{base}_high"), digits,
+                              missing=missing if digits else "") if key in row else "—"
+        line["n"] = ", ".join(f"{row[key]} {word}" for key, word in spec["n"] if row.get(key) is not None)
+        rows.append(line)
+    sentence = _headline_sentence(module, block, missing)
+    caption = ("Values with their 95 % bootstrap interval where the study gives one; — (not computed): undefined "
+               "on these data (the study's notes say why). Details: the Clinical study section.")
+    if not with_interval:
+        caption = "The study gives no interval for these numbers. " + caption
+    return (heading + f"<p><b>{_esc(title[:1].upper() + title[1:])}.</b> {_esc(sentence)}</p>"
+            + _table(pd.DataFrame(rows)) + f'<p class="caption">{_esc(caption)}</p>'
+            + f'<p class="file">{_esc(study_dir.name)}/summary.json</p>')
+
+
+def _answer(layout: DatasetLayout, methods, study: str | None, study_dir: Path, evaluation: dict) -> str:
+    return ('<div class="answer">' + _accuracy_answer(layout, methods, evaluation.get("n_modes"))
+            + _study_answer(study, study_dir) + "</div>")
 
 
 # -- provenance
@@ -172,6 +538,7 @@ def build_report(dataset_dir, dataset: str, settings: dict, methods, out_path, s
     evaluation = _read_json(layout.evaluation_summary)
     cards = {v: _read_json(layout.model_card(v)) for v in methods}
     sections = {
+        ANSWER: _answer(layout, methods, study, study_dir, evaluation),
         "What was run": _what_was_run(layout, dataset, settings, methods, cohort, evaluation),
         "Quality control": _quality_control(layout),
         "Augmentation": _figure(layout.augmentation_qc, "Augmentation QC",
@@ -185,14 +552,16 @@ def build_report(dataset_dir, dataset: str, settings: dict, methods, out_path, s
         sections["Clinical study"] = artifact_section(study_dir, show_summary=True)
     names = [name for name in SECTIONS if name in sections]
     nav = "".join(f'<li><a href="#{_anchor(name)}">{_esc(name)}</a></li>' for name in names)
-    body = "\n".join(f'<section id="{_anchor(name)}"><h2>{_esc(name)}</h2>\n{sections[name]}</section>'
-                     for name in names)
+    section = {name: f'<section id="{_anchor(name)}"><h2>{_esc(name)}</h2>\n{sections[name]}</section>'
+               for name in names}
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f"<title>DeepSSM report: {_esc(dataset)}</title><style>{STYLE}</style></head><body>"
-            f"<h1>DeepSSM report: {_esc(dataset)} ({_esc(cohort.get('anatomy', ''))})</h1>"
+            f"<h1>DeepSSM report: {_esc(dataset)} ({_esc(cohort.get('anatomy', ''))})</h1>\n"
+            f"{section[ANSWER]}\n"  # the first screen: the answer, before the contents
             f"<p>Made by the DeepSSM workflow from the artifacts under <code>{_esc(layout.root)}</code>; it opens "
             f"offline (figures embedded). Method: Bhalodia et al., DeepSSM: a blueprint for image-to-shape deep "
-            f"learning models, MedIA 2024.</p><nav><ol>{nav}</ol></nav>\n{body}\n</body></html>\n")
+            f"learning models, MedIA 2024.</p><nav><ol>{nav}</ol></nav>\n"
+            + "\n".join(section[name] for name in names if name != ANSWER) + "\n</body></html>\n")
     with replaced(out_path) as tmp:
         Path(tmp).write_text(page, encoding="utf-8")
 
