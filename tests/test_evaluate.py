@@ -318,6 +318,9 @@ def test_the_error_is_split_into_alignment_and_network(evaluated_layout, tmp_pat
             assert row[f"{term}_low"] <= row[term] + 1e-9 and row[term] <= row[f"{term}_high"] + 1e-9, term
     # against the reachable floor the perfect prediction is past it; the old gap_closed is kept beside it
     assert split["base"]["reachable_gap_closed"] > 1.0 and "gap_closed_true_pose" in split["base"]
+    for term in ("reachable_gap_closed", "gap_closed_true_pose"):  # paired bootstrap over the test subjects
+        row = split["base"]
+        assert row[f"{term}_low"] <= row[term] + 1e-9 <= row[f"{term}_high"] + 2e-9, term
     table = pd.read_csv(tmp_path / "evaluation" / "tables" / "error_decomposition.csv")
     assert list(table["method"]) == ["base", "tl"]
     per_subject = pd.read_csv(tmp_path / "evaluation" / "tables" / "error_decomposition_per_subject.csv")
