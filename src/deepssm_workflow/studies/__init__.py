@@ -17,7 +17,13 @@ for image codes; see deepssm_workflow.layout) and writes, atomically (all or not
                    metopic: n_scored, n_metopic, n_reference_controls, ppca_modes, ppca_explained,
                             n_rated, pearson, spearman, auc [, spearman_true_severity]
                    femur:   n_control, n_cam, peak_difference_mm, peak_point, mean_difference_mm
-                            [, n_significant_points, min_q, test_method] [, map_correlation];
+                            [, n_significant_points, min_q, test_method: per-point Welch permutation test
+                            of the normal displacement, BH FDR; hotelling_n_significant_points,
+                            hotelling_min_q, hotelling_test_method: the 3D Hotelling T2 test]
+                            [, n_planted_points, n_significant_planted, n_significant_elsewhere,
+                            normal_difference_planted_mm, normal_difference_elsewhere_mm,
+                            planted_amplitude_mm, peak_normal_difference_mm: where the generator is
+                            known] [, map_correlation];
                             a LATENT_CODE method also swim_max_displacement_mm
                    left_atrium: n_train, n_test, n_dims, mlp_accuracy_mean, mlp_accuracy_sd, mlp_brier,
                             logistic_accuracy, logistic_brier, majority_accuracy, n_seeds;

@@ -7,29 +7,129 @@ are comparable), and `ground_truth_all` on every subject, train and test, as the
 computes its Fig. 9. Each source's map is compared with the ground truth's on the same
 subjects (`map_correlation`: Pearson correlation of the two flattened difference fields).
 
-Beyond the paper: at every point a two-sample Hotelling T^2 of the 3D positions with a
-permutation p-value and Benjamini-Hochberg FDR q-value, for every source with enough
-subjects for an invertible pooled covariance (n_cam + n_control >= 5).
+Beyond the paper, to tell the lesion from chance differences between the groups (a few
+cam subjects with larger heads by chance move every head point):
+
+* Per point, the displacement of every subject along the outward surface normal of the
+  source's pooled mean shape (all its subjects, both groups: the normals do not depend on
+  the labels, so relabelling is fair), and a two-sided Welch t test of cam against
+  control on it, with permutation p-values (9999 relabellings, or every labelling when
+  there are fewer) and Benjamini-Hochberg FDR q-values over the points (`stats.
+  permutation_welch`). `n_significant_points`, `min_q`, `test_method` and the `q` column
+  are this test's; it needs 2 subjects per group.
+* Per point, a Hotelling T^2 of the 3D positions with a permutation p-value and FDR
+  q-value (`hotelling_*`; n_cam + n_control >= 5), which also sees sliding along the surface.
+
+Where the lesion was planted (a synthetic femur cohort, found through the ingest report's
+source table: data/cohort.json says femur, data/template/point_ids.txt says which template
+vertex each correspondence point is), each point gets the generator's own bump profile,
+planted_weight = exp(-|v - cam_center|^2 / (2 CAM_WIDTH^2)) at its template vertex v, and
+the planted region is planted_weight >= exp(-2) (within two lesion widths of its centre).
+The summary then splits the mean |normal difference| and the significant points into
+inside and outside that region, and gives the mean amplitude the generator planted in the
+source's cam subjects (ground_truth.csv). The panels look at the lesion: along the cam
+direction with its component along the neck axis removed (the neck in profile, the
+anterosuperior head-neck junction facing the viewer), superior up, zoomed onto the head and
+neck. Without the generator (real data) the panels are isometric views fitted to the mesh.
 
 Latent swim (Fig. 10): control mean to cam mean in the latent space of each method that has one.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from ..io import read_particles
 from ..surface import values_at_vertices
 from . import figures as fig
 from .data import Cohort, Shapes, trained_model
 from .output import StudyOutput
-from .stats import pearson, permutation_hotelling
+from .stats import pearson, permutation_hotelling, permutation_welch
 from .swim import latent_swim, swim_figure
 
 GROUPS = ("control", "cam")
 Q_LEVEL = 0.05
+PLANTED_LEVEL = float(np.exp(-2.0))  # the planted region: the generator's bump at >= 13.5 % of its amplitude
+N_PERMUTATIONS = 9999
+ROI_MARGIN = 1.4  # the panels frame the mesh within 1.4 x (lesion to far side of the head) of the lesion
+WELCH = "two-sided Welch t on the displacement along the surface normal"
+HOTELLING = "Hotelling T^2 of the 3D positions"
+
+
+@dataclass
+class PlantedLesion:
+    """Where the synthetic femur generator plants the cam lesion, for the cohort's correspondence points."""
+
+    weight: np.ndarray  # (M,) the generator's bump profile at each point's template vertex, 0..1
+    center: np.ndarray  # lesion centre (template = world frame of a synthetic cohort)
+    normal: np.ndarray  # direction of the bump (outward normal at the centre)
+    neck_axis: np.ndarray  # unit, neck base to head centre
+    shaft_axis: np.ndarray  # unit, superior along the shaft (the generator's +z)
+    head_center: np.ndarray
+    head_radius: float
+    amplitude: pd.Series | None = None  # subject id -> planted amplitude (mm), 0 for controls
+    origin: str = ""
+
+    @property
+    def region(self) -> np.ndarray:
+        return self.weight >= PLANTED_LEVEL
+
+    def reach(self) -> float:
+        """From the lesion centre to the far side of the head (mm): the radius of the region shown."""
+        return float(np.linalg.norm(self.head_center - self.center) + self.head_radius)
+
+
+def planted_from_generator(femur, point_ids, amplitude: pd.Series | None = None, origin: str = "") -> PlantedLesion:
+    """The planted lesion of a synthetic `Femur` for the correspondence points `point_ids` (template vertices)."""
+    from ..synthetic.femur import CAM_WIDTH, HEAD_RADIUS
+
+    template = femur.template
+    anchors = template.anchors
+    vertices = template.vertices[np.asarray(point_ids, dtype=int)]
+    weight = np.exp(-np.sum((vertices - anchors["cam_center"]) ** 2, axis=1) / (2 * CAM_WIDTH**2))
+    neck = anchors["head_center"] - anchors["neck_base"]
+    return PlantedLesion(weight=weight, center=anchors["cam_center"].copy(), normal=np.asarray(femur.cam_normal),
+                         neck_axis=neck / np.linalg.norm(neck), shaft_axis=np.array([0.0, 0.0, 1.0]),
+                         head_center=anchors["head_center"].copy(), head_radius=float(HEAD_RADIUS),
+                         amplitude=amplitude, origin=origin)
+
+
+def planted_lesion(cohort: Cohort, n_points: int) -> tuple[PlantedLesion | None, str]:
+    """The generator's planted lesion when the cohort is a synthetic femur whose folder is still
+    where it was ingested from (and whose template the generator rebuilds identically), else None;
+    with a sentence saying which."""
+    try:
+        report = json.loads(cohort.layout.cohort_report.read_text())
+        source = report.get("source", {})
+        if source.get("kind") != "synthetic":
+            return None, "not a synthetic cohort: the planted region is unknown"
+        folder = Path(source["path"]).parent
+        metadata = json.loads((folder / "data" / "cohort.json").read_text())
+        if metadata.get("anatomy") != "femur":
+            return None, f"{folder} is a synthetic {metadata.get('anatomy')} cohort, not a femur"
+        point_ids = np.loadtxt(folder / "data" / "template" / "point_ids.txt", dtype=int).reshape(-1)
+        if len(point_ids) != n_points:
+            return None, f"{folder}: {len(point_ids)} template points against the cohort's {n_points}"
+        from ..synthetic.registry import anatomy_class
+
+        settings = metadata["settings"]  # the generator rebuilds the cohort's template from these
+        extent = (settings["extent"],) if settings.get("extent") else ()
+        femur = anatomy_class("femur")(float(settings["mesh_resolution_mm"]), *extent)
+        saved = read_particles(folder / "data" / "template" / "points.particles")
+        if saved.shape != (n_points, 3) or np.abs(saved - femur.template.vertices[point_ids]).max() > 1e-3:
+            return None, f"{folder}: the generator no longer rebuilds this cohort's template"
+        truth = pd.read_csv(folder / "ground_truth.csv", dtype={"id": str})
+        amplitude = truth.set_index("id")["cam_amplitude_mm"] if "cam_amplitude_mm" in truth else None
+    except (OSError, KeyError, ValueError, TypeError) as error:
+        return None, f"the planted region could not be read from the cohort's source ({error})"
+    origin = (f"planted region from the femur generator ({folder}): template vertex of each point, "
+              f"bump profile >= exp(-2)")
+    return planted_from_generator(femur, point_ids, amplitude, origin), origin
 
 
 def group_difference(world: np.ndarray, cam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -40,7 +140,61 @@ def group_difference(world: np.ndarray, cam: np.ndarray) -> tuple[np.ndarray, np
     return world[cam].mean(0), world[cam].mean(0) - world[~cam].mean(0)
 
 
-def run(cohort: Cohort, sources: dict[str, Shapes], out_dir: Path, latent_methods=(), seed: int = 0) -> StudyOutput:
+def normal_displacement(world: np.ndarray, template) -> tuple[np.ndarray, object, np.ndarray]:
+    """(N, M) displacement of every subject from the pooled mean along its outward normal, the
+    template mesh warped onto the pooled mean, and that mean (M, 3)."""
+    world = np.asarray(world, dtype=np.float64)
+    pooled = world.mean(0)
+    mesh = template.warp(pooled)
+    normals = fig.normals_at_points(mesh, pooled)
+    return np.einsum("nmi,mi->nm", world - pooled, normals), mesh, pooled
+
+
+def normal_test(world: np.ndarray, cam: np.ndarray, template, seed: int = 0,
+                n_permutations: int = N_PERMUTATIONS) -> dict:
+    """Per point: cam minus control mean displacement along the pooled mean's outward normal
+    (`difference`, mm) and its permutation Welch test (t, p, q, method); with the pooled mean
+    (`mean`) and its mesh (`mesh`)."""
+    cam = np.asarray(cam, dtype=bool)
+    displacement, mesh, pooled = normal_displacement(world, template)
+    test = permutation_welch(displacement, cam, n_permutations=n_permutations, seed=seed)
+    difference = displacement[cam].mean(0) - displacement[~cam].mean(0)
+    return {**test, "difference": difference, "mesh": mesh, "mean": pooled}
+
+
+def planted_summary(planted: PlantedLesion, test: dict, ids) -> dict:
+    """Inside against outside the planted region: mean |normal difference|, significant points,
+    and the mean amplitude the generator planted in the source's cam subjects."""
+    inside = planted.region
+    significant = test["q"] < Q_LEVEL
+    row = {"n_planted_points": int(inside.sum()),
+           "n_significant_planted": int((significant & inside).sum()),
+           "n_significant_elsewhere": int((significant & ~inside).sum()),
+           "normal_difference_planted_mm": float(np.abs(test["difference"][inside]).mean()) if inside.any() else None,
+           "normal_difference_elsewhere_mm": float(np.abs(test["difference"][~inside]).mean())
+           if (~inside).any() else None}
+    if planted.amplitude is not None:
+        amplitude = planted.amplitude.reindex(list(ids)).to_numpy(dtype=np.float64)
+        if np.all(np.isfinite(amplitude)) and (amplitude > 0).any():
+            row["planted_amplitude_mm"] = float(amplitude[amplitude > 0].mean())
+    return row
+
+
+def femur_camera(mesh, points: np.ndarray, planted: PlantedLesion | None) -> fig.Camera:
+    """The view of a femur panel: at the planted lesion on the shape `points` (M, 3) when known,
+    else isometric over the whole mesh."""
+    if planted is None:
+        return fig.Camera(direction=(1.0, 1.0, 1.0), up=(0.0, 0.0, 1.0))
+    direction = planted.normal - (planted.normal @ planted.neck_axis) * planted.neck_axis
+    lesion = np.asarray(points)[int(np.argmax(planted.weight))]
+    vertices = np.asarray(mesh.points, dtype=np.float64)
+    roi = vertices[np.linalg.norm(vertices - lesion, axis=1) <= ROI_MARGIN * planted.reach()]
+    return fig.Camera(direction=tuple(direction), up=tuple(planted.shaft_axis), fit=roi if len(roi) else None)
+
+
+def run(cohort: Cohort, sources: dict[str, Shapes], out_dir: Path, latent_methods=(), seed: int = 0,
+        planted="cohort") -> StudyOutput:
+    """`planted`: the generator's `PlantedLesion`, None (unknown), or "cohort" (look it up from the cohort)."""
     out = StudyOutput()
     group = cohort.subjects["group"].astype(str)
     unknown = sorted(set(group) - set(GROUPS))
@@ -48,10 +202,19 @@ def run(cohort: Cohort, sources: dict[str, Shapes], out_dir: Path, latent_method
         raise ValueError(f"{cohort.table_path}: femur groups are {', '.join(GROUPS)}; found {unknown[0]!r}")
     sources = {"ground_truth_all": cohort.all, **sources}
     template = cohort.template_mesh()
+    n_points = cohort.all.world.shape[1]
+    if isinstance(planted, str):
+        planted, origin = planted_lesion(cohort, n_points)
+        out.notes.append(origin)
+    elif planted is not None and planted.origin:
+        out.notes.append(planted.origin)
+    if planted is not None and len(planted.weight) != n_points:
+        raise ValueError(f"the planted lesion has {len(planted.weight)} points; the cohort has {n_points}")
 
-    differences, rows, point_rows = {}, [], []
+    differences, normal_tests, counts, rows, point_rows = {}, {}, {}, [], []
     for source, shapes in sources.items():
         cam = group[shapes.ids].to_numpy() == "cam"
+        counts[source] = (int(cam.sum()), int((~cam).sum()))
         result = out.attempt(f"{source} group difference", lambda: group_difference(shapes.world, cam))
         row = {"source": source, "n_control": int((~cam).sum()), "n_cam": int(cam.sum())}
         if result is not None:
@@ -60,15 +223,32 @@ def run(cohort: Cohort, sources: dict[str, Shapes], out_dir: Path, latent_method
             magnitude = np.linalg.norm(difference, axis=1)
             row.update(peak_difference_mm=float(magnitude.max()), peak_point=int(magnitude.argmax()),
                        mean_difference_mm=float(magnitude.mean()))
-            test = out.attempt(f"{source} Hotelling T^2", lambda: permutation_hotelling(shapes.world, cam, seed=seed))
+            test = out.attempt(f"{source} per-point Welch test",
+                               lambda: normal_test(shapes.world, cam, template, seed=seed))
             if test is not None:
-                row.update(n_significant_points=int((test["q"] < Q_LEVEL).sum()), test_method=test["method"],
-                           min_q=float(test["q"].min()))
-                differences[source] += (test["q"],)
-            point_rows.append(pd.DataFrame({"source": source, "point": np.arange(len(magnitude)),
-                                            "dx": difference[:, 0], "dy": difference[:, 1], "dz": difference[:, 2],
-                                            "magnitude_mm": magnitude,
-                                            "q": test["q"] if test is not None else np.nan}))
+                normal_tests[source] = test
+                row.update(n_significant_points=int((test["q"] < Q_LEVEL).sum()), min_q=float(test["q"].min()),
+                           test_method=f"{WELCH}, {test['method']}, BH FDR",
+                           peak_normal_difference_mm=float(np.abs(test["difference"]).max()))
+                if planted is not None:
+                    row.update(planted_summary(planted, test, shapes.ids[cam]))
+            hotelling = out.attempt(f"{source} Hotelling T^2",
+                                    lambda: permutation_hotelling(shapes.world, cam, seed=seed))
+            if hotelling is not None:
+                row.update(hotelling_n_significant_points=int((hotelling["q"] < Q_LEVEL).sum()),
+                           hotelling_min_q=float(hotelling["q"].min()),
+                           hotelling_test_method=f"{HOTELLING}, {hotelling['method']}, BH FDR")
+            nan = np.full(len(magnitude), np.nan)
+            table = {"source": source, "point": np.arange(len(magnitude)),
+                     "dx": difference[:, 0], "dy": difference[:, 1], "dz": difference[:, 2],
+                     "magnitude_mm": magnitude,
+                     "normal_difference_mm": test["difference"] if test is not None else nan,
+                     "t": test["t"] if test is not None else nan, "p": test["p"] if test is not None else nan,
+                     "q": test["q"] if test is not None else nan,
+                     "hotelling_q": hotelling["q"] if hotelling is not None else nan}
+            if planted is not None:
+                table.update(planted_weight=planted.weight, in_planted_region=planted.region)
+            point_rows.append(pd.DataFrame(table))
         rows.append(row)
     reference = differences.get("ground_truth")
     for row in rows:
@@ -81,36 +261,79 @@ def run(cohort: Cohort, sources: dict[str, Shapes], out_dir: Path, latent_method
     if point_rows:
         out.tables["femur_group_difference_points"] = pd.concat(point_rows, ignore_index=True)
 
+    def sizes(names) -> str:
+        return "; ".join(f"{s}: {counts[s][0]} cam, {counts[s][1]} control" for s in names)
+
+    where = ("The black line encloses the region where the generator planted the lesion (its bump at >= 13.5 % "
+             "of the amplitude). " if planted is not None else "")
+    view = ("Each panel looks at the anterosuperior head-neck junction (the neck in profile, superior up), "
+            "zoomed onto the head and neck. " if planted is not None else
+            "Each panel is an isometric view of the whole mean shape. ")
     if differences:
         images, names = [], []
-        for source, (mean_cam, difference, *_) in differences.items():
+        for source, (mean_cam, difference) in differences.items():
             mesh = template.warp(mean_cam)
             magnitude = np.linalg.norm(fig.vectors_at_vertices(mesh, mean_cam, difference), axis=1)
             images.append(fig.render(mesh, magnitude / max(magnitude.max(), 1e-12), (0, 1), fig.SEQUENTIAL,
-                                     arrows=(mean_cam, difference)))
-            names.append(source)
+                                     arrows=(mean_cam, difference), camera=femur_camera(mesh, mean_cam, planted),
+                                     outline=_outline(mesh, mean_cam, planted)))
+            names.append(_label(source, counts))
         fig.gallery(images, names, out_dir / "femur_group_difference.png", (0, 1), fig.SEQUENTIAL,
                     "|mu_cam - mu_control| / its maximum")
-        out.figures.append({"file": "femur_group_difference.png",
-                            "title": "Cam-FAI group difference mu_cam - mu_control (Fig. 9)",
-                            "caption": "Arrows show where the mean cam femur differs from the mean control and "
-                                       "colour the normalized size of that difference; look for one bright spot at "
-                                       "the anterosuperior head-neck junction (the cam lesion) in every panel."})
-    significant = {s: d for s, d in differences.items() if len(d) == 3}
-    if significant:
-        top = max(2.0, max(float(-np.log10(d[2].min())) for d in significant.values()))
+        out.figures.append({
+            "file": "femur_group_difference.png",
+            "title": "Cam-FAI group difference mu_cam - mu_control (Fig. 9)",
+            "caption": "Arrows show where the mean cam femur differs from the mean control and colour the size of "
+                       "that difference, normalized to its maximum in each panel, on the mean cam shape (n per group: "
+                       f"{sizes(differences)}). {view}{where}This is the raw difference: with few cam subjects, "
+                       "chance differences in head size and neck shape between the groups show too (often as a "
+                       "whole-head change)" + ("; the next figure tells which points differ beyond chance."
+                                               if normal_tests else ".")})
+    if normal_tests:
+        top = max(-np.log10(Q_LEVEL) + 0.5, max(float(-np.log10(t["q"].min())) for t in normal_tests.values()))
+        # one range for every row, set by the source with the most subjects (ground_truth_all) so that the
+        # large chance differences of a few test subjects do not wash it out; they saturate instead
+        reference_source = max(normal_tests, key=lambda s: sum(counts[s]))
+        clim = fig.symmetric_range(normal_tests[reference_source]["difference"])
+        pooled = np.abs(np.concatenate([t["difference"] for t in normal_tests.values()]))
+        extend = "both" if pooled.max() > clim[1] else "neither"
         images = []
-        for source, (mean_cam, _, q) in significant.items():
-            mesh = template.warp(mean_cam)
-            images.append(fig.render(mesh, values_at_vertices(mesh.points, mean_cam, -np.log10(q)), (0, top),
-                                     fig.SEQUENTIAL))
-        fig.gallery(images, list(significant), out_dir / "femur_significance.png", (0, top), fig.SEQUENTIAL,
-                    "-log10 q (FDR), 1.3 = q 0.05")
-        out.figures.append({"file": "femur_significance.png",
-                            "title": "Where the groups differ significantly (per-point Hotelling T^2, FDR)",
-                            "caption": "Colour is -log10 of the FDR-adjusted permutation p-value of a per-point "
-                                       "Hotelling T^2 test; points above 1.3 differ at q < 0.05, and they should "
-                                       "sit at the cam lesion."})
+        for source, test in normal_tests.items():
+            mesh, mean = test["mesh"], test["mean"]
+            camera, outline = femur_camera(mesh, mean, planted), _outline(mesh, mean, planted)
+            difference = values_at_vertices(mesh.points, mean, test["difference"])
+            significant = values_at_vertices(mesh.points, mean, (test["q"] < Q_LEVEL).astype(float)) >= 0.5
+            images.append([fig.render(mesh, field, limits, cmap, camera=camera, outline=outline)
+                           for field, limits, cmap in (
+                               (difference, clim, fig.DIVERGING),
+                               (values_at_vertices(mesh.points, mean, -np.log10(test["q"])), (0, top),
+                                fig.SEQUENTIAL),
+                               (np.where(significant, difference, np.nan), clim, fig.DIVERGING))])
+        methods = sorted({t["method"] for t in normal_tests.values()})
+        fig.column_panels(images, out_dir / "femur_significance.png",
+                          [_label(s, counts) for s in normal_tests],
+                          [("mean cam - control\nalong the normal", clim, fig.DIVERGING, "mm (red: cam outward)",
+                            extend),
+                           ("-log10 q", (0, top), fig.SEQUENTIAL, f"-log10 q ({-np.log10(Q_LEVEL):.1f} = q 0.05)"),
+                           (f"where q < {Q_LEVEL:g}", clim, fig.DIVERGING, "mm (grey: q >= 0.05)", extend)])
+        out.figures.append({
+            "file": "femur_significance.png",
+            "title": "The cam lesion against chance: raw difference beside per-point significance",
+            "caption": "Left: mean displacement of the cam group minus the control group along the outward surface "
+                       "normal (red: cam femurs stick out), shown on each source's pooled mean shape, in one "
+                       f"colour range set by {reference_source} (the most subjects; other rows saturate beyond it). "
+                       "Middle: "
+                       "-log10 q of a per-point two-sided Welch t test of that displacement, cam against control, "
+                       f"with permutation p-values ({'; '.join(methods)}) and Benjamini-Hochberg FDR over the "
+                       f"points. Right: the difference only where q < {Q_LEVEL:g} (grey elsewhere). n per group: "
+                       f"{sizes(normal_tests)}. {view}{where}"
+                       + ("The planted lesion shows as a red spot inside the black line that stays in the right "
+                          "column; " if planted is not None else
+                          "A real effect stays in the right column; ")
+                       + "colour that turns grey there (e.g. spread over the whole head) is not told apart from "
+                       "chance differences between the groups. With few cam "
+                       "subjects the test has little power: no point below q 0.05 means that the lesion was not "
+                       "told apart from chance, not that there is none."})
 
     swims = {}
     for method in latent_methods:
@@ -131,3 +354,13 @@ def run(cohort: Cohort, sources: dict[str, Shapes], out_dir: Path, latent_method
                                        "should grow smoothly at the head-neck junction as lambda increases."})
     return out
 
+
+def _outline(mesh, points: np.ndarray, planted: PlantedLesion | None):
+    """The planted region's edge on a mesh warped onto `points`, for `figures.render`."""
+    if planted is None:
+        return None
+    return values_at_vertices(mesh.points, points, planted.weight), PLANTED_LEVEL
+
+
+def _label(source: str, counts: dict) -> str:
+    return f"{source}\n{counts[source][0]} cam, {counts[source][1]} control"
