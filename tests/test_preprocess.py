@@ -3,6 +3,7 @@ registration of test images from the image alone."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -151,6 +152,48 @@ def test_test_preprocessing_rule_is_not_given_test_particles(tmp_path):
     inputs = next(line for line in block.splitlines() if line.strip().startswith("input:"))
     assert "subjects.csv" in inputs and "reference.nrrd" in inputs
     assert "shapes_test" not in inputs and "segmentation" not in inputs and "particles" not in inputs
+
+
+def test_a_fixed_grid_size_is_centred_on_the_shapes_and_never_crops_them():
+    points = np.array([[[0.0, 0.0, 0.0], [10.0, 4.0, 6.0]], [[2.0, 1.0, 1.0], [3.0, 2.0, 2.0]]])  # 2 shapes
+    free = pp.WorldGrid.around(points, 2.0, 1.0)
+    assert free == pp.WorldGrid((-1.0, -1.0, -1.0), (2.0, 2.0, 2.0), (7, 4, 5))  # box plus 1 mm, no fixed size
+    fixed = pp.WorldGrid.around(points, 2.0, 1.0, (9, 4, 8))
+    assert fixed.size == (9, 4, 8) and fixed.spacing == (2.0, 2.0, 2.0)
+    origin, far = np.array(fixed.origin), np.array(fixed.origin) + 2.0 * (np.array(fixed.size) - 1)
+    assert np.allclose((origin + far) / 2, [5.0, 2.0, 3.0])  # centred on the bounding box
+    assert np.allclose(origin, [-3.0, -1.0, -4.0])
+    with pytest.raises(pp.GridTooSmall, match=r"need a grid of 7x4x5 voxels of 2 mm, more than the fixed size "
+                                              r"6x4x4 along x, z"):
+        pp.WorldGrid.around(points, 2.0, 1.0, (6, 4, 4))
+
+
+def test_the_grid_size_setting_is_optional():
+    assert pp.PreprocessSettings.from_config({"downsample": 2, "margin_mm": 5}).grid_size is None
+    fixed = pp.PreprocessSettings.from_config({"downsample": 2, "margin_mm": 5, "grid_size": [10, 11, 12]})
+    assert fixed.grid_size == (10, 11, 12)
+
+
+def test_a_fixed_grid_size_is_used_and_recorded_or_refused_naming_the_sizes(prepared, tmp_path):
+    cohort, preprocess = prepared("femur")
+    free = json.loads((preprocess / "grid.json").read_text())
+    assert free["grid_size_fixed"] is False and free["settings"]["grid_size"] is None
+    size = tuple(n + 3 for n in free["grid"]["size"])
+    pp.preprocess_training(cohort, dataclasses.replace(SETTINGS, grid_size=size), tmp_path / "fixed")
+    meta, grid = pp.load_grid(tmp_path / "fixed")
+    assert meta["grid_size_fixed"] is True and "fixed size" in meta["grid_rule"] and grid.size == size
+    assert np.load(tmp_path / "fixed" / "train.npz")["images"].shape[1:] == size[::-1]
+    world = np.load(cohort / "shapes_train.npz")["world"].reshape(-1, 3)
+    centre = np.array(grid.origin) + np.array(grid.spacing) * (np.array(size) - 1) / 2
+    assert np.allclose(centre, (world.min(0) + world.max(0)) / 2)  # centred on the training shapes' box
+
+    small = (free["grid"]["size"][0], free["grid"]["size"][1] - 1, free["grid"]["size"][2])
+    needed = "x".join(map(str, free["grid"]["size"]))
+    with pytest.raises(ValueError, match=rf"{cohort}: the training shapes plus preprocess.margin_mm 5 mm need "
+                                         rf"{needed} voxels of .* preprocess.grid_size is {'x'.join(map(str, small))} "
+                                         r"\(too small along y\)"):
+        pp.preprocess_training(cohort, dataclasses.replace(SETTINGS, grid_size=small), tmp_path / "small")
+    assert not (tmp_path / "small").exists()
 
 
 def test_a_grid_too_coarse_for_the_networks_is_refused_naming_the_setting(prepared, tmp_path):

@@ -4,7 +4,8 @@ Training images are resampled with the transforms of the shape model. Test and
 new images use the image alone: a registration to the reference training image
 (rigid, or similarity when the shape model's own alignment scales) that stays
 near the poses of the training cohort (see `registration`). Both then share one crop (bounding box of all
-training shapes plus a margin), one voxel size (the reference's finest spacing
+training shapes plus a margin; or, with `grid_size`, a grid of that many voxels centred on that box, which
+the shapes plus the margin must fit), one voxel size (the reference's finest spacing
 times the downsampling factor, with Gaussian anti-aliasing) and one intensity
 normalization (mean and standard deviation of the training images only).
 
@@ -36,6 +37,20 @@ CONTEXT_MM = 20.0  # extra field around the crop in the registration target
 MIN_GRID_VOXELS = 8  # the networks' three 2x max-pools (models.ModelConfig.pool_after) need 8 voxels per axis
 
 
+class GridTooSmall(ValueError):
+    """The shapes plus the margin need more voxels than a fixed grid size gives."""
+
+    def __init__(self, needed: tuple[int, int, int], size: tuple[int, int, int], spacing: float):
+        self.needed, self.size, self.spacing = needed, size, spacing
+        super().__init__(f"the shapes plus the margin need a grid of {_voxels(needed)} voxels of "
+                         f"{spacing:g} mm, more than the fixed size {_voxels(size)} along "
+                         f"{', '.join(a for a, n, s in zip('xyz', needed, size) if n > s)}")
+
+
+def _voxels(size) -> str:
+    return "x".join(str(int(n)) for n in size)
+
+
 @dataclass(frozen=True)
 class WorldGrid:
     origin: tuple[float, float, float]
@@ -43,11 +58,22 @@ class WorldGrid:
     size: tuple[int, int, int]  # x, y, z
 
     @classmethod
-    def around(cls, points: np.ndarray, spacing: float, margin_mm: float) -> "WorldGrid":
+    def around(cls, points: np.ndarray, spacing: float, margin_mm: float, size=None) -> "WorldGrid":
+        """The grid of `spacing` covering the bounding box of `points` plus `margin_mm` on every side:
+        the smallest such grid, or, with `size` (x, y, z voxels), one of that size centred on the
+        bounding box; GridTooSmall if the box plus the margin does not fit in it."""
         lower = points.reshape(-1, 3).min(0) - margin_mm
         upper = points.reshape(-1, 3).max(0) + margin_mm
-        size = np.ceil((upper - lower) / spacing).astype(int) + 1
-        return cls(tuple(lower.tolist()), (float(spacing),) * 3, tuple(int(s) for s in size))
+        needed = np.ceil((upper - lower) / spacing).astype(int) + 1
+        if size is None:
+            return cls(tuple(lower.tolist()), (float(spacing),) * 3, tuple(int(s) for s in needed))
+        size = np.array([int(s) for s in size])
+        if size.shape != (3,):
+            raise ValueError(f"a grid size is 3 voxel counts (x, y, z), not {size.tolist()}")
+        if np.any(needed > size):
+            raise GridTooSmall(tuple(int(n) for n in needed), tuple(int(s) for s in size), float(spacing))
+        origin = 0.5 * (lower + upper) - 0.5 * spacing * (size - 1)
+        return cls(tuple(origin.tolist()), (float(spacing),) * 3, tuple(int(s) for s in size))
 
     def reference_image(self) -> sitk.Image:
         image = sitk.Image([int(s) for s in self.size], sitk.sitkFloat32)
@@ -154,10 +180,13 @@ class PreprocessSettings:
     downsample: float
     margin_mm: float
     registration: str = "auto"  # rigid | similarity | auto: similarity iff the shape model's transforms scale
+    grid_size: tuple[int, int, int] | None = None  # x, y, z voxels; None: the shapes' bounding box plus the margin
 
     @classmethod
     def from_config(cls, cfg: dict) -> "PreprocessSettings":
-        return cls(float(cfg["downsample"]), float(cfg["margin_mm"]), cfg.get("registration", "auto"))
+        size = cfg.get("grid_size")
+        return cls(float(cfg["downsample"]), float(cfg["margin_mm"]), cfg.get("registration", "auto"),
+                   None if size is None else tuple(int(n) for n in size))
 
 
 def preprocess_training(cohort_dir, settings: PreprocessSettings, out_dir) -> dict:
@@ -171,7 +200,16 @@ def preprocess_training(cohort_dir, settings: PreprocessSettings, out_dir) -> di
     reference_path = images.loc[reference_id, "image"]
     reference_raw = read_image(reference_path, f"subject {reference_id}: {reference_path}")
     spacing = settings.downsample * min(reference_raw.GetSpacing())
-    grid = WorldGrid.around(shapes["world"], spacing, settings.margin_mm)
+    try:
+        grid = WorldGrid.around(shapes["world"], spacing, settings.margin_mm, settings.grid_size)
+    except GridTooSmall as error:  # never crop the shapes
+        raise ValueError(f"{cohort_dir}: the training shapes plus preprocess.margin_mm {settings.margin_mm:g} mm "
+                         f"need {_voxels(error.needed)} voxels of {spacing:g} mm (preprocess.downsample "
+                         f"{settings.downsample:g} x the scans' {min(reference_raw.GetSpacing()):g} mm), but "
+                         f"preprocess.grid_size is {_voxels(error.size)} (too small along "
+                         f"{', '.join(a for a, n, m in zip('xyz', error.needed, error.size) if n > m)}): raise "
+                         f"grid_size or downsample, lower margin_mm, or shorten the shapes (a synthetic "
+                         f"cohort's synthetic.extent)") from None
     if min(grid.size) < MIN_GRID_VOXELS:  # found here, not after augmentation when training starts
         raise ValueError(f"{cohort_dir}: the network grid would be {'x'.join(map(str, grid.size))} voxels of "
                          f"{spacing:g} mm (preprocess.downsample {settings.downsample:g} x the scans' "
@@ -206,6 +244,11 @@ def preprocess_training(cohort_dir, settings: PreprocessSettings, out_dir) -> di
         "reference_id": reference_id,
         "reference_rule": "medoid: least mean RMS point distance to the other training shapes (world frame)",
         "grid": asdict(grid),
+        "grid_size_fixed": settings.grid_size is not None,
+        "grid_rule": (f"fixed size (preprocess.grid_size), centred on the bounding box of all training shapes; "
+                      f"they need {_voxels(WorldGrid.around(shapes['world'], spacing, settings.margin_mm).size)} "
+                      f"with the margin" if settings.grid_size is not None
+                      else "bounding box of all training shapes plus preprocess.margin_mm"),
         "normalization": {"mean": mean, "std": std, "from": "all voxels of the resampled training images"},
         "registration": {**mode, "prior": asdict(prior)},
         "settings": asdict(settings),

@@ -115,11 +115,9 @@ def planted_lesion(cohort: Cohort, n_points: int) -> tuple[PlantedLesion | None,
         point_ids = np.loadtxt(folder / "data" / "template" / "point_ids.txt", dtype=int).reshape(-1)
         if len(point_ids) != n_points:
             return None, f"{folder}: {len(point_ids)} template points against the cohort's {n_points}"
-        from ..synthetic.registry import anatomy_class
+        from ..synthetic.cohort import build_anatomy
 
-        settings = metadata["settings"]  # the generator rebuilds the cohort's template from these
-        extent = (settings["extent"],) if settings.get("extent") else ()
-        femur = anatomy_class("femur")(float(settings["mesh_resolution_mm"]), *extent)
+        femur = build_anatomy("femur", metadata["settings"])  # the generator rebuilds the cohort's template
         saved = read_particles(folder / "data" / "template" / "points.particles")
         if saved.shape != (n_points, 3) or np.abs(saved - femur.template.vertices[point_ids]).max() > 1e-3:
             return None, f"{folder}: the generator no longer rebuilds this cohort's template"

@@ -4,6 +4,11 @@ An anatomy knows its template (in the world frame), how to draw a subject's
 shape parameters, the deformation phi(x; params) those parameters define, the
 subject's observed covariates, and how its modality renders a scanner-frame
 image. The cohort writer (cohort.py) does everything else identically.
+
+Where an anatomy ends (a bone's distal cut, how far the veins reach) is arbitrary
+in the papers' segmentations too; an anatomy may offer such cuts as `extent`
+settings (config `synthetic.extent`), so that its shapes fit a fixed network
+grid. Without them every anatomy keeps its own extents.
 """
 
 from __future__ import annotations
@@ -47,9 +52,17 @@ class Anatomy(ABC):
     rbf_count: ClassVar[int] = 12
     rbf_width: ClassVar[float] = 20.0
     rbf_sd: ClassVar[float] = 1.0
+    # the `extent` settings the anatomy offers: name -> what it sets (absent: the anatomy's own extent)
+    extent_keys: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, mesh_resolution_mm: float):
+    def __init__(self, mesh_resolution_mm: float, extent: dict[str, float] | None = None):
         self.mesh_resolution_mm = mesh_resolution_mm
+        self.extent = {key: float(value) for key, value in (extent or {}).items()}
+        unknown = sorted(set(self.extent) - set(self.extent_keys))
+        if unknown:
+            offered = ", ".join(f"{k} ({v})" for k, v in self.extent_keys.items()) or "none"
+            raise ValueError(f"synthetic.extent.{unknown[0]}: not a setting of the {self.name}; "
+                             f"its extent settings: {offered}")
 
     @cached_property
     def template(self) -> geometry.Template:

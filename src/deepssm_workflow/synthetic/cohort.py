@@ -16,7 +16,8 @@ Layout written under the cohort folder (paths in subjects.csv are relative to it
     data/cohort.json             what was generated, with which settings
 
 Every subject draws from its own random stream seeded by (seed, subject index),
-so the cohort is identical for a seed whatever the number of workers.
+so the cohort is identical for a seed whatever the number of workers. The shapes
+alone (no images) come from `world_shapes`, by the same code and streams.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,7 @@ class SyntheticSettings:
     mesh_resolution_mm: float
     max_rotation_deg: float
     fov_margin_mm: tuple[float, float]
+    extent: dict[str, float] = field(default_factory=dict)  # the anatomy's cuts (Anatomy.extent_keys); {}: its own
 
     @classmethod
     def from_config(cls, cfg: dict) -> "SyntheticSettings":
@@ -64,7 +66,26 @@ class SyntheticSettings:
             mesh_resolution_mm=float(cfg["mesh_resolution_mm"]),
             max_rotation_deg=float(cfg["max_rotation_deg"]),
             fov_margin_mm=tuple(float(m) for m in cfg["fov_margin_mm"]),
+            extent={key: float(value) for key, value in (cfg.get("extent") or {}).items()},
         )
+
+    def record(self) -> dict:
+        """The settings as cohort.json stores them (`extent` only when set)."""
+        record = asdict(self)
+        if not record["extent"]:
+            del record["extent"]
+        return record
+
+
+def build_anatomy(anatomy_name: str, settings: SyntheticSettings | dict,
+                  mesh_resolution_mm: float | None = None) -> Anatomy:
+    """The generator's anatomy for a cohort's settings (a SyntheticSettings, or the `settings` of
+    its data/cohort.json), so that it rebuilds the cohort's template; `mesh_resolution_mm` overrides
+    the settings' (a coarser template for a quick look at the shapes)."""
+    if isinstance(settings, SyntheticSettings):
+        settings = asdict(settings)
+    resolution = float(settings["mesh_resolution_mm"] if mesh_resolution_mm is None else mesh_resolution_mm)
+    return anatomy_class(anatomy_name)(resolution, settings.get("extent") or None)
 
 
 def subject_plan(prefix: str, settings: SyntheticSettings) -> pd.DataFrame:
@@ -96,11 +117,7 @@ def synthesize_subject(anatomy: Anatomy, settings: SyntheticSettings, point_ids:
     params = anatomy.sample_parameters(rng, group)
     covariates = anatomy.covariates(rng, group, params)
     template = anatomy.template
-    # The world frame is the subject's rigid Procrustes alignment onto the template, as a
-    # shape model's world particles are: shape differences never masquerade as pose.
-    deformed = anatomy.deform(template.vertices, params)
-    alignment = procrustes_fit(deformed, template.vertices, scaling=False)
-    world_vertices = apply_transform(alignment, deformed)
+    world_vertices, alignment = world_shape(anatomy, params)
     anchors = {name: apply_transform(alignment, point) for name, point in anatomy.deformed_anchors(params).items()}
 
     # pose: world = R @ local + t, with the anatomy somewhere in the scanner's field
@@ -137,6 +154,34 @@ def synthesize_subject(anatomy: Anatomy, settings: SyntheticSettings, point_ids:
     return {**covariates, **files}, truth
 
 
+def world_shape(anatomy: Anatomy, params: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+    """A subject's template vertices in the world frame, and the 4x4 alignment that put them there.
+
+    The world frame is the subject's rigid Procrustes alignment onto the template, as a
+    shape model's world particles are: shape differences never masquerade as pose.
+    """
+    template = anatomy.template
+    deformed = anatomy.deform(template.vertices, params)
+    alignment = procrustes_fit(deformed, template.vertices, scaling=False)
+    return apply_transform(alignment, deformed), alignment
+
+
+def world_shapes(anatomy: Anatomy, settings: SyntheticSettings, splits=("train", "test"),
+                 prefix: str = "subject") -> tuple[pd.DataFrame, list[np.ndarray]]:
+    """The world-frame shapes (all template vertices) of a cohort's planned subjects of `splits`,
+    without images: each subject's parameters from its own random stream, deformed and aligned
+    as `generate_cohort` does. The cohort's particles are a subset of these vertices (with the
+    anatomy built at the cohort's mesh resolution: `build_anatomy`). Returns the plan's rows of
+    those subjects and their shapes."""
+    plan = subject_plan(prefix, settings)
+    plan = plan[plan["split"].isin(splits)]
+    shapes = []
+    for index, group in zip(plan.index, plan["group"]):
+        params = anatomy.sample_parameters(np.random.default_rng([settings.seed, index]), group)
+        shapes.append(world_shape(anatomy, params)[0])
+    return plan, shapes
+
+
 def _rotation_vector_deg(rotation: np.ndarray) -> np.ndarray:
     angle = np.arccos(np.clip((np.trace(rotation) - 1) / 2, -1.0, 1.0))
     if angle < 1e-12:
@@ -154,7 +199,7 @@ def generate_cohort(anatomy_name: str, settings: SyntheticSettings, out_dir: Pat
     when complete, so a failure leaves no partial cohort behind.
     """
     out_dir = Path(out_dir)
-    anatomy = anatomy_class(anatomy_name)(settings.mesh_resolution_mm)
+    anatomy = build_anatomy(anatomy_name, settings)
     template = anatomy.template
     point_ids = farthest_point_sampling(template.vertices, settings.n_particles)
     plan = subject_plan(prefix or anatomy_name, settings)
@@ -184,7 +229,7 @@ def generate_cohort(anatomy_name: str, settings: SyntheticSettings, out_dir: Pat
         np.savetxt(staging / "data/template/point_ids.txt", point_ids, fmt="%d")
         metadata = {
             "anatomy": anatomy_name, "modality": anatomy.modality, "groups": list(anatomy.groups),
-            "generator_version": __version__, "settings": asdict(settings),
+            "generator_version": __version__, "settings": settings.record(),
             "n_subjects": len(subjects), "n_particles": settings.n_particles,
             "units": "mm", "transform": "4x4, maps image (scanner) frame points to the world frame",
             "tables": {name: f"data/{name}.csv" for name in tables},

@@ -7,6 +7,15 @@ Shape parameters (all subjects): neck-shaft angle, anteversion, head radius,
 neck length, height of the distal shaft cut, shaft width, overall size and a
 small smooth random field. Cam subjects add an outward bump at the
 anterosuperior head-neck junction (the cam lesion) of amplitude 2.5-5 mm.
+
+Extent (config `synthetic.extent`): `shaft_length_mm`, the shaft from its top
+(z = SHAFT_TOP, under the neck) down to the distal cut; by default 65 mm, the cut
+25 mm below the lesser trochanter (z -30 to -10). The cut height varies by
+stretching the plain shaft below SHAFT_STRETCH_START, so a shaft cut above that
+(through the lesser trochanter, as the papers' 2 mm crop needs; a plane through
+everything below it) keeps its height:
+`shaft_cut_scale` is still drawn (the random streams stay the same) but moves
+the cut by well under a millimetre.
 """
 
 from __future__ import annotations
@@ -26,8 +35,12 @@ HEAD_RADIUS = 23.0
 NECK_LENGTH = 55.0  # neck base to head centre
 NECK_BASE = np.array([6.0, 0.0, 12.0])
 SHAFT_RADIUS = 13.0
-SHAFT_BOTTOM = -55.0
+SHAFT_TOP = 10.0
+SHAFT_BOTTOM = -55.0  # the default distal cut: a shaft of 65 mm
 SHAFT_STRETCH_START = -30.0  # below the lesser trochanter the shaft stretches with the cut height
+LESSER_TROCHANTER = ((10.0, -9.0, -20.0), (7.0, 7.0, 10.0))  # ellipsoid centre and radii
+LESSER_TROCHANTER_LOW = LESSER_TROCHANTER[0][2] - LESSER_TROCHANTER[1][2]
+UNION_K = 6.0  # mm, fillets of the template's smooth union
 CAM_WIDTH = 8.0  # mm, Gaussian width of the cam lesion
 
 
@@ -48,18 +61,31 @@ class Femur(Anatomy):
     rbf_count = 12
     rbf_width = 18.0
     rbf_sd = 0.8
+    extent_keys = {"shaft_length_mm": f"length of the shaft above the distal cut, default {SHAFT_TOP - SHAFT_BOTTOM:g}"}
+
+    @property
+    def shaft_bottom(self) -> float:
+        """z of the distal cut in the template."""
+        if "shaft_length_mm" not in self.extent:
+            return SHAFT_BOTTOM
+        return SHAFT_TOP - self.extent["shaft_length_mm"]
 
     def build_template(self, resolution_mm: float) -> g.Template:
+        bottom = self.shaft_bottom
+        # a cut into the trochanters is a plane through everything below it; a lower cut is the shaft's own end
+        plane_cut = bottom > LESSER_TROCHANTER_LOW - UNION_K
         sdf = g.smooth_union(
-            g.capped_cylinder((0, 0, SHAFT_BOTTOM), (0, 0, 10), SHAFT_RADIUS),
+            g.capped_cylinder((0, 0, bottom - 10.0 if plane_cut else bottom), (0, 0, SHAFT_TOP), SHAFT_RADIUS),
             g.ellipsoid((0, -1, 10), (20, 16, 30)),  # metaphysis widening below the trochanters
             g.round_cone(NECK_BASE, HEAD_CENTER - 8 * NECK_AXIS, 16.0, 13.5),
             g.sphere(HEAD_CENTER, HEAD_RADIUS),
             g.ellipsoid((-15, -4, 22), (12, 15, 21)),  # greater trochanter
-            g.ellipsoid((10, -9, -20), (7, 7, 10)),  # lesser trochanter (posteromedial)
-            k=6.0,
+            g.ellipsoid(*LESSER_TROCHANTER),  # posteromedial
+            k=UNION_K,
         )
-        verts, faces = g.mesh_sdf(sdf, (-40, -35, SHAFT_BOTTOM - 5), (HEAD_CENTER[0] + 30, 35, HEAD_CENTER[2] + 30),
+        if plane_cut:
+            sdf = g.smooth_intersection(sdf, lambda x: bottom - x[..., 2], k=2.0)
+        verts, faces = g.mesh_sdf(sdf, (-40, -35, bottom - 5), (HEAD_CENTER[0] + 30, 35, HEAD_CENTER[2] + 30),
                                   resolution_mm)
         template = g.Template(verts, faces)
         # Cam lesion centre: the template vertex at the anterosuperior head-neck junction.
@@ -71,7 +97,7 @@ class Femur(Anatomy):
             "head_center": HEAD_CENTER.copy(),
             "neck_base": NECK_BASE.copy(),
             "cam_center": verts[cam_vertex].copy(),
-            "shaft_bottom": np.array([0.0, 0.0, SHAFT_BOTTOM]),
+            "shaft_bottom": np.array([0.0, 0.0, bottom]),
         }
         return template
 

@@ -34,6 +34,8 @@ extrusion, injective by construction.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from . import geometry as g
@@ -87,13 +89,22 @@ LAA_BEND_AXIS = unit(np.cross(LAA_AXIS, [0.0, 0.0, -1.0]))  # positive bend curl
 LAA_ELBOW = LAA_OSTIUM + 15.0 * LAA_AXIS
 LAA_TIP = LAA_ELBOW + 14.0 * g.rotation_matrix(LAA_BEND_AXIS, np.deg2rad(LAA_BEND)) @ LAA_AXIS
 PARTS = ("body", *VEINS, "laa_neck", "laa_tip")
-# signed distances of the parts, in PARTS order (module level: closures do not pickle to workers)
-PRIMITIVES = [
-    g.ellipsoid((0, 0, 0), BODY_RADII),
-    *[g.round_cone(o - VEIN_ROOT * u, o + length * u, *VEIN_RADII) for o, u, length in VEINS.values()],
-    g.round_cone(LAA_OSTIUM - 5.0 * LAA_AXIS, LAA_ELBOW, LAA_RADII[0], LAA_RADII[1]),
-    g.round_cone(LAA_ELBOW, LAA_TIP, LAA_RADII[1], LAA_RADII[2]),
-]
+
+
+@functools.cache
+def primitives(vein_length_scale: float = 1.0) -> tuple:
+    """Signed distances of the parts, in PARTS order, with the veins' template lengths times
+    `vein_length_scale` (module level, not on the anatomy: closures do not pickle to workers)."""
+    return (
+        g.ellipsoid((0, 0, 0), BODY_RADII),
+        *[g.round_cone(o - VEIN_ROOT * u, o + vein_length_scale * length * u, *VEIN_RADII)
+          for o, u, length in VEINS.values()],
+        g.round_cone(LAA_OSTIUM - 5.0 * LAA_AXIS, LAA_ELBOW, LAA_RADII[0], LAA_RADII[1]),
+        g.round_cone(LAA_ELBOW, LAA_TIP, LAA_RADII[1], LAA_RADII[2]),
+    )
+
+
+PRIMITIVES = primitives()
 
 
 def perpendicular_axes(axis) -> tuple[np.ndarray, np.ndarray]:
@@ -130,14 +141,24 @@ class LeftAtrium(Anatomy):
     rbf_count = 16
     rbf_width = 15.0
     rbf_sd = 0.5
+    extent_keys = {"vein_length_scale": "the pulmonary veins' length as a multiple of the template's "
+                                        f"({', '.join(f'{v[2]:g}' for v in VEINS.values())} mm), default 1"}
+
+    @property
+    def vein_length_scale(self) -> float:
+        return self.extent.get("vein_length_scale", 1.0)
+
+    @property
+    def primitives(self) -> tuple:
+        return primitives(self.vein_length_scale)
 
     def build_template(self, resolution_mm: float) -> g.Template:
-        sdf = g.smooth_union(*PRIMITIVES, k=4.0)
+        sdf = g.smooth_union(*self.primitives, k=4.0)
         verts, faces = g.mesh_sdf(sdf, (-58, -50, -45), (58, 52, 50), resolution_mm)
         template = g.Template(verts, faces)
         anchors = {}
         for name, (o, u, length) in VEINS.items():
-            anchors[f"{name}_ostium"], anchors[f"{name}_tip"] = o.copy(), o + length * u
+            anchors[f"{name}_ostium"], anchors[f"{name}_tip"] = o.copy(), o + self.vein_length_scale * length * u
         anchors.update(laa_ostium=LAA_OSTIUM.copy(), laa_elbow=LAA_ELBOW.copy(), laa_tip=LAA_TIP.copy())
         for i, (neg, pos) in enumerate([("right", "left"), ("anterior", "posterior"), ("inferior", "superior")]):
             pole = np.zeros(3)
@@ -148,7 +169,7 @@ class LeftAtrium(Anatomy):
 
     def part_weights(self, x: np.ndarray) -> np.ndarray:
         """(N, parts) soft membership of template-space points: softmin of the part distances."""
-        d = np.stack([f(np.asarray(x, float)) for f in PRIMITIVES], axis=1)
+        d = np.stack([f(np.asarray(x, float)) for f in self.primitives], axis=1)
         e = np.exp(-(d - d.min(1, keepdims=True)) / TEMPERATURE)
         return e / e.sum(1, keepdims=True)
 
