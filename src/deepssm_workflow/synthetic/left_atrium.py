@@ -22,7 +22,16 @@ Shape parameters (all subjects are "patient"; each a float in the ground truth):
   laa_bend_deg        N(70, 7) "chicken wing" or N(20, 7) straight, clipped to [0, 90]
   rbf_*               a small smooth random field
 AF recurrence is drawn from a logistic model of sphericity and |asymmetry|
-(standardized by their sampling distributions), about 40 % of subjects.
+(standardized by their sampling distributions), about half of the subjects. Its
+strength is set so that the study's MLP on the true shapes' PCA scores finds it at
+about the paper's level (68 % with the PDM): simulated on 4 cohorts of 40 training
+and 40 test subjects (points only), MLP 0.70 +- 0.03, logistic regression 0.70,
+majority class 0.54, the Bayes rate of the model itself 0.85. The sphericity term
+carries it: linear in the shape, so PCA scores see it; |asymmetry| is not.
+
+Extent (config `synthetic.extent`): `vein_length_scale` shortens (or lengthens) the
+template's veins, where the segmentation cuts them; absent, they are 22 mm (superior)
+and 18 mm (inferior) long.
 
 Deformation: linear blend skinning. Soft part memberships come from the
 primitives' distances at the template-space point (softmin), before anything
@@ -59,7 +68,7 @@ MERGE_PLANE_SD = 10.0  # mm, its window across the plane of the left veins
 TRUNK_LENGTH = 10.0  # mm, outward extrusion of the merged ostium at full merge
 TRUNK_ANGLE_SD = 20.0  # degrees, angular window of the extrusion
 # AF recurrence: logit = B0 + B1 z(sphericity) + B2 z(|asymmetry|), z by the sampling distributions
-RECURRENCE_COEFS = (-0.5, 1.0, 0.8)
+RECURRENCE_COEFS = (0.0, 2.5, 0.6)
 SPHERICITY_MEAN, SPHERICITY_SD = 0.5, np.sqrt(1.0 / 20.0)  # Beta(2, 2)
 ABS_ASYM_MEAN = ASYMMETRY_SD * np.sqrt(2.0 / np.pi)  # half-normal
 ABS_ASYM_SD = ASYMMETRY_SD * np.sqrt(1.0 - 2.0 / np.pi)
