@@ -24,6 +24,7 @@ include: "workflow/rules/augment.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/seeds.smk"
 
 
 rule all:

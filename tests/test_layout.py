@@ -12,7 +12,8 @@ from deepssm_workflow.layout import EVALUATION_FIGURES, EVALUATION_TABLES, Datas
 
 RULES = Path(__file__).resolve().parents[1] / "workflow" / "rules"
 # an argument for each parameter of the layout's methods
-ARGUMENTS = {"split": "test", "method": "base", "name": "accuracy_summary", "stage": "models", "methods": ["base"]}
+ARGUMENTS = {"split": "test", "method": "base", "name": "accuracy_summary", "stage": "models", "methods": ["base"],
+             "seed": "1"}
 
 
 def every_path(layout) -> dict[str, object]:
@@ -42,6 +43,10 @@ def test_patterns_are_the_paths_the_rules_declare():
         results.samples_npz: "results/{dataset}/augmentation/samples.npz",
         results.shape_space_npz: "results/{dataset}/augmentation/shape_space.npz",
         results.augmentation_qc: "results/{dataset}/augmentation/qc.png",
+        results.train_segmentations: "results/{dataset}/preprocess/train_segmentations.npz",
+        results.augmentation_segmentations: "results/{dataset}/augmentation/segmentations/segmentations.npy",
+        results.augmentation_segmentations_provenance:
+            "results/{dataset}/augmentation/segmentations/provenance.json",
         results.provenance("augmentation"): "results/{dataset}/augmentation/provenance.json",
         results.model_pt("{method}"): "results/{dataset}/models/{method}/model.pt",
         results.model_card("{method}"): "results/{dataset}/models/{method}/model_card.json",
@@ -58,6 +63,22 @@ def test_patterns_are_the_paths_the_rules_declare():
         results.evaluation_figure("surface_heatmaps"): "results/{dataset}/evaluation/surface_heatmaps.png",
         results.per_point_npz: "results/{dataset}/evaluation/per_point.npz",
         results.study_dir: "results/{dataset}/study",
+        results.seed_model_pt("{seed}", "{method}"): "results/{dataset}/seeds/{seed}/models/{method}/model.pt",
+        results.seed_model_card("{seed}", "{method}"): "results/{dataset}/seeds/{seed}/models/{method}/model_card.json",
+        results.seed_training_log("{seed}", "{method}"): "results/{dataset}/seeds/{seed}/models/{method}/log.csv",
+        results.seed_loss_curve("{seed}", "{method}"): "results/{dataset}/seeds/{seed}/models/{method}/loss_curve.png",
+        results.provenance("models", "{method}", "{seed}"):
+            "results/{dataset}/seeds/{seed}/models/{method}/provenance.json",
+        results.seed_predictions_csv("{seed}", "{method}"):
+            "results/{dataset}/seeds/{seed}/predictions/{method}/predictions.csv",
+        results.seed_predicted_particles("{seed}", "{method}"):
+            "results/{dataset}/seeds/{seed}/predictions/{method}/particles",
+        results.provenance("predictions", "{method}", "{seed}"):
+            "results/{dataset}/seeds/{seed}/predictions/{method}/provenance.json",
+        results.spread_csv: "results/{dataset}/seeds/spread.csv",
+        results.spread_json: "results/{dataset}/seeds/spread.json",
+        results.spread_png: "results/{dataset}/seeds/spread.png",
+        results.provenance("seeds"): "results/{dataset}/seeds/provenance.json",
         results.cohort_qc: "results/{dataset}/qc/cohort.png",
         results.preprocess_qc: "results/{dataset}/qc/preprocess.png",
         results.report_html: "results/{dataset}/report.html",
@@ -80,6 +101,7 @@ def test_a_filled_in_pattern_is_the_librarys_path():
         wanted = [str(p) for p in ([concrete[name]] if isinstance(concrete[name], Path) else concrete[name])]
         assert filled == wanted, name
     assert patterns("femur").model_pt("base") == "results/femur/models/base/model.pt"
+    assert patterns("femur").seed_model_pt(2, "tl") == "results/femur/seeds/2/models/tl/model.pt"
 
 
 def test_every_path_lies_under_the_dataset_folder(tmp_path):
@@ -95,9 +117,11 @@ def test_every_path_lies_under_the_dataset_folder(tmp_path):
 def test_a_name_that_would_leave_its_folder_is_refused(name):
     with pytest.raises(ValueError, match="not a valid name"):
         DatasetLayout("results/femur").model_dir(name)
+    with pytest.raises(ValueError, match="not a valid name"):
+        DatasetLayout("results/femur").seed_model_dir(name, "base")
 
 
-def test_provenance_is_per_method_only_for_models_and_predictions():
+def test_provenance_is_per_method_and_per_seed_only_for_models_and_predictions():
     layout = DatasetLayout("results/femur")
     with pytest.raises(ValueError, match="no provenance folder"):
         layout.provenance("augmentation", "base")
@@ -105,6 +129,12 @@ def test_provenance_is_per_method_only_for_models_and_predictions():
         layout.provenance("models")
     with pytest.raises(ValueError, match="no provenance folder"):
         layout.provenance("evaluation")
+    with pytest.raises(ValueError, match="no provenance folder"):
+        layout.provenance("augmentation", seed=1)
+    with pytest.raises(ValueError, match="no provenance folder"):
+        layout.provenance("seeds", "base")
+    with pytest.raises(ValueError, match="no provenance folder"):
+        layout.provenance("models", seed=1)
 
 
 def test_no_rule_spells_a_results_path_by_hand():

@@ -57,11 +57,30 @@ def _augment(args) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def _preprocess_segmentations(args) -> None:
+    from .segmentations import preprocess_segmentations
+
+    print(json.dumps(preprocess_segmentations(args.cohort, args.preprocess_dir, args.out), indent=2))
+
+
+def _augment_segmentations(args) -> None:
+    from .segmentations import augment_segmentations
+
+    cfg = json.loads(args.settings)  # the augmentation block: its n_control made the images' splines
+    summary = augment_segmentations(args.cohort, args.preprocess_dir, args.augmentation_dir, args.out,
+                                    cfg.get("n_control", 256))
+    print(json.dumps(summary, indent=2))
+
+
 def _train(args) -> None:
     from .train import train_from_artifacts
 
+    settings = json.loads(args.settings)
+    if args.init_seed is not None:  # into the engine's settings; the sidecar then records it with them
+        settings["training"] = {**settings.get("training", {}), "init_seed": args.init_seed}
+        args.settings = json.dumps(settings, sort_keys=True)
     card = train_from_artifacts(args.cohort, args.preprocess_dir, args.augmentation_dir, args.method,
-                                json.loads(args.settings), args.out_dir, threads=args.threads, device=args.device,
+                                settings, args.out_dir, threads=args.threads, device=args.device,
                                 checkpoint_seconds=args.checkpoint_seconds)
     print(json.dumps(card, indent=2, default=str))
 
@@ -77,6 +96,13 @@ def _predict_image(args) -> None:
     from .predict import predict_image
 
     print(json.dumps(predict_image(args.model_dir, args.preprocess_dir, args.image, args.out_prefix), indent=2))
+
+
+def _seed_spread(args) -> None:
+    from .seed_spread import write_spread
+
+    summary = write_spread(args.dataset_dir, args.methods, args.seeds, json.loads(args.shape_space), args.out_dir)
+    print(json.dumps(summary, indent=2))
 
 
 def _evaluate(args) -> None:
@@ -182,6 +208,23 @@ def build_parser() -> argparse.ArgumentParser:
     _artifact_flags(p)
     p.set_defaults(run=_augment)
 
+    p = steps.add_parser("preprocess-segmentations", help="training subjects' segmentations on the grid, as the "
+                         "fraction of each voxel inside the anatomy (only for methods that need segmentations)")
+    p.add_argument("--cohort", required=True, help="ingested cohort folder (its segmentation column)")
+    p.add_argument("--preprocess-dir", required=True, help="folder with train.npz and grid.json")
+    p.add_argument("--out", required=True, help=".npz to write (train_segmentations.npz)")
+    p.set_defaults(run=_preprocess_segmentations)
+
+    p = steps.add_parser("augment-segmentations", help="each augmented sample's segmentation: its source's warped "
+                         "by the thin-plate spline of its image")
+    p.add_argument("--cohort", required=True, help="ingested cohort folder (training shapes)")
+    p.add_argument("--preprocess-dir", required=True, help="folder with train_segmentations.npz and grid.json")
+    p.add_argument("--augmentation-dir", required=True, help="folder with samples.npz (and its provenance.json)")
+    p.add_argument("--settings", required=True, help="JSON of the config's `augmentation` block (its n_control)")
+    p.add_argument("--out", required=True, help=".npy to write")
+    _artifact_flags(p)
+    p.set_defaults(run=_augment_segmentations)
+
     p = steps.add_parser("train", help="train one registered method (CUDA when visible, else CPU)")
     p.add_argument("--cohort", required=True)
     p.add_argument("--preprocess-dir", required=True)
@@ -195,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "usable; on a machine with an NVIDIA GPU whose CUDA is unusable, an error, never a silent CPU run)")
     p.add_argument("--checkpoint-seconds", type=float, default=0.0, help="write the checkpoint at most this often "
                    "(0: every epoch); always at a phase's end. A killed job redoes at most this much training")
+    p.add_argument("--init-seed", type=int, help="seed of the network's initialisation and of the batch order "
+                   "(default: the training block's seed); the validation split keeps following that seed")
     _artifact_flags(p)
     p.set_defaults(run=_train)
 
@@ -221,6 +266,19 @@ def build_parser() -> argparse.ArgumentParser:
                    '\'{"n_modes": 4}\' (the PCA floor\'s modes)')
     p.add_argument("--out-dir", help="write the full evaluation here (tables, figures, surface distances, timing)")
     p.set_defaults(run=_evaluate)
+
+    p = steps.add_parser("seed-spread", help="test RMSE of each method over several initialisation seeds, beside "
+                         "the mean shape (spread.csv, spread.json, spread.png)")
+    p.add_argument("--dataset-dir", required=True, help="results/{dataset}: the default run's models and predictions "
+                   "are the seed of its training block; the others are read from seeds/{seed}/")
+    p.add_argument("--methods", nargs="+", required=True, choices=methods.names())
+    p.add_argument("--seeds", nargs="*", type=int, default=[], help="the extra init seeds (the default run's is "
+                   "always the first, read from each method's model card)")
+    p.add_argument("--shape-space", required=True, help="JSON of the dataset's `shape_space` block (the mean "
+                   "shape's fit, as in evaluate)")
+    p.add_argument("--out-dir", required=True, help="results/{dataset}/seeds")
+    _artifact_flags(p)
+    p.set_defaults(run=_seed_spread)
 
     p = steps.add_parser("study", help="a clinical study (paper sec. 4) on ground truth and predictions")
     p.add_argument("--study", required=True, choices=tuple(STUDIES))

@@ -2,7 +2,10 @@
 phase, with the guarantees every method gets by being registered:
 
 * a seeded run: the network is built after `torch.manual_seed(seed)`, and batches are
-  shuffled by a numpy Generator seeded by (seed, epoch); nothing else draws random numbers;
+  shuffled by a numpy Generator seeded by (seed, epoch); nothing else draws random numbers.
+  `init_seed`, when set, replaces `seed` in these two (the initialisation and the batch order)
+  and nowhere else: the data (the validation split, and upstream the augmentation) stay those
+  of `seed`, so that a seed spread varies the training's trajectory with the data fixed;
 * every epoch ends with the validation RMSE (eq. 12, mean over validation samples) of the
   correspondences the phase validates on; the kept model is the epoch of lowest validation
   RMSE among the phases that select (per epoch, over all validation samples);
@@ -57,14 +60,34 @@ class EngineSettings:
     val_fraction: float = 0.1  # of the real subjects (paper: 0.2 for the left atrium)
     seed: int = 0
     precision: str = "fp32"    # or bf16: autocast on the image conv stack only (see models.ModelConfig)
+    # the seed of the network's initialisation (torch.manual_seed) and of the batch order; None: `seed`.
+    # The validation split follows `seed` whatever this is (the seed-spread target varies this alone)
+    init_seed: int | None = None
 
     def __post_init__(self):
+        if self.init_seed is not None and (isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int)
+                                           or self.init_seed < 0):
+            raise ValueError(f"init_seed must be None or a non-negative integer, got {self.init_seed!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+
+    @property
+    def effective_init_seed(self) -> int:
+        """The seed of the initialisation and of the batch order: `init_seed`, else `seed`."""
+        return self.seed if self.init_seed is None else self.init_seed
+
+    def record(self) -> dict:
+        """The settings as the checkpoint's signature and the model card record them: without `init_seed`
+        when it is None, so that a run that does not set it keeps the signature (and resumes from the
+        checkpoints) of the runs made before the field existed."""
+        record = asdict(self)
+        if self.init_seed is None:
+            del record["init_seed"]
+        return record
 
 
 # -- batches
@@ -235,7 +258,7 @@ def train(method: str, settings, images, points, train_idx, val_idx, shape_space
     read_ahead = device.type == "cuda" if read_ahead is None else read_ahead
     on_device_sum = device.type == "cuda"  # no host sync per step; on CPU the float sum, as before
 
-    torch.manual_seed(engine.seed)
+    torch.manual_seed(engine.effective_init_seed)
     layout = memory_format(device)
     spec = DataSpec(tuple(images.shape[1:]), points.shape[1], shape_space, engine.precision)
     model = entry.method.build(settings, spec).to(device, memory_format=layout)
@@ -245,7 +268,7 @@ def train(method: str, settings, images, points, train_idx, val_idx, shape_space
     phases = entry.method.phases(settings)
 
     signature = {"format": CHECKPOINT_FORMAT, "method": method, "settings": asdict(settings),
-                 "engine": asdict(engine), "network": network, "data_hash": data_hash,
+                 "engine": engine.record(), "network": network, "data_hash": data_hash,
                  "train_idx": train_idx.tolist(), "val_idx": val_idx.tolist()}
     ckpt_path, log_path = out_dir / "checkpoint.pt", out_dir / "log.csv"
     ckpt = _resume_point(ckpt_path, signature, device, log)
@@ -290,7 +313,7 @@ def train(method: str, settings, images, points, train_idx, val_idx, shape_space
                 lr = optimizer.param_groups[0]["lr"]
                 model.train()
                 total, count = (torch.zeros((), device=device) if on_device_sum else 0.0), 0
-                row_batches = batches(train_idx, engine.batch_size, engine.seed, epoch, shuffle=True)
+                row_batches = batches(train_idx, engine.batch_size, engine.effective_init_seed, epoch, shuffle=True)
                 if read_ahead:
                     loader = _read_ahead(images, points, row_batches, device, layout, phase.images)
                 else:
@@ -335,7 +358,7 @@ def train(method: str, settings, images, points, train_idx, val_idx, shape_space
 
     with replaced(out_dir / "model.pt") as tmp:
         torch.save(best["state"], tmp)
-    card = cards.write(out_dir / "model_card.json", method=method, settings=asdict(settings), engine=asdict(engine),
+    card = cards.write(out_dir / "model_card.json", method=method, settings=asdict(settings), engine=engine.record(),
                        network=network, device=device, facts=facts, history=history, best=best, state=state,
                        n_train=len(train_idx), n_val=len(val_idx), data_hash=data_hash)
     _plot_history(history, best["epoch"], out_dir / "loss_curve.png")

@@ -10,12 +10,16 @@ Snakemake rules (through `patterns`) and by the library (through `DatasetLayout`
             grid.json                   grid_json
             reference.nrrd              reference_nrrd
             {split}.npz                 preprocessed(split)
+            train_segmentations.npz     train_segmentations: only for a method that needs segmentations
         augmentation/                   augmentation_dir
             images.npy                  augmentation_images
             samples.npz                 samples_npz
             shape_space.npz             shape_space_npz
             qc.png                      augmentation_qc
             provenance.json             provenance("augmentation")
+            segmentations/              augmentation_segmentations_dir: only for a method that needs segmentations
+                segmentations.npy       augmentation_segmentations
+                provenance.json         augmentation_segmentations_provenance
         models/{method}/                model_dir(method)
             model.pt                    model_pt(method)
             model_card.json             model_card(method)
@@ -34,6 +38,18 @@ Snakemake rules (through `patterns`) and by the library (through `DatasetLayout`
             {name}.png                  evaluation_figure(name), name in EVALUATION_FIGURES
             per_point.npz               per_point_npz
         study/                          study_dir
+        seeds/                          seeds_dir: the seed spread (not part of the default run)
+            {seed}/                     seed_dir(seed): a run with another init seed, same data
+                models/{method}/        seed_model_dir(seed, method): model.pt, ... as models/{method}/
+                                        (seed_model_pt, seed_model_card, seed_training_log, seed_loss_curve)
+                                        and provenance("models", method, seed)
+                predictions/{method}/   seed_predictions_dir(seed, method): as predictions/{method}/
+                                        (seed_predictions_csv, seed_predicted_particles)
+                                        and provenance("predictions", method, seed)
+            spread.csv                  spread_csv
+            spread.json                 spread_json
+            spread.png                  spread_png
+            provenance.json             provenance("seeds")
         qc/                             qc_dir
             cohort.png                  cohort_qc
             preprocess.png              preprocess_qc
@@ -52,7 +68,7 @@ from .provenance import SIDECAR
 EVALUATION_TABLES = ("accuracy_summary", "accuracy_per_subject", "inference_time", "error_decomposition",
                      "error_decomposition_per_subject")
 EVALUATION_FIGURES = ("per_point_rmse", "surface_boxplot", "surface_heatmaps", "error_decomposition")
-PROVENANCE_STAGES = ("augmentation", "models", "predictions")  # the steps that write a provenance.json
+PROVENANCE_STAGES = ("augmentation", "models", "predictions", "seeds")  # the steps that write a provenance.json
 
 
 def _part(name: str) -> str:
@@ -129,6 +145,27 @@ class DatasetLayout:
     def augmentation_qc(self) -> Path:
         return self.augmentation_dir / "qc.png"
 
+    # -- segmentations, for training only (deepssm_workflow.segmentations; not part of the default run)
+
+    @property
+    def train_segmentations(self) -> Path:
+        """The training subjects' segmentations on the grid (fractions inside the anatomy)."""
+        return self.preprocess_dir / "train_segmentations.npz"
+
+    @property
+    def augmentation_segmentations_dir(self) -> Path:
+        """Its own folder: its provenance.json beside it, as `provenance.verify` wants."""
+        return self.augmentation_dir / "segmentations"
+
+    @property
+    def augmentation_segmentations(self) -> Path:
+        """Each augmented sample's segmentation, warped with its image (row i = sample i)."""
+        return self.augmentation_segmentations_dir / "segmentations.npy"
+
+    @property
+    def augmentation_segmentations_provenance(self) -> Path:
+        return self.augmentation_segmentations_dir / SIDECAR
+
     # -- models/{method}/: one trained network per method
 
     def model_dir(self, method: str) -> Path:
@@ -160,20 +197,25 @@ class DatasetLayout:
 
     # -- provenance sidecars of the expensive steps
 
-    def provenance_dir(self, stage: str, method: str | None = None) -> Path:
+    def provenance_dir(self, stage: str, method: str | None = None, seed=None) -> Path:
         """The folder of a step that writes a provenance.json: augmentation/ (no method), models/{method}/ or
-        predictions/{method}/."""
-        if stage == "augmentation" and method is None:
+        predictions/{method}/ (with a seed: seeds/{seed}/models/{method}/, ...), seeds/ (the spread)."""
+        if seed is not None and stage in ("models", "predictions") and method is not None:
+            return self._seed_run(seed).provenance_dir(stage, method)
+        if stage == "augmentation" and method is None and seed is None:
             return self.augmentation_dir
-        if stage == "models" and method is not None:
+        if stage == "models" and method is not None and seed is None:
             return self.model_dir(method)
-        if stage == "predictions" and method is not None:
+        if stage == "predictions" and method is not None and seed is None:
             return self.predictions_dir(method)
-        raise ValueError(f"no provenance folder for stage {stage!r} and method {method!r}: the stages are "
-                         f"{', '.join(PROVENANCE_STAGES)}, and only models and predictions are per method")
+        if stage == "seeds" and method is None and seed is None:
+            return self.seeds_dir
+        raise ValueError(f"no provenance folder for stage {stage!r}, method {method!r} and seed {seed!r}: the "
+                         f"stages are {', '.join(PROVENANCE_STAGES)}, and only models and predictions are per "
+                         f"method (and per seed)")
 
-    def provenance(self, stage: str, method: str | None = None) -> Path:
-        return self.provenance_dir(stage, method) / SIDECAR
+    def provenance(self, stage: str, method: str | None = None, seed=None) -> Path:
+        return self.provenance_dir(stage, method, seed) / SIDECAR
 
     def provenance_dirs(self, methods) -> list[Path]:
         """Every folder with a provenance.json for these methods: augmentation, then models, then predictions."""
@@ -209,6 +251,58 @@ class DatasetLayout:
     @property
     def per_point_npz(self) -> Path:
         return self.evaluation_dir / "per_point.npz"
+
+    # -- seeds/: the seed spread, the default run's models beside ones trained with other init seeds
+
+    @property
+    def seeds_dir(self) -> Path:
+        return self.root / "seeds"
+
+    def seed_dir(self, seed) -> Path:
+        """The runs of one init seed (an int, or a wildcard such as "{seed}")."""
+        return self.seeds_dir / _part(str(seed))
+
+    def _seed_run(self, seed) -> "DatasetLayout":
+        """seeds/{seed}/ holds models/ and predictions/ under the names of the dataset's own."""
+        return DatasetLayout(self.seed_dir(seed))
+
+    def seed_model_dir(self, seed, method: str) -> Path:
+        return self._seed_run(seed).model_dir(method)
+
+    def seed_model_pt(self, seed, method: str) -> Path:
+        return self._seed_run(seed).model_pt(method)
+
+    def seed_model_card(self, seed, method: str) -> Path:
+        return self._seed_run(seed).model_card(method)
+
+    def seed_training_log(self, seed, method: str) -> Path:
+        return self._seed_run(seed).training_log(method)
+
+    def seed_loss_curve(self, seed, method: str) -> Path:
+        return self._seed_run(seed).loss_curve(method)
+
+    def seed_predictions_dir(self, seed, method: str) -> Path:
+        return self._seed_run(seed).predictions_dir(method)
+
+    def seed_predictions_csv(self, seed, method: str) -> Path:
+        return self._seed_run(seed).predictions_csv(method)
+
+    def seed_predicted_particles(self, seed, method: str) -> Path:
+        return self._seed_run(seed).predicted_particles(method)
+
+    @property
+    def spread_csv(self) -> Path:
+        """One row per method and init seed: the test RMSE and the best epoch."""
+        return self.seeds_dir / "spread.csv"
+
+    @property
+    def spread_json(self) -> Path:
+        """Per method: n, mean, SD, min, max, range, against the mean shape; the machines that trained."""
+        return self.seeds_dir / "spread.json"
+
+    @property
+    def spread_png(self) -> Path:
+        return self.seeds_dir / "spread.png"
 
     # -- study/, qc/ and the report
 

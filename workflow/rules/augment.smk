@@ -36,3 +36,33 @@ rule augment:
         "deepssm-wf augment --cohort {params.cohort} --preprocess-dir {params.preprocess_dir}"
         " --settings {params.settings:q} --validation {params.validation:q} --out-dir {params.out_dir}"
         " --inputs {input} --outputs {output} --provenance {output.provenance} > {log} 2>&1"
+
+
+# Training only, not part of `rule all` (as preprocess_segmentations): each augmented sample's segmentation,
+# its source subject's warped by the thin-plate spline of its image (the same correspondences and n_control).
+rule augment_segmentations:
+    input:
+        shapes_train=RESULTS.shapes("train"),
+        grid=RESULTS.grid_json,
+        train_segmentations=RESULTS.train_segmentations,
+        samples=RESULTS.samples_npz,
+        augmentation_provenance=RESULTS.provenance("augmentation"),
+    output:
+        segmentations=RESULTS.augmentation_segmentations,
+        provenance=RESULTS.augmentation_segmentations_provenance,
+    log:
+        "logs/{dataset}/augment_segmentations.log",
+    cache: True
+    conda:
+        "../../envs/deepssm.yaml"
+    params:
+        settings=lambda wildcards: json.dumps(config["datasets"][wildcards.dataset]["augmentation"], sort_keys=True),
+        software=SOFTWARE,  # only for the cache key and the params rerun trigger (see common.smk)
+        cohort=subpath(input.shapes_train, parent=True),
+        preprocess_dir=subpath(input.grid, parent=True),
+        augmentation_dir=subpath(input.samples, parent=True),
+    shell:
+        "deepssm-wf augment-segmentations --cohort {params.cohort} --preprocess-dir {params.preprocess_dir}"
+        " --augmentation-dir {params.augmentation_dir} --settings {params.settings:q}"
+        " --out {output.segmentations} --verify {input.samples} --inputs {input} --outputs {output}"
+        " --provenance {output.provenance} > {log} 2>&1"

@@ -6,6 +6,7 @@ from deepssm_workflow import methods as registry
 from deepssm_workflow.config import load as load_config
 from deepssm_workflow.layout import EVALUATION_FIGURES, EVALUATION_TABLES, patterns
 from deepssm_workflow.provenance import software_id
+from deepssm_workflow.seed_spread import plan as spread_plan
 from deepssm_workflow.sources import scan_files
 
 # Not snakemake.utils.validate: the schema's `methods` blocks come from the method registry, which
@@ -98,6 +99,21 @@ def training_settings(wildcards):
     )
 
 
+def method_needs_inputs(wildcards):
+    """The train rules' inputs that only some methods need, from the method's `needs` (NEEDS names of
+    deepssm_workflow.methods.interface), for `unpack`: segmentations (the training subjects' and the
+    augmented samples', with the latter's sidecar) for a method that needs them; nothing for the others,
+    so that the default DAG never builds them."""
+    from deepssm_workflow.methods.interface import SEGMENTATIONS
+
+    d, inputs = patterns(wildcards.dataset), {}
+    if SEGMENTATIONS in registry.get(wildcards.method).method.needs:
+        inputs["train_segmentations"] = d.train_segmentations
+        inputs["segmentations"] = d.augmentation_segmentations
+        inputs["segmentations_provenance"] = d.augmentation_segmentations_provenance
+    return inputs
+
+
 def evaluation_inputs(wildcards):
     d, methods = patterns(wildcards.dataset), dataset_methods(wildcards)
     return {
@@ -158,3 +174,27 @@ def report_inputs(wildcards):
     if wildcards.dataset in WITH_STUDY:
         inputs["study"] = d.study_dir
     return inputs
+
+
+# Inputs of the seed spread (seeds.smk).
+
+
+def seed_spread_plan(wildcards):
+    """(methods, init seeds) of the dataset's seed spread (config `seed_spread`, see
+    deepssm_workflow.seed_spread.plan); the first seed is the training seed: the default run's models."""
+    return spread_plan(config["datasets"][wildcards.dataset], wildcards.dataset)
+
+
+def seed_spread_inputs(wildcards):
+    d = patterns(wildcards.dataset)
+    methods, seeds = seed_spread_plan(wildcards)
+    runs = [(None, m) for m in methods] + [(s, m) for s in seeds[1:] for m in methods]  # None: the default run
+    return {
+        "subjects": d.subjects_csv,
+        "shapes_train": d.shapes("train"),
+        "shapes_test": d.shapes("test"),
+        "test": d.preprocessed("test"),
+        "cards": [d.model_card(m) if s is None else d.seed_model_card(s, m) for s, m in runs],
+        "predictions": [d.predictions_csv(m) if s is None else d.seed_predictions_csv(s, m) for s, m in runs],
+        "provenance": [d.provenance("models", m, s) for s, m in runs],
+    }

@@ -45,6 +45,28 @@ rule preprocess_train:
         " --out-dir {params.out_dir} > {log} 2>&1"
 
 
+# Training only, not part of `rule all`: the train rule asks for it when its method needs segmentations
+# (common.smk: method_needs_inputs). Each training subject's segmentation, resampled with its image's
+# transform as the fraction of each voxel inside the anatomy.
+rule preprocess_segmentations:
+    input:
+        subjects=RESULTS.subjects_csv,
+        train=RESULTS.preprocessed("train"),
+        grid=RESULTS.grid_json,
+    output:
+        RESULTS.train_segmentations,
+    log:
+        "logs/{dataset}/preprocess_segmentations.log",
+    conda:
+        "../../envs/deepssm.yaml"
+    params:
+        cohort=subpath(input.subjects, parent=True),
+        preprocess_dir=subpath(input.train, parent=True),
+    shell:
+        "deepssm-wf preprocess-segmentations --cohort {params.cohort} --preprocess-dir {params.preprocess_dir}"
+        " --out {output} > {log} 2>&1"
+
+
 # Test images are preprocessed from the image alone: this rule gets the subjects
 # table (of which only id, split and image are read) and the reference, never the
 # test subjects' particles (shapes_test.npz) or segmentations.

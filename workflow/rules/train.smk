@@ -3,6 +3,8 @@
 
 rule train:
     input:
+        # what only some methods need (segmentations): see method_needs_inputs in common.smk
+        unpack(method_needs_inputs),
         shapes_train=RESULTS.shapes("train"),
         train=RESULTS.preprocessed("train"),
         samples=RESULTS.samples_npz,

@@ -32,13 +32,17 @@ from ..shape_space import ShapeSpace
 CORRESPONDENCES = "correspondences"  # predicts (M, 3) world-frame correspondences from one image
 PCA_SCORES = "pca_scores"            # its shape code is the scores of a fixed linear PCA layer
 LATENT_CODE = "latent_code"          # its shape code is a learned latent that decodes to a shape (latent swims)
-CAPABILITIES = (CORRESPONDENCES, PCA_SCORES, LATENT_CODE)
+SCALES = "scales"                    # predicts nested scales of the correspondences too (`predict_scales`)
+SEGMENTATION = "segmentation"        # predicts the anatomy's mask on the network grid (`predict_segmentation`)
+CAPABILITIES = (CORRESPONDENCES, PCA_SCORES, LATENT_CODE, SCALES, SEGMENTATION)
 
 # -- inputs a method can need from the results layout (`deepssm_workflow.layout`)
 TRAINING_IMAGES = "training_images"  # preprocess/train.npz
 SHAPES = "shapes"                    # cohort/shapes_train.npz: the correspondences
 AUGMENTATION = "augmentation"        # augmentation/samples.npz + images.npy
-NEEDS = (TRAINING_IMAGES, SHAPES, AUGMENTATION)
+SEGMENTATIONS = "segmentations"      # preprocess/train_segmentations.npz + augmentation/segmentations/ (training
+                                     # only; deepssm_workflow.segmentations); the train rule then asks for them
+NEEDS = (TRAINING_IMAGES, SHAPES, AUGMENTATION, SEGMENTATIONS)
 
 
 @dataclass(frozen=True)
@@ -77,10 +81,14 @@ class Phase:
 
 class Batch:
     """One batch of training samples: their target correspondences (B, M, 3) on the device,
-    and their images, read only when a phase asks for them (an autoencoder phase never does)."""
+    their images, read only when a phase asks for them (an autoencoder phase never does), and,
+    for a method that needs SEGMENTATIONS, their segmentations (B, Z, Y, X): the fraction of each
+    voxel inside the anatomy, read when first asked for."""
 
-    def __init__(self, rows: np.ndarray, points: torch.Tensor, read_images: Callable[[], torch.Tensor]):
+    def __init__(self, rows: np.ndarray, points: torch.Tensor, read_images: Callable[[], torch.Tensor],
+                 read_segmentations: Callable[[], torch.Tensor] | None = None):
         self.rows, self.points, self._read_images, self._images = rows, points, read_images, None
+        self._read_segmentations, self._segmentations = read_segmentations, None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -90,6 +98,15 @@ class Batch:
         if self._images is None:
             self._images = self._read_images()
         return self._images
+
+    @property
+    def segmentations(self) -> torch.Tensor:
+        if self._read_segmentations is None:
+            raise ValueError("this training was given no segmentations (a method needing them declares "
+                             "SEGMENTATIONS in its `needs`)")
+        if self._segmentations is None:
+            self._segmentations = self._read_segmentations()
+        return self._segmentations
 
 
 class Method:
