@@ -101,11 +101,14 @@ def data():
     points = (mean + np.einsum("nk,kmd->nmd", scores, modes)).astype(np.float32)
     zz, yy, xx = np.meshgrid(*(np.arange(n) for n in SHAPE), indexing="ij")
     images = np.zeros((len(points), *SHAPE), np.float32)
+    masks = np.zeros((len(points), *SHAPE), bool)  # the blobs' cores: what a segmentation task segments
     for i, shape in enumerate(points):
         for x, y, z in shape[:3]:
-            images[i] += np.exp(-((xx - x) ** 2 + (yy - y) ** 2 + (zz - z) ** 2) / 4.0)
+            squared = (xx - x) ** 2 + (yy - y) ** 2 + (zz - z) ** 2
+            images[i] += np.exp(-squared / 4.0)
+            masks[i] |= squared < 4.0
     train_idx, val_idx = split_by_source(N_REAL, source, 0.25, seed=0)
-    return images, points, train_idx, val_idx, ShapeSpace(n_modes=3).fit(points[train_idx])
+    return images, points, train_idx, val_idx, ShapeSpace(n_modes=3).fit(points[train_idx]), masks.astype(np.float32)
 
 
 def smoke(name: str):
@@ -113,9 +116,11 @@ def smoke(name: str):
 
 
 def run(name, data, out, **options):
-    images, points, train_idx, val_idx, space = data
+    images, points, train_idx, val_idx, space, masks = data
+    segmentations = masks if methods.SEGMENTATIONS in methods.get(name).method.needs else None
     return train(name, smoke(name), images, points, train_idx, val_idx, space, out,
-                 engine=EngineSettings(batch_size=4, val_fraction=0.25), device="cpu", log=lambda _: None, **options)
+                 engine=EngineSettings(batch_size=4, val_fraction=0.25), device="cpu", log=lambda _: None,
+                 segmentations=segmentations, **options)
 
 
 @pytest.fixture(autouse=True)
@@ -151,7 +156,7 @@ def test_settings_come_from_the_schema(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_outputs_and_capabilities(name, data):
-    images, points, _, _, space = data
+    images, points, _, _, space, _ = data
     entry = methods.get(name)
     torch.manual_seed(0)
     model = entry.method.build(smoke(name), methods.DataSpec(SHAPE, M, space)).eval()
@@ -167,6 +172,19 @@ def test_outputs_and_capabilities(name, data):
         assert np.isfinite(from_shapes).all() and np.isfinite(from_images).all()
     if entry.has(methods.LATENT_CODE):
         assert decode(entry.method, model, from_shapes).shape == (3, M, 3)
+    if entry.has(methods.SCALES):  # nested scales, coarse to fine, the finest being the prediction itself
+        with torch.no_grad():
+            scales = entry.method.predict_scales(model, batch)
+        sizes = [len(indices) for indices, _ in scales]
+        assert sizes == sorted(set(sizes)) and sizes[-1] == M and sorted(scales[-1][0]) == list(range(M))
+        for (coarse, _), (fine, _) in zip(scales, scales[1:]):
+            assert np.array_equal(fine[:len(coarse)], coarse)
+        finest_indices, finest = scales[-1]
+        torch.testing.assert_close(finest, predicted[:, finest_indices])
+    if entry.has(methods.SEGMENTATION):
+        with torch.no_grad():
+            probability = entry.method.predict_segmentation(model, batch)
+        assert probability.shape == (3, *SHAPE) and 0 <= probability.min() and probability.max() <= 1
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -213,7 +231,7 @@ def test_exact_resume_after_a_stop(name, data, tmp_path):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_each_phase_trains_only_its_parameters(name, data):
-    images, points, train_idx, _, space = data
+    images, points, train_idx, _, space, masks = data
     entry, settings = methods.get(name), smoke(name)
     torch.manual_seed(0)
     model = entry.method.build(settings, methods.DataSpec(SHAPE, M, space))
@@ -228,7 +246,8 @@ def test_each_phase_trains_only_its_parameters(name, data):
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         optimizer = torch.optim.SGD(params, lr=0.1)
         model.train()
-        batch = methods.Batch(rows, torch.as_tensor(points[rows]), lambda: torch.as_tensor(images[rows]).unsqueeze(1))
+        batch = methods.Batch(rows, torch.as_tensor(points[rows]), lambda: torch.as_tensor(images[rows]).unsqueeze(1),
+                              lambda: torch.as_tensor(masks[rows]))
         loss = entry.method.loss(model, settings, phase, batch, state)
         optimizer.zero_grad()
         loss.backward()

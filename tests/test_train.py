@@ -19,7 +19,7 @@ from deepssm_workflow import methods
 from deepssm_workflow.engine import EngineSettings, train
 from deepssm_workflow.holdout import split_by_source
 from deepssm_workflow.inference import load_trained, predict
-from deepssm_workflow.rows import NpyRows, StackedRows
+from deepssm_workflow.rows import NpyRows, ScaledRows, StackedRows
 from deepssm_workflow.shape_space import ShapeSpace, rmse
 
 GRID, M, N_REAL, PER = 16, 24, 12, 1
@@ -262,8 +262,13 @@ def test_npy_rows_reads_the_rows_asked_for_and_refuses_bad_stores(tmp_path):
     with pytest.raises(IndexError, match="row 6 outside"):
         rows[[6]]
     np.save(tmp_path / "integers.npy", stack.astype(np.int32))
-    with pytest.raises(ValueError, match="integers.npy: expected a C-ordered float32 or float64"):
+    with pytest.raises(ValueError, match="integers.npy: expected a C-ordered float32, float64 or uint8"):
         NpyRows(tmp_path / "integers.npy")
+    # uint8-quantized segmentations, read back as fractions
+    np.save(tmp_path / "masks.npy", (stack > 0).astype(np.uint8) * 255)
+    fractions = ScaledRows(NpyRows(tmp_path / "masks.npy"), 1 / 255)
+    assert fractions.dtype == np.float32 and fractions.shape == stack.shape
+    assert np.array_equal(fractions[[4, 1]], (stack[[4, 1]] > 0).astype(np.float32))
     data = (tmp_path / "images.npy").read_bytes()
     (tmp_path / "cut.npy").write_bytes(data[:-10])
     with pytest.raises(ValueError, match="cut.npy: truncated"):

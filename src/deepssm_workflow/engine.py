@@ -43,7 +43,7 @@ from torch import nn
 from . import card as cards
 from . import devices
 from .atomic import replaced
-from .methods import Batch, DataSpec, TrainingData, get
+from .methods import SEGMENTATIONS, Batch, DataSpec, TrainingData, get
 from .plotting import figure, save_figure
 from .provenance import checksum_problem, record_checksum
 from .shape_space import ShapeSpace, rmse
@@ -119,8 +119,14 @@ def memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format
 
 
-def _batch(images, points, rows, device, layout) -> Batch:
-    return Batch(rows, rows_tensor(points, rows, device), lambda: image_batch(images, rows, device, layout))
+def _batch(images, points, rows, device, layout, segmentations=None) -> Batch:
+    return Batch(rows, rows_tensor(points, rows, device), lambda: image_batch(images, rows, device, layout),
+                 _segmentation_reader(segmentations, rows, device))
+
+
+def _segmentation_reader(segmentations, rows, device):
+    """What reads a batch's segmentations when the method asks (None: this training has none)."""
+    return None if segmentations is None else (lambda: rows_tensor(segmentations, rows, device))
 
 
 def _host_batch(images, points, rows, with_images: bool, pin: bool):
@@ -133,7 +139,7 @@ def _host_batch(images, points, rows, with_images: bool, pin: bool):
     return rows, host[0], host[1] if with_images else None
 
 
-def _read_ahead(images, points, row_batches, device, layout, with_images: bool):
+def _read_ahead(images, points, row_batches, device, layout, with_images: bool, segmentations=None):
     """Batches on `device`, each read in a thread while the one before is used, copied without blocking."""
     row_batches = list(row_batches)
     pin = device.type == "cuda"
@@ -144,11 +150,13 @@ def _read_ahead(images, points, row_batches, device, layout, with_images: bool):
             if k + 1 < len(row_batches):
                 pending = reader.submit(_host_batch, images, points, row_batches[k + 1], with_images, pin)
             on_device = points_host.to(device, non_blocking=True)
+            read_segmentations = _segmentation_reader(segmentations, rows, device)
             if images_host is None:  # a phase that reads no images (it still may, synchronously)
-                yield Batch(rows, on_device, lambda rows=rows: image_batch(images, rows, device, layout))
+                yield Batch(rows, on_device, lambda rows=rows: image_batch(images, rows, device, layout),
+                            read_segmentations)
             else:
                 batch_images = images_host.to(device, non_blocking=True).contiguous(memory_format=layout)
-                yield Batch(rows, on_device, lambda batch_images=batch_images: batch_images)
+                yield Batch(rows, on_device, lambda batch_images=batch_images: batch_images, read_segmentations)
 
 
 # -- files
@@ -230,7 +238,7 @@ def _resume_point(ckpt_path: Path, signature: dict, device: torch.device, log) -
 def train(method: str, settings, images, points, train_idx, val_idx, shape_space: ShapeSpace, out_dir,
           engine: EngineSettings = EngineSettings(), device=None, log=print, data_hash: str | None = None,
           stop_after_epochs: int | None = None, checkpoint_seconds: float = 0.0,
-          read_ahead: bool | None = None) -> dict | None:
+          read_ahead: bool | None = None, segmentations=None) -> dict | None:
     """Train the registered `method` (its Settings: `methods.get(method).settings(block)`) on
     images (n, Z, Y, X) and correspondences (n, M, 3).
 
@@ -242,7 +250,9 @@ def train(method: str, settings, images, points, train_idx, val_idx, shape_space
     and split. A checkpoint is written at most every `checkpoint_seconds` (0: every epoch),
     always at a phase's end. `stop_after_epochs=k` returns None after k epochs in total
     (checkpoint written), as if the run had been killed there. `read_ahead` (default: on CUDA
-    only) reads the next batch in a thread. Returns the model card.
+    only) reads the next batch in a thread. `segmentations` (n, Z, Y, X), the fraction of each
+    voxel inside the anatomy, for a method that needs SEGMENTATIONS (indexed like the images).
+    Returns the model card.
     """
     entry = get(method)
     out_dir = Path(out_dir)
@@ -254,6 +264,10 @@ def train(method: str, settings, images, points, train_idx, val_idx, shape_space
         raise ValueError("train_idx and val_idx overlap")
     if len(images) != len(points) or points.shape[-1] != 3:
         raise ValueError(f"need n images and n (M, 3) shapes, got {len(images)} images and points {points.shape}")
+    if SEGMENTATIONS in entry.method.needs and segmentations is None:
+        raise ValueError(f"method {method} needs the training segmentations; none were given")
+    if segmentations is not None and tuple(segmentations.shape) != tuple(images.shape):
+        raise ValueError(f"segmentations {tuple(segmentations.shape)} must match the images {tuple(images.shape)}")
     device = pick_device(device, log)
     read_ahead = device.type == "cuda" if read_ahead is None else read_ahead
     on_device_sum = device.type == "cuda"  # no host sync per step; on CPU the float sum, as before
@@ -315,9 +329,9 @@ def train(method: str, settings, images, points, train_idx, val_idx, shape_space
                 total, count = (torch.zeros((), device=device) if on_device_sum else 0.0), 0
                 row_batches = batches(train_idx, engine.batch_size, engine.effective_init_seed, epoch, shuffle=True)
                 if read_ahead:
-                    loader = _read_ahead(images, points, row_batches, device, layout, phase.images)
+                    loader = _read_ahead(images, points, row_batches, device, layout, phase.images, segmentations)
                 else:
-                    loader = (_batch(images, points, rows, device, layout) for rows in row_batches)
+                    loader = (_batch(images, points, rows, device, layout, segmentations) for rows in row_batches)
                 for batch in loader:
                     loss = entry.method.loss(model, settings, phase, batch, state)
                     optimizer.zero_grad(set_to_none=True)

@@ -106,13 +106,18 @@ class ImageEncoder(nn.Module):
         self.out_dim = out_dim
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.encode(image)[1]
+
+    def encode(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conv feature maps (B, C, z, y, x), FC output (B, out_dim)): the maps for a decoder."""
         if image.ndim == 4:
             image = image.unsqueeze(1)
         if tuple(image.shape[2:]) != self.input_shape:
             raise ValueError(f"image of size {tuple(image.shape[2:])}; this encoder was built for {self.input_shape}")
         with torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             features = self.features(image)
-        return self.head(features.float().flatten(1))
+        features = features.float()
+        return features, self.head(features.flatten(1))
 
 
 # -- losses and their thresholds

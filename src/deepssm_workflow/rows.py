@@ -3,6 +3,7 @@ with the number of augmented samples.
 
 * `NpyRows`: rows of a .npy file, or of one array stored uncompressed in an .npz, read with pread.
 * `StackedRows`: several row stores (or in-memory arrays) seen as one.
+* `ScaledRows`: a row store's rows as float32 times a factor (uint8-quantized segmentations).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 
 
 class NpyRows:
-    """Rows of a C-ordered float .npy array read on demand with os.pread: a .npy file, or one
+    """Rows of a C-ordered float (or uint8) .npy array read on demand with os.pread: a .npy file, or one
     array inside an uncompressed .npz (what np.savez writes), e.g. `NpyRows(samples.npz, "points")`.
 
     Unlike a memory map, the pages read stay in the kernel's page cache and out of this
@@ -35,9 +36,9 @@ class NpyRows:
                            np.lib.format.read_array_header_2_0)
             shape, fortran_order, dtype = read_header(handle)
             self.data_offset = handle.tell()
-        if fortran_order or dtype not in (np.float32, np.float64) or len(shape) < 2:
-            raise ValueError(f"{where}: expected a C-ordered float32 or float64 stack of rows, got dtype {dtype}, "
-                             f"shape {shape}{', Fortran order' if fortran_order else ''}")
+        if fortran_order or dtype not in (np.float32, np.float64, np.uint8) or len(shape) < 2:
+            raise ValueError(f"{where}: expected a C-ordered float32, float64 or uint8 stack of rows, got dtype "
+                             f"{dtype}, shape {shape}{', Fortran order' if fortran_order else ''}")
         self.shape, self.dtype = tuple(shape), dtype
         self.row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
         expected = self.data_offset + self.shape[0] * self.row_bytes
@@ -109,3 +110,17 @@ class StackedRows:
             if inside.any():
                 out[inside] = array[idx[inside] - self.offsets[k]]
         return out
+
+
+class ScaledRows:
+    """The rows of a row store (or array) as float32 times `factor`, e.g. uint8 segmentations as fractions."""
+
+    def __init__(self, rows, factor: float):
+        self.rows, self.factor = rows, np.float32(factor)
+        self.shape, self.dtype = tuple(rows.shape), np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        return np.asarray(self.rows[idx], dtype=np.float32) * self.factor

@@ -10,9 +10,10 @@ import torch
 
 from .engine import EngineSettings, train
 from .holdout import split_by_source
-from .methods import get
+from .methods import SEGMENTATIONS, get
 from .provenance import combined_sha256
-from .rows import NpyRows, StackedRows
+from .rows import NpyRows, ScaledRows, StackedRows
+from .segmentations import SCALE, TRAIN_FILE
 from .shape_space import ShapeSpace
 
 
@@ -46,7 +47,31 @@ def train_from_artifacts(cohort_dir, preprocess_dir, augmentation_dir, method: s
                          f"{engine.seed}); rerun the augmentation with this training block")
     # the PCA basis is fit without the validation subjects, so that they are judged in a space they did not build
     space = ShapeSpace(**settings["shape_space"]).fit(shapes["world"][train_idx[train_idx < n_real]])
+    segmentations = None
+    if SEGMENTATIONS in get(method).method.needs:
+        segmentations, segmentation_paths = _segmentations(preprocess_dir, augmentation_dir, real["ids"], images)
+        paths += segmentation_paths
     torch.set_num_threads(max(1, threads))
     log(f"{method}: {len(train_idx)} training / {len(val_idx)} validation samples, {space.n_modes} PCA modes")
     return train(method, method_settings, images, points, train_idx, val_idx, space, out_dir, engine=engine,
-                 log=log, data_hash=combined_sha256(paths), device=device, checkpoint_seconds=checkpoint_seconds)
+                 log=log, data_hash=combined_sha256(paths), device=device, checkpoint_seconds=checkpoint_seconds,
+                 segmentations=segmentations)
+
+
+def _segmentations(preprocess_dir: Path, augmentation_dir: Path, ids, images) -> tuple[ScaledRows, list[Path]]:
+    """The training subjects' and the augmented samples' segmentations (`segmentations`) as one row store of
+    fractions, indexed like `images`, checked against them."""
+    real_path = preprocess_dir / TRAIN_FILE
+    augmented_path = augmentation_dir / "segmentations" / "segmentations.npy"
+    for path in (real_path, augmented_path):
+        if not path.is_file():
+            raise ValueError(f"{path}: missing; a method that needs segmentations needs the preprocess_segmentations "
+                             f"and augment_segmentations steps first")
+    with np.load(real_path) as real:
+        if [str(i) for i in real["ids"]] != [str(i) for i in ids]:
+            raise ValueError(f"{real_path} and {preprocess_dir / 'train.npz'} list different training subjects")
+        stored = real["segmentations"]
+    store = StackedRows(stored, NpyRows(augmented_path))
+    if store.shape != tuple(images.shape):
+        raise ValueError(f"{augmented_path}: segmentations {store.shape} do not match the images {tuple(images.shape)}")
+    return ScaledRows(store, 1.0 / SCALE), [real_path, augmented_path]

@@ -114,6 +114,13 @@ def method_needs_inputs(wildcards):
     return inputs
 
 
+def augmentation_stores(wildcards, input):
+    """The augmentation's stores a training reads, checked against their sidecars before it starts (a
+    corrupted one is removed and rebuilt on the next run): the images, and the segmentations if it needs them."""
+    stores = [input.samples, input.images]
+    return " ".join(stores + ([input.segmentations] if "segmentations" in input.keys() else []))
+
+
 def evaluation_inputs(wildcards):
     d, methods = patterns(wildcards.dataset), dataset_methods(wildcards)
     return {

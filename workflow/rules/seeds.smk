@@ -38,13 +38,14 @@ rule train_seed:
         preprocess_dir=subpath(input.train, parent=True),
         augmentation_dir=subpath(input.samples, parent=True),
         out_dir=subpath(output.model, parent=True),
+        verify=augmentation_stores,
     shell:
         # the train rule's command with --init-seed: the same data and split, another initialisation
         "deepssm-wf train --cohort {params.cohort} --preprocess-dir {params.preprocess_dir}"
         " --augmentation-dir {params.augmentation_dir} --method {wildcards.method} --init-seed {wildcards.seed}"
         " --settings {params.settings:q} --out-dir {params.out_dir} --threads {threads}"
         " --checkpoint-seconds {resources.checkpoint_seconds}"
-        " --verify {input.samples} {input.images} --inputs {input} --outputs {output}"
+        " --verify {params.verify} --inputs {input} --outputs {output}"
         " --provenance {output.provenance} > {log} 2>&1"
 
 

@@ -42,6 +42,7 @@ rule train:
         preprocess_dir=subpath(input.train, parent=True),
         augmentation_dir=subpath(input.samples, parent=True),
         out_dir=subpath(output.model, parent=True),
+        verify=augmentation_stores,
     shell:
         # out_dir/checkpoint.pt (+ .sha256) is written as training goes and not declared, so that a rerun of
         # a killed job (--rerun-incomplete) resumes from it instead of starting over. The augmentation
@@ -50,7 +51,7 @@ rule train:
         " --augmentation-dir {params.augmentation_dir} --method {wildcards.method}"
         " --settings {params.settings:q} --out-dir {params.out_dir} --threads {threads}"
         " --checkpoint-seconds {resources.checkpoint_seconds}"
-        " --verify {input.samples} {input.images} --inputs {input} --outputs {output}"
+        " --verify {params.verify} --inputs {input} --outputs {output}"
         " --provenance {output.provenance} > {log} 2>&1"
 
 

@@ -27,6 +27,9 @@ from .interface import (  # noqa: F401 (the interface, re-exported)
     LATENT_CODE,
     NEEDS,
     PCA_SCORES,
+    SCALES,
+    SEGMENTATION,
+    SEGMENTATIONS,
     SHAPES,
     TRAINING_IMAGES,
     Batch,
@@ -125,4 +128,5 @@ def config_schema() -> dict:
             "default": {name: {} for name in names(default_only=True)}}
 
 
-from . import deepssm  # noqa: E402,F401 (registers base, base_focal, tl, tl_focal)
+# the method modules register their names (base, base_focal, tl, tl_focal; progressive, progressive_focal)
+from . import deepssm, progressive  # noqa: E402,F401
