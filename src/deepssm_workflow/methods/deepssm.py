@@ -198,6 +198,18 @@ class BaseDeepSSMMethod(Method):
 # -- TL-DeepSSM
 
 
+def latent_whitening(codes: np.ndarray, latent_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(shift, transform) that map whitened codes u onto training codes (N, L) as shift + u @ transform:
+    their mean, and their principal axes scaled by the standard deviation along each (see
+    `TLDeepSSM.whiten_latent`)."""
+    codes = np.asarray(codes, dtype=np.float64)
+    if codes.ndim != 2 or codes.shape[1] != latent_dim or len(codes) < 2:
+        raise ValueError(f"codes must be (N >= 2, {latent_dim}), got {codes.shape}")
+    variances, axes = np.linalg.eigh(np.cov(codes, rowvar=False))
+    # eigh may return tiny negative variances for directions the codes do not span
+    return codes.mean(0), (axes * np.sqrt(np.clip(variances, 0.0, None))).T
+
+
 class TLDeepSSM(nn.Module):
     """Correspondence autoencoder g/h plus the image T-flank f (sec. 3.2, Fig. 13 B).
 
@@ -240,13 +252,8 @@ class TLDeepSSM(nn.Module):
         unconstrained f strayed off it, where the decoder has seen nothing: on the accuracy
         test's 16 femurs (300 autoencoder epochs at lr 1e-3, 8 T-flank epochs), scaling each
         dimension alone gave a test RMSE of 1.38 mm, this 1.21 mm (mean shape 1.37 mm)."""
-        codes = np.asarray(codes, dtype=np.float64)
-        if codes.ndim != 2 or codes.shape[1] != self.config.latent_dim or len(codes) < 2:
-            raise ValueError(f"codes must be (N >= 2, {self.config.latent_dim}), got {codes.shape}")
-        variances, axes = np.linalg.eigh(np.cov(codes, rowvar=False))
-        # eigh may return tiny negative variances for directions the codes do not span
-        transform = (axes * np.sqrt(np.clip(variances, 0.0, None))).T
-        self.latent_shift.copy_(torch.as_tensor(codes.mean(0)))
+        shift, transform = latent_whitening(codes, self.config.latent_dim)
+        self.latent_shift.copy_(torch.as_tensor(shift))
         self.latent_transform.copy_(torch.as_tensor(transform))
 
     def encode(self, points: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,13 @@ that is ours:
   predict at that stage; only the last stage (all points) competes for the kept model.
 * Ablations as settings: `seg_weight: 0` (no segmentation task) and `previous_input: false`
   (each head gets the mean shape, i.e. zeros, in place of the previous scale's prediction).
+* `progressive_tl` puts the same scheme on TL-DeepSSM: each scale has its own correspondence
+  autoencoder (TL-DeepSSM's, on the scale's points) in place of the PCA layer, and its head
+  predicts that autoencoder's latent code (whitened by the trained codes, as TL-DeepSSM's
+  T-flank). Phases: "autoencoder" (every scale's, no images, not selecting), the stages as
+  above with the autoencoders frozen and a latent loss per active scale against the detached
+  g_s(C_s), then "joint" (everything: the autoencoders' reconstruction losses plus the latent
+  losses of every scale, plus the segmentation loss).
 """
 
 from __future__ import annotations
@@ -43,14 +50,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import ImageEncoder, ModelConfig, xavier_init
+from ..models import ImageEncoder, ModelConfig, latent_focal_threshold, xavier_init
 from ..scales import nested_order
 from ..shape_space import ShapeSpace
 from . import register
-from .deepssm import _NETWORK, _SHARED, _loss, _model_config, _point_threshold
+from .deepssm import _NETWORK, _SHARED, _TL_NETWORK, _loss, _model_config, _point_threshold, latent_whitening
 from .interface import (
     AUGMENTATION,
     CORRESPONDENCES,
+    LATENT_CODE,
     PCA_SCORES,
     SCALES,
     SEGMENTATION,
@@ -84,19 +92,46 @@ def nearest_in_prefix(mean: np.ndarray, size: int) -> np.ndarray:
     return d2.argmin(1)
 
 
+class ScaleAutoencoder(nn.Module):
+    """TL-DeepSSM's correspondence autoencoder on one scale's points (centred on their mean), with the
+    fixed whitening its head's output goes through (set from the trained codes, `whiten`)."""
+
+    def __init__(self, mean: np.ndarray, latent: int, hidden: int, slope: float):
+        super().__init__()
+        width = 3 * len(mean)
+        self.register_buffer("mean", torch.as_tensor(np.asarray(mean, np.float32).reshape(-1)))
+        self.encoder = nn.Sequential(nn.Linear(width, hidden), nn.LeakyReLU(slope), nn.Linear(hidden, latent))
+        self.decoder = nn.Sequential(nn.Linear(latent, hidden), nn.LeakyReLU(slope), nn.Linear(hidden, width))
+        self.register_buffer("latent_shift", torch.zeros(latent))
+        self.register_buffer("latent_transform", torch.eye(latent))
+
+    def encode(self, points: torch.Tensor) -> torch.Tensor:
+        return self.encoder(points.flatten(1) - self.mean)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        return (self.decoder(latent) + self.mean).view(len(latent), -1, 3)
+
+    def whiten(self, codes: np.ndarray) -> None:
+        shift, transform = latent_whitening(codes, self.latent_shift.numel())
+        self.latent_shift.copy_(torch.as_tensor(shift))
+        self.latent_transform.copy_(torch.as_tensor(transform))
+
+
 class ProgressiveDeepSSM(nn.Module):
     """Shared image encoder, one head and fixed PCA layer per scale, and a segmentation decoder.
 
     `order` (M,) is the nested order of the points (position -> point index); `sizes` the point
-    counts of the scales, the last M; `layers` each scale's (mean, whitened basis)."""
+    counts of the scales, the last M; `layers` each scale's (mean, whitened basis). With
+    `autoencoders` (progressive_tl) each scale decodes its head's latent through its own
+    autoencoder instead of the PCA layer (whose mean it still uses)."""
 
     def __init__(self, config: ModelConfig, order: np.ndarray, sizes: list[int], layers: list[tuple],
-                 head_hidden: int, previous_input: bool = True):
+                 head_hidden: int, previous_input: bool = True, autoencoders: bool = False):
         super().__init__()
         if sizes[-1] != config.n_points or len(layers) != len(sizes):
             raise ValueError(f"scales {sizes} must end at all {config.n_points} points, one layer each")
         self.config, self.sizes, self.head_hidden = config, list(sizes), head_hidden
-        self.previous_input = previous_input
+        self.previous_input, self.tl = previous_input, autoencoders
         feature = config.fc_sizes[-1]
         self.encoder = ImageEncoder(config, feature)
         self.register_buffer("order", torch.as_tensor(np.asarray(order), dtype=torch.long))
@@ -114,8 +149,12 @@ class ProgressiveDeepSSM(nn.Module):
             self.register_buffer(f"lift_offset_{s}", torch.as_tensor(
                 (mean_ordered - mean_ordered[nearest]).astype(np.float32)))
             previous = 3 * sizes[s - 1] if s else 0
+            out = config.latent_dim if autoencoders else basis.shape[0]
             self.heads.append(nn.Sequential(nn.Linear(feature + previous, head_hidden), nn.PReLU(),
-                                            nn.Linear(head_hidden, basis.shape[0])))
+                                            nn.Linear(head_hidden, out)))
+        self.autoencoders = nn.ModuleList(
+            [ScaleAutoencoder(mean, config.latent_dim, config.ae_hidden, config.leaky_slope) for mean, _ in layers]
+            if autoencoders else [])
         channels = self.encoder.feature_shape[0]
         self.seg_reduce = nn.Sequential(nn.Conv3d(channels, SEG_CHANNELS, 1), nn.PReLU())
         self.seg_out = nn.Sequential(nn.Conv3d(SEG_CHANNELS, SEG_CHANNELS // 2, 3, padding=1), nn.PReLU(),
@@ -130,7 +169,8 @@ class ProgressiveDeepSSM(nn.Module):
         return self.layer(len(self.sizes) - 1)[0].view(-1, 3)[self.inverse_order]
 
     def scale_scores(self, image: torch.Tensor, last: int | None = None) -> tuple[list, torch.Tensor]:
-        """(per scale 0..last: (whitened scores, points (B, n_s, 3) in nested order), conv feature maps)."""
+        """(per scale 0..last: (code, points (B, n_s, 3) in nested order), conv feature maps); the code is
+        the whitened PCA scores, or (progressive_tl) the autoencoder's latent."""
         maps, features = self.encoder.encode(image)
         last = len(self.sizes) - 1 if last is None else last
         outputs, previous = [], None
@@ -143,10 +183,15 @@ class ProgressiveDeepSSM(nn.Module):
                 if not self.previous_input:  # ablation: the mean shape in place of the previous prediction
                     deviation = torch.zeros_like(deviation)
                 head_input = torch.cat([features, deviation], dim=1)
-            scores = self.heads[s](head_input)
-            mean, basis = self.layer(s)
-            points = (mean + scores @ basis).view(len(scores), -1, 3)
-            outputs.append((scores, points))
+            code = self.heads[s](head_input)
+            if self.tl:
+                autoencoder = self.autoencoders[s]
+                code = code @ autoencoder.latent_transform + autoencoder.latent_shift
+                points = autoencoder.decode(code)
+            else:
+                mean, basis = self.layer(s)
+                points = (mean + code @ basis).view(len(code), -1, 3)
+            outputs.append((code, points))
             previous = points
         return outputs, maps
 
@@ -155,6 +200,11 @@ class ProgressiveDeepSSM(nn.Module):
         reduced = F.interpolate(self.seg_reduce(maps), size=self.config.input_shape, mode="trilinear",
                                 align_corners=False)
         return self.seg_out(reduced)[:, 0]
+
+    def scale_targets(self, points: torch.Tensor) -> list[torch.Tensor]:
+        """The cohort-order shapes (B, M, 3) cut into the scales' points, nested order."""
+        ordered = points[:, self.order]
+        return [ordered[:, :size] for size in self.sizes]
 
     def lift(self, points: torch.Tensor, s: int) -> torch.Tensor:
         """Scale s's points (B, n_s, 3, nested order) -> all M points in the cohort's order."""
@@ -176,6 +226,24 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return F.binary_cross_entropy_with_logits(logits, target) + (1 - dice).mean()
 
 
+_SCALE_SCHEMA = {
+    "scales": {"description": "Point counts of the coarse scales, increasing; the finest scale is always all "
+                              "M points. Each is a prefix of the farthest-point order on the mean shape.",
+               "type": "array", "items": {"type": "integer", "minimum": 4}, "minItems": 1,
+               "default": [64, 128, 256]},
+    "stage_epochs": {"description": "Epochs of each coarse stage (stage s trains scales 0..s).",
+                     "type": "integer", "minimum": 0, "default": 3},
+    "final_epochs": {"description": "Epochs of the last stage (every scale, all points).", "type": "integer",
+                     "minimum": 1, "default": 9},
+    "seg_weight": {"description": "Weight of the segmentation loss (BCE + soft Dice); 0 is the ablation "
+                                  "without the segmentation task.", "type": "number", "minimum": 0, "default": 1.0},
+    "previous_input": {"description": "Feed each head the previous scale's prediction; false is the ablation "
+                                      "with the mean shape in its place.", "type": "boolean", "default": True},
+    "head_hidden": {"description": "Hidden width of each scale's head.", "type": "integer", "minimum": 1,
+                    "default": 128},
+}
+
+
 @dataclass(frozen=True)
 class ProgressiveSettings:
     scales: list
@@ -192,35 +260,26 @@ class ProgressiveSettings:
     network: dict
 
 
+@dataclass(frozen=True)
+class ProgressiveTLSettings(ProgressiveSettings):
+    ae_epochs: int
+    ae_lr: float
+    joint_epochs: int
+    latent_dim: int
+    focal_a_latent: float
+
+
 class ProgressiveMethod(Method):
     summary = ("Progressive DeepSSM: coarse-to-fine heads on nested particle scales, each fed the previous "
                "scale's prediction, a loss at every scale and a segmentation task (arXiv 2310.01529; the "
                "design beyond the abstract is the workflow's, see methods/progressive.py).")
     Settings = ProgressiveSettings
-    schema = {
-        "scales": {"description": "Point counts of the coarse scales, increasing; the finest scale is always all "
-                                  "M points. Each is a prefix of the farthest-point order on the mean shape.",
-                   "type": "array", "items": {"type": "integer", "minimum": 4}, "minItems": 1,
-                   "default": [64, 128, 256]},
-        "stage_epochs": {"description": "Epochs of each coarse stage (stage s trains scales 0..s).",
-                         "type": "integer", "minimum": 0, "default": 3},
-        "final_epochs": {"description": "Epochs of the last stage (every scale, all points); only its epochs "
-                                        "compete for the kept model.", "type": "integer", "minimum": 1,
-                         "default": 9},
-        "seg_weight": {"description": "Weight of the segmentation loss (BCE + soft Dice); 0 is the ablation "
-                                      "without the segmentation task.", "type": "number", "minimum": 0,
-                       "default": 1.0},
-        "previous_input": {"description": "Feed each head the previous scale's prediction; false is the ablation "
-                                          "with the mean shape in its place.", "type": "boolean", "default": True},
-        "head_hidden": {"description": "Hidden width of each scale's head.", "type": "integer", "minimum": 1,
-                        "default": 128},
-        **_SHARED,
-        "network": _NETWORK,
-    }
+    schema = {**_SCALE_SCHEMA, **_SHARED, "network": _NETWORK}
     needs = frozenset({TRAINING_IMAGES, SHAPES, AUGMENTATION, SEGMENTATIONS})
     capabilities = frozenset({CORRESPONDENCES, PCA_SCORES, SCALES, SEGMENTATION})
     smoke = {"scales": [8, 16], "stage_epochs": 1, "final_epochs": 1, "head_hidden": 8,
              "network": {"channels": [2, 4, 4, 4, 4], "fc_sizes": [8, 8]}}
+    tl = False
 
     def check(self, settings):
         problems = super().check(settings)
@@ -235,31 +294,37 @@ class ProgressiveMethod(Method):
                              f"{spec.n_points}")
         order = nested_order(spec.shape_space.mean)
         layers = [scale_layer(spec.shape_space, order[:size]) for size in sizes]
-        config = _model_config(spec, settings.network, n_modes=layers[-1][1].shape[0])
-        return ProgressiveDeepSSM(config, order, sizes, layers, settings.head_hidden, settings.previous_input)
+        sizing = {"latent_dim": settings.latent_dim} if self.tl else {}
+        config = _model_config(spec, settings.network, n_modes=layers[-1][1].shape[0], **sizing)
+        return ProgressiveDeepSSM(config, order, sizes, layers, settings.head_hidden, settings.previous_input,
+                                  autoencoders=self.tl)
 
     def network_config(self, model):
         return {"model": asdict(model.config), "sizes": model.sizes, "head_hidden": model.head_hidden,
-                "previous_input": model.previous_input}
+                "previous_input": model.previous_input, "autoencoders": model.tl}
 
     def rebuild(self, network, state):
         sizes = network["sizes"]
         layers = [(state[f"mean_{s}"].cpu().numpy().reshape(-1, 3), state[f"basis_{s}"].cpu().numpy())
                   for s in range(len(sizes))]
         return ProgressiveDeepSSM(ModelConfig(**network["model"]), state["order"].cpu().numpy(), sizes, layers,
-                                  network["head_hidden"], network["previous_input"])
+                                  network["head_hidden"], network["previous_input"], network["autoencoders"])
 
-    def phases(self, settings):
+    def stages(self, settings) -> list[Phase]:
         n = len(settings.scales) + 1
         return [Phase(f"stage{s + 1}", settings.final_epochs if s == n - 1 else settings.stage_epochs, settings.lr,
                       settings.weight_decay, selects_best=s == n - 1) for s in range(n)]
 
+    def phases(self, settings):
+        return self.stages(settings)
+
     @staticmethod
-    def stage(phase: Phase) -> int:
-        return int(phase.name.removeprefix("stage")) - 1
+    def stage(model, phase: Phase) -> int:
+        """The finest scale a phase trains: stage s -> s - 1; the joint phase all."""
+        return len(model.sizes) - 1 if phase.name == "joint" else int(phase.name.removeprefix("stage")) - 1
 
     def trainable(self, model, phase):
-        active = self.stage(phase)
+        active = self.stage(model, phase)
         for s, head in enumerate(model.heads):
             head.requires_grad_(s <= active)
         return [p for p in model.parameters() if p.requires_grad]
@@ -268,16 +333,21 @@ class ProgressiveMethod(Method):
         return _point_threshold(settings, data)
 
     def loss(self, model, settings, phase, batch: Batch, state):
-        outputs, maps = model.scale_scores(batch.images, self.stage(phase))
-        ordered = batch.points[:, model.order]
-        loss = sum(_loss(settings, points, ordered[:, :points.shape[1]], "points", state) for _, points in outputs)
-        if settings.seg_weight > 0:
-            loss = loss + settings.seg_weight * segmentation_loss(model.segment(maps), batch.segmentations)
-        return loss
+        outputs, maps = model.scale_scores(batch.images, self.stage(model, phase))
+        targets = model.scale_targets(batch.points)
+        loss = sum(_loss(settings, points, targets[s], "points", state) for s, (_, points) in enumerate(outputs))
+        return loss + self._segmentation_term(model, settings, batch, maps)
+
+    @staticmethod
+    def _segmentation_term(model, settings, batch: Batch, maps: torch.Tensor):
+        if settings.seg_weight == 0:
+            return 0.0
+        return settings.seg_weight * segmentation_loss(model.segment(maps), batch.segmentations)
 
     def validation_points(self, model, phase, batch):
-        outputs, _ = model.scale_scores(batch.images, self.stage(phase))
-        return model.lift(outputs[-1][1], self.stage(phase))
+        s = self.stage(model, phase)
+        outputs, _ = model.scale_scores(batch.images, s)
+        return model.lift(outputs[-1][1], s)
 
     def predict(self, model, images):
         return model(images)
@@ -307,5 +377,95 @@ class ProgressiveMethod(Method):
         return outputs[-1][0]
 
 
+class ProgressiveTLMethod(ProgressiveMethod):
+    summary = ("Progressive DeepSSM on TL-DeepSSM: per scale a correspondence autoencoder, and a head "
+               "predicting its latent from the image features and the previous scale's prediction; "
+               "autoencoders first, then coarse-to-fine stages, then joint training.")
+    Settings = ProgressiveTLSettings
+    schema = {
+        **_SCALE_SCHEMA,
+        "ae_epochs": {"description": "Autoencoder phase (every scale's; no images).", "type": "integer",
+                      "minimum": 0, "default": 200},
+        "ae_lr": {"description": "Fixed learning rate of the autoencoder phase (as TL-DeepSSM's).",
+                  "type": "number", "exclusiveMinimum": 0, "default": 0.001},
+        "joint_epochs": {"description": "Joint phase after the stages.", "type": "integer", "minimum": 0,
+                         "default": 3},
+        "latent_dim": {"description": "Every scale's autoencoder bottleneck.", "type": "integer", "minimum": 1,
+                       "default": 64},
+        **_SHARED,
+        "focal_a_latent": {"description": "Focal sharpness a on the latents (paper 1).", "type": "number",
+                           "exclusiveMinimum": 0, "default": 1},
+        "network": _TL_NETWORK,
+    }
+    capabilities = frozenset({CORRESPONDENCES, LATENT_CODE, SCALES, SEGMENTATION})
+    smoke = {"scales": [8, 16], "ae_epochs": 2, "stage_epochs": 1, "final_epochs": 1, "joint_epochs": 1,
+             "latent_dim": 4, "head_hidden": 8, "network": {"channels": [2, 4, 4, 4, 4], "fc_sizes": [8, 8],
+                                                           "ae_hidden": 8}}
+    tl = True
+
+    def phases(self, settings):
+        return [Phase("autoencoder", settings.ae_epochs, settings.ae_lr, settings.weight_decay, "constant",
+                      selects_best=False, images=False),
+                *self.stages(settings),
+                Phase("joint", settings.joint_epochs, settings.lr, settings.weight_decay)]
+
+    def trainable(self, model, phase):
+        if phase.name == "autoencoder":
+            model.requires_grad_(False)
+            model.autoencoders.requires_grad_(True)
+            return [p for p in model.parameters() if p.requires_grad]
+        model.requires_grad_(True)
+        if phase.name != "joint":  # the stages: the T-flank side only, as TL-DeepSSM's tflank phase
+            model.autoencoders.requires_grad_(False)
+        return super().trainable(model, phase)
+
+    def begin_phase(self, model, settings, phase, data, state, log):
+        if phase.name != next(p.name for p in self.phases(settings) if p.images and p.epochs > 0):
+            return  # only once, when the first phase after the autoencoders starts
+        # each scale's trained autoencoder codes of the training shapes whiten its head's output and, for the
+        # focal loss, set its latent threshold
+        model.eval()
+        with torch.no_grad():
+            codes = [[] for _ in model.sizes]
+            for points in data.point_batches():
+                for s, target in enumerate(model.scale_targets(points)):
+                    codes[s].append(model.autoencoders[s].encode(target).cpu().numpy())
+        for s, autoencoder in enumerate(model.autoencoders):
+            stacked = np.concatenate(codes[s])
+            autoencoder.whiten(stacked)
+            if settings.loss == "focal":
+                state[f"focal_c_latent{s}"] = latent_focal_threshold(stacked, settings.focal_percentile)
+                log(f"scale {model.sizes[s]}: latent focal threshold c = {state[f'focal_c_latent{s}']:.4g}")
+
+    def loss(self, model, settings, phase, batch, state):
+        targets = model.scale_targets(batch.points)
+        if phase.name == "autoencoder":
+            return sum(_loss(settings, autoencoder.decode(autoencoder.encode(target)), target, "points", state)
+                       for autoencoder, target in zip(model.autoencoders, targets))
+        outputs, maps = model.scale_scores(batch.images, self.stage(model, phase))
+        loss = self._segmentation_term(model, settings, batch, maps)
+        for s, (latent, _) in enumerate(outputs):
+            autoencoder = model.autoencoders[s]
+            true_latent = autoencoder.encode(targets[s])
+            loss = loss + _loss(settings, latent, true_latent.detach(), f"latent{s}", state)
+            if phase.name == "joint":
+                loss = loss + _loss(settings, autoencoder.decode(true_latent), targets[s], "points", state)
+        return loss
+
+    def validation_points(self, model, phase, batch):
+        if phase.name == "autoencoder":  # sees no image: the finest autoencoder's reconstruction
+            autoencoder = model.autoencoders[-1]
+            return autoencoder.decode(autoencoder.encode(model.scale_targets(batch.points)[-1]))[:, model.inverse_order]
+        return super().validation_points(model, phase, batch)
+
+    def shape_code(self, model, shapes):
+        return model.autoencoders[-1].encode(model.scale_targets(shapes)[-1])
+
+    def decode(self, model, codes):
+        return model.autoencoders[-1].decode(codes)[:, model.inverse_order]
+
+
 register("progressive", ProgressiveMethod(), fixed={"loss": "l2"}, default=False)
 register("progressive_focal", ProgressiveMethod(), fixed={"loss": "focal"}, default=False)
+register("progressive_tl", ProgressiveTLMethod(), fixed={"loss": "l2"}, default=False)
+register("progressive_tl_focal", ProgressiveTLMethod(), fixed={"loss": "focal"}, default=False)
