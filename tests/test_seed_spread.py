@@ -24,8 +24,9 @@ from deepssm_workflow.layout import DatasetLayout
 from deepssm_workflow.provenance import software_id
 from deepssm_workflow.seed_spread import DEFAULT_SEEDS, card_init_seed, plan, summarize, write_spread
 from deepssm_workflow.shape_space import ShapeSpace
+from test_train import make_data
 
-GRID, M, N_REAL = 16, 24, 8
+N_REAL = 8
 SMALL_NET = {"channels": [4, 8, 8, 16, 16], "fc_sizes": [32, 16]}
 OLD_ENGINE_KEYS = {"batch_size", "val_fraction", "seed", "precision"}  # EngineSettings before init_seed
 
@@ -38,26 +39,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def make_data(seed: int = 0):
-    """N_REAL real shapes and one generated neighbour of each, with blob images (as test_train's)."""
-    rng = np.random.default_rng(seed)
-    mean = rng.uniform(5, 11, (M, 3))
-    modes = rng.normal(0, 1, (3, M, 3))
-    source = np.arange(N_REAL)
-    real = rng.normal(0, 1.2, (N_REAL, 3))
-    scores = np.concatenate([real, real[source] + rng.normal(0, 0.3, (N_REAL, 3))])
-    points = (mean + np.einsum("nk,kmd->nmd", scores, modes)).astype(np.float32)
-    zz, yy, xx = np.meshgrid(*(np.arange(GRID),) * 3, indexing="ij")
-    images = np.zeros((len(points), GRID, GRID, GRID), np.float32)
-    for i, shape in enumerate(points):
-        for x, y, z in shape[:4]:
-            images[i] += np.exp(-((xx - x) ** 2 + (yy - y) ** 2 + (zz - z) ** 2) / (2 * 1.5 ** 2))
-    return images, points, source
-
-
 @pytest.fixture(scope="module")
 def data():
-    images, points, source = make_data()
+    images, points, source = make_data(n_real=N_REAL)  # test_train's shapes and blob images, fewer of them
     train_idx, val_idx = split_by_source(N_REAL, source, 0.25, seed=0)
     return images, points, train_idx, val_idx, ShapeSpace(n_modes=3).fit(points[train_idx])
 
@@ -107,7 +91,7 @@ def test_a_bad_init_seed_is_refused(bad):
 
 def write_artifacts(root):
     """The files `train_from_artifacts` reads: cohort/, preprocess/ and augmentation/ of a dataset."""
-    images, points, source = make_data()
+    images, points, source = make_data(n_real=N_REAL)
     ids = np.array([f"s{i}" for i in range(N_REAL)])
     layout = DatasetLayout(root)
     for folder in (layout.cohort_dir, layout.preprocess_dir, layout.augmentation_dir):

@@ -35,14 +35,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def make_data(seed: int = 0):
-    """12 real shapes (mean + 3 random modes) and one 'generated' neighbour of each; images are
+def make_data(seed: int = 0, n_real: int = N_REAL):
+    """n_real real shapes (mean + 3 random modes) and one 'generated' neighbour of each; images are
     Gaussian blobs at four of the shape's points on a 16^3 grid, so the shape can be read off."""
     rng = np.random.default_rng(seed)
     mean = rng.uniform(5, 11, (M, 3))
     modes = rng.normal(0, 1, (3, M, 3))
-    source = np.repeat(np.arange(N_REAL), PER)
-    real = rng.normal(0, 1.2, (N_REAL, 3))
+    source = np.repeat(np.arange(n_real), PER)
+    real = rng.normal(0, 1.2, (n_real, 3))
     scores = np.concatenate([real, real[source] + rng.normal(0, 0.3, (len(source), 3))])
     points = (mean + np.einsum("nk,kmd->nmd", scores, modes)).astype(np.float32)
     zz, yy, xx = np.meshgrid(*(np.arange(GRID),) * 3, indexing="ij")

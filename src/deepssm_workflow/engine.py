@@ -277,7 +277,7 @@ def train(method: str, settings, images, points, train_idx, val_idx, shape_space
     spec = DataSpec(tuple(images.shape[1:]), points.shape[1], shape_space, engine.precision)
     model = entry.method.build(settings, spec).to(device, memory_format=layout)
     network = entry.method.network_config(model)
-    data = TrainingData(points, train_idx, engine.batch_size, device)
+    data = TrainingData(points, train_idx, engine.batch_size, device, segmentations)
     val_points = np.asarray(points[val_idx], dtype=np.float64)
     phases = entry.method.phases(settings)
 

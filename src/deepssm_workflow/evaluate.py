@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from .atomic import staged
+from .evaluate_extras import capability_tables
 from .intervals import bootstrap_interval, mean_interval
 from .io import apply_transform, read_particles
 from .layout import DatasetLayout
@@ -265,6 +266,8 @@ def evaluate_dataset(dataset_dir, trained, shape_space: dict, out_dir) -> dict:
     mean_surface = template.warp(space.mean) if template else None
     decomposed = error_decomposition(cohort, {m: shapes[m] for m in trained}, space)
     decomposition = decomposition_summary(decomposed, rmse(shapes[MEAN_SHAPE], cohort.true_local))
+    extra_tables, extra_notes = capability_tables(layout.root, trained, cohort.ids, cohort.true_world,
+                                                  cohort.registered_to_world, _segmentation_column(layout, cohort.ids))
 
     outputs = ["tables", "per_point.npz", "summary.json", "figures.json", "tables.json", *FIGURES]
     with staged(out_dir, outputs) as staging:
@@ -274,6 +277,8 @@ def evaluate_dataset(dataset_dir, trained, shape_space: dict, out_dir) -> dict:
         timing.to_csv(staging / "tables" / "inference_time.csv", index=False)
         decomposition.to_csv(staging / "tables" / "error_decomposition.csv", index=False)
         decomposed.to_csv(staging / "tables" / "error_decomposition_per_subject.csv", index=False)
+        for name, table in extra_tables.items():  # only for methods with these capabilities
+            table.to_csv(staging / "tables" / f"{name}.csv", index=False)
         _decomposition_figure(decomposition, staging / "error_decomposition.png")
         np.savez(staging / "per_point.npz", mean_shape=space.mean, methods=np.array(methods),
                  mean=np.stack([point_errors[m].mean(0) for m in methods]),
@@ -289,19 +294,49 @@ def evaluate_dataset(dataset_dir, trained, shape_space: dict, out_dir) -> dict:
                 _note_figure(" ".join(notes), staging / name)
         figures = _figure_entries(n_modes, template, bool(measured), trained)
         (staging / "figures.json").write_text(json.dumps(figures, indent=2))
-        (staging / "tables.json").write_text(json.dumps(_table_entries(n_modes, anatomy), indent=2))
+        entries = _table_entries(n_modes, anatomy) + [e for e in EXTRA_TABLE_ENTRIES
+                                                      if Path(e["file"]).stem in extra_tables]
+        (staging / "tables.json").write_text(json.dumps(entries, indent=2))
         summary = {
             "anatomy": anatomy, "trained": list(trained), "n_test": len(cohort.ids), "n_points": n_points,
             "n_modes": n_modes, "template_subject": template.subject if template else None,
-            "surface_measured_subjects": [cohort.ids[k] for k in measured], "notes": notes,
+            "surface_measured_subjects": [cohort.ids[k] for k in measured], "notes": notes + extra_notes,
             "methods": {row["method"]: {key: _plain(value) for key, value in row.items() if key != "method"}
                         for row in summary_table.to_dict("records")},
             "error_decomposition": {row["method"]: {key: _plain(value) for key, value in row.items()
                                                     if key != "method"}
                                     for row in decomposition.to_dict("records")},
         }
+        if "segmentation_dice" in extra_tables:
+            summary["segmentation_dice"] = {row["method"]: {key: _plain(value) for key, value in row.items()
+                                                            if key != "method"}
+                                            for row in extra_tables["segmentation_dice"].to_dict("records")}
         (staging / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _segmentation_column(layout: DatasetLayout, ids) -> dict[str, str]:
+    """Each test subject's segmentation file ("" when it has none): evaluation only."""
+    table = pd.read_csv(layout.subjects_csv, dtype={"id": str})
+    if "segmentation" not in table:
+        return {}
+    files = table.set_index("id")["segmentation"].astype(object).fillna("").astype(str)
+    return {i: files.get(i, "") for i in ids}
+
+
+EXTRA_TABLE_ENTRIES = [
+    {"file": "tables/scale_accuracy.csv", "title": "Accuracy at every scale (coarse to fine)",
+     "caption": "For each method that predicts nested scales (Progressive DeepSSM): the world-frame RMSE "
+                "(eq. 12, mm) of each scale's points against the true world shapes, mean over the test subjects "
+                "with its 95 % bootstrap interval and n; the finest scale is the method's prediction. Each finer "
+                "scale should be at least as accurate on its points as the coarser ones were on theirs."},
+    {"file": "tables/segmentation_dice.csv", "title": "Segmentation of the test images (Dice)",
+     "caption": "For each method with a segmentation task: Dice of its mask (probability > 0.5 on the network "
+                "grid) against the test subject's true segmentation resampled through the same image-only "
+                "registration as its image (fraction > 0.5), mean with its 95 % bootstrap interval and n."},
+    {"file": "tables/segmentation_dice_per_subject.csv", "title": "Segmentation Dice per test subject",
+     "caption": "Each test subject's Dice, with the voxel counts of the true and predicted masks."},
+]
 
 
 def _surface_metrics(cohort: TestCohort, shapes: dict, trained):

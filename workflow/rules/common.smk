@@ -131,6 +131,8 @@ def evaluation_inputs(wildcards):
         "test": d.preprocessed("test"),
         "cards": [d.model_card(m) for m in methods],
         "predictions": [d.predictions_csv(m) for m in methods],
+        # the models themselves, for what evaluation measures by capability (scales, segmentation)
+        "models": [d.model_pt(m) for m in methods],
     }
 
 

@@ -184,12 +184,22 @@ class Method:
 
 class TrainingData:
     """The training samples as a method's `prepare` / `begin_phase` sees them: the target shapes
-    of the training rows, a batch at a time, on the model's device."""
+    of the training rows (and their segmentations, for a method that needs them), a batch at a
+    time, on the model's device."""
 
-    def __init__(self, points, train_idx: np.ndarray, batch_size: int, device: torch.device):
+    def __init__(self, points, train_idx: np.ndarray, batch_size: int, device: torch.device, segmentations=None):
         self.points, self.train_idx, self.batch_size, self.device = points, train_idx, batch_size, device
+        self.segmentations = segmentations
 
-    def point_batches(self):
+    def _batches(self, store):
         for start in range(0, len(self.train_idx), self.batch_size):
             rows = self.train_idx[start:start + self.batch_size]
-            yield torch.from_numpy(np.ascontiguousarray(self.points[rows], dtype=np.float32)).to(self.device)
+            yield torch.from_numpy(np.ascontiguousarray(store[rows], dtype=np.float32)).to(self.device)
+
+    def point_batches(self):
+        return self._batches(self.points)
+
+    def segmentation_batches(self):
+        if self.segmentations is None:
+            raise ValueError("this training was given no segmentations")
+        return self._batches(self.segmentations)
