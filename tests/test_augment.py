@@ -207,3 +207,9 @@ def test_training_fits_its_pca_basis_without_the_validation_subjects_and_refuses
     with pytest.raises(ValueError, match=r"samples.npz: made with validation subjects .* rerun the augmentation"):
         train_from_artifacts(cohort, preprocess, tmp_path / "aug", "base", other, tmp_path / "other",
                              log=lambda _: None)
+    # a store made without a hold-out (a library call) trains, and the log says what that costs
+    augment(cohort, preprocess, tmp_path / "plain", 6, seed=0)
+    lines = []
+    train_from_artifacts(cohort, preprocess, tmp_path / "plain", "base", settings, tmp_path / "plain_model",
+                         log=lines.append)
+    assert any(line.startswith("WARNING:") and "without a validation hold-out" in line for line in lines)

@@ -18,7 +18,7 @@ Artifacts (out_dir, written atomically):
     images.npy       (n, Z, Y, X) float32 on the preprocessing grid, written sample by sample
                      through a memory map (memory does not grow with n); load with mmap_mode="r"
     samples.npz      points (n, M, 3) world, scores (n, K) in the shape space, source_index (n,),
-                     source_ids (n,), validation_ids (the held-out subjects; empty without a
+                     source_ids (n,), validation_ids (the held-out subjects; only with a
                      hold-out), bandwidth (KDE sigma), noise_std (KDE kernel sd per mode; both NaN
                      for other samplers), sampler
     shape_space.npz  the ShapeSpace of the fitted subjects, all K = n_fitted - 1 modes (ShapeSpace.load)
@@ -138,9 +138,10 @@ def augment(cohort_dir, preprocess_dir, out_dir, n_samples: int, sampler: str = 
         stack.flush()
         preview = np.array(stack[:QC_IMAGES])  # a few images for the figure, copied before unmapping
         del stack
+        # validation_ids only with a hold-out: training refuses a store made for another split
+        held_out_ids = {"validation_ids": np.array(ids)[held_out].astype(str)} if validation else {}
         np.savez(staging / "samples.npz", points=points, scores=scores, source_index=source,
-                 source_ids=np.array(ids)[source], validation_ids=np.array(ids)[held_out].astype(str),
-                 bandwidth=np.float64(bandwidth),
+                 source_ids=np.array(ids)[source], **held_out_ids, bandwidth=np.float64(bandwidth),
                  noise_std=np.float64(noise_std), sampler=np.array(sampler))
         space.save(staging / "shape_space.npz")
         _qc_figure(staging / "qc.png", train_scores, scores, preview, points[:QC_IMAGES],

@@ -50,6 +50,7 @@ from . import methods
 from .atomic import replaced
 from .augment import augment
 from .engine import EngineSettings, train
+from .holdout import validation_subjects
 from .inference import predict
 from .layout import DatasetLayout
 from .methods import DataSpec
@@ -65,6 +66,7 @@ from .train import train_from_artifacts
 PAPER_INPUT = {"femur": (58, 46, 65), "metopic": (66, 51, 69), "left_atrium": (88, 69, 118)}
 PAPER_POINTS = {"femur": 1024, "metopic": 2048, "left_atrium": 1024}
 PAPER_MODES = 20
+VAL_FRACTION = 0.1  # the memory benchmark's training hold-out (the engine's default)
 N_CONTROL = 256  # the augmentation's default thin-plate-spline control points
 SECTIONS = ("inference", "training", "augmentation", "memory", "checkpoint")
 TARGETS = {
@@ -481,7 +483,10 @@ def bench_memory(scale: Scale, cohort: Cohort, work: Path, threads: int, log) ->
     layout = _write_augmentation_inputs(cohort, work)
     # the data path at full size; a one-channel network of 1x1x1 convs so that an epoch over 5000
     # samples takes a minute on a CPU (the paper network's activations do not grow with the count)
-    settings = {"shape_space": {"n_modes": min(PAPER_MODES, len(cohort.ids) - 1)}, "training": {"batch_size": 8},
+    # the PCA basis is fit on the subjects training does not hold out for validation
+    n_fitted = len(cohort.ids) - len(validation_subjects(len(cohort.ids), VAL_FRACTION))
+    settings = {"shape_space": {"n_modes": min(PAPER_MODES, n_fitted - 1)},
+                "training": {"batch_size": 8, "val_fraction": VAL_FRACTION},
                 "method": {"epochs": 1, "network": {"channels": [1] * 5, "kernel_sizes": [1] * 5, "fc_sizes": [8, 8]}}}
     rows = []
     for count in scale.memory_counts:

@@ -43,7 +43,8 @@ PAPER_FEMUR = (58, 46, 65)  # (Z, Y, X): the paper's 65 x 46 x 58 femur input
 
 def cohort(n_real: int, shape, n_points: int, seed: int = 0):
     """Shapes along 3 modes and images showing their first points as blobs, with one generated
-    neighbour per real subject (as augmentation makes them): images, points, train/val split, space."""
+    neighbour per real subject (as augmentation makes them): images, points, train/val split, space,
+    and the blobs' cores as segmentations (for a method that needs them)."""
     rng = np.random.default_rng(seed)
     centre = np.array(shape[::-1], dtype=float) / 2
     mean = centre + rng.normal(0, min(shape) / 6, (n_points, 3))
@@ -53,11 +54,14 @@ def cohort(n_real: int, shape, n_points: int, seed: int = 0):
     points = (mean + np.einsum("nk,kmd->nmd", scores, modes)).astype(np.float32)
     zz, yy, xx = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in shape), indexing="ij")
     images = np.zeros((len(points), *shape), np.float32)
+    masks = np.zeros((len(points), *shape), np.float32)
     for i, shape_points in enumerate(points):
         for x, y, z in shape_points[:4]:
-            images[i] += np.exp(-((xx - x) ** 2 + (yy - y) ** 2 + (zz - z) ** 2) / 8.0)
+            squared = (xx - x) ** 2 + (yy - y) ** 2 + (zz - z) ** 2
+            images[i] += np.exp(-squared / 8.0)
+            masks[i] = np.maximum(masks[i], squared < 8.0)
     train_idx, val_idx = split_by_source(n_real, source, 0.25)
-    return images, points, train_idx, val_idx, ShapeSpace(n_modes=3).fit(points[train_idx])
+    return images, points, train_idx, val_idx, ShapeSpace(n_modes=3).fit(points[train_idx]), masks
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -73,7 +77,7 @@ def _sync(device):
 def epoch_seconds(device, precision: str, shape, n: int, batch: int) -> tuple[float, int | None]:
     """Seconds of one training epoch (n samples) of the paper-size Base-DeepSSM network, fastest of
     two, and the peak GPU memory in bytes (None on CPU)."""
-    images, points, train_idx, val_idx, space = cohort(n, shape, 64)
+    images, points, train_idx, val_idx, space, _ = cohort(n, shape, 64)
     entry = methods.get(methods.names(default_only=True)[0])  # Base-DeepSSM: the first registered
     torch.manual_seed(0)
     model = entry.method.build(entry.settings({}), methods.DataSpec(shape, 64, space, precision)).to(device)
@@ -132,8 +136,7 @@ def run(quick: bool, out: Path | None = None, log=print) -> dict:
     device, why = devices.choose()
     check("device", quick or device.type == "cuda", why)
     shape, n_real = ((12, 10, 14), 8) if quick else ((32, 24, 40), 24)
-    data = cohort(n_real, shape, 32)
-    images, points, train_idx, val_idx, space = data
+    images, points, train_idx, val_idx, space, masks = cohort(n_real, shape, 32)
     engine = EngineSettings(batch_size=4, val_fraction=0.25)
     quiet = lambda _message: None  # noqa: E731
 
@@ -141,8 +144,10 @@ def run(quick: bool, out: Path | None = None, log=print) -> dict:
         scratch = Path(scratch)
 
         def fit(name, folder, **options):
+            segmentations = masks if methods.SEGMENTATIONS in methods.get(name).method.needs else None
             return train(name, methods.get(name).smoke_settings(), images, points, train_idx, val_idx, space,
-                         scratch / folder, engine=engine, device=device, log=quiet, **options)
+                         scratch / folder, engine=engine, device=device, log=quiet, segmentations=segmentations,
+                         **options)
 
         for name in methods.names():
             start = time.perf_counter()

@@ -41,7 +41,10 @@ def train_from_artifacts(cohort_dir, preprocess_dir, augmentation_dir, method: s
     n_real = len(real["ids"])
     train_idx, val_idx = split_by_source(n_real, samples["source_index"], engine.val_fraction, engine.seed)
     held_out = [str(i) for i in real["ids"][val_idx[val_idx < n_real]]]
-    if "validation_ids" in samples.files and sorted(map(str, samples["validation_ids"])) != held_out:
+    if "validation_ids" not in samples.files:
+        log(f"WARNING: {paths[2]} was made without a validation hold-out (augment without --validation): the "
+            f"validation subjects {held_out} helped build the augmentation's shape model")
+    elif sorted(map(str, samples["validation_ids"])) != held_out:
         raise ValueError(f"{paths[2]}: made with validation subjects {sorted(map(str, samples['validation_ids']))} "
                          f"but training holds out {held_out} (training.val_fraction {engine.val_fraction}, seed "
                          f"{engine.seed}); rerun the augmentation with this training block")
