@@ -96,3 +96,21 @@ def test_without_the_previous_input_a_head_sees_only_the_image(space):
             model.heads[0][-1].bias.add_(3.0)  # change scale 0's prediction only
             after = model.scale_scores(images)[0][1][0]
             assert torch.equal(before, after) != depends
+
+
+def test_bad_inputs_are_refused_by_name_and_leave_no_model(space, tmp_path):
+    space, shapes = space
+    with pytest.raises(ValueError, match=r"method progressive: scales must be strictly increasing, got \[16, 8\]"):
+        methods.get("progressive").settings({"scales": [16, 8]})
+    from deepssm_workflow.engine import train
+
+    images = np.zeros((len(shapes), *SHAPE), np.float32)
+    settings = methods.get("progressive").smoke_settings()
+    with pytest.raises(ValueError, match="method progressive needs the training segmentations; none were given"):
+        train("progressive", settings, images, shapes.astype(np.float32), np.arange(20), np.arange(20, 30), space,
+              tmp_path / "model", device="cpu", log=lambda _: None)
+    assert not (tmp_path / "model" / "model.pt").exists()
+    from deepssm_workflow.train import _segmentations
+
+    with pytest.raises(ValueError, match=r"train_segmentations.npz: missing; .* preprocess_segmentations"):
+        _segmentations(tmp_path / "preprocess", tmp_path / "augmentation", ["a"], images)
