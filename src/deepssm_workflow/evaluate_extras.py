@@ -46,10 +46,8 @@ def _test_images(layout: DatasetLayout, ids) -> np.ndarray:
 
 
 @torch.no_grad()
-def scale_accuracy(layout: DatasetLayout, method: str, ids, true_world: np.ndarray) -> pd.DataFrame:
+def scale_accuracy(trained, method: str, images: torch.Tensor, true_world: np.ndarray) -> pd.DataFrame:
     """One row per scale of a SCALES method: points, n, world RMSE mean with its interval."""
-    trained = load_trained(layout.model_dir(method))
-    images = torch.as_tensor(_test_images(layout, ids)).unsqueeze(1)
     rows = []
     for indices, points in trained.method.predict_scales(trained.model, images):
         errors = rmse(points.double().numpy(), true_world[:, indices])
@@ -82,10 +80,8 @@ def _dice_rows(name: str, predicted: dict[str, np.ndarray], truths: dict[str, np
 
 
 @torch.no_grad()
-def segmentation_dice(layout: DatasetLayout, method: str, ids, truths: dict[str, np.ndarray]) -> list[dict]:
+def segmentation_dice(trained, method: str, images: torch.Tensor, ids, truths: dict[str, np.ndarray]) -> list[dict]:
     """Per test subject with a true mask: Dice of a SEGMENTATION method's mask (probability > 0.5)."""
-    trained = load_trained(layout.model_dir(method))
-    images = torch.as_tensor(_test_images(layout, ids)).unsqueeze(1)
     probability = trained.method.predict_segmentation(trained.model, images).numpy()
     return _dice_rows(method, {subject: probability[k] > 0.5 for k, subject in enumerate(ids)}, truths)
 
@@ -102,17 +98,21 @@ def capability_tables(dataset_dir, trained, ids, true_world: np.ndarray, registe
                       segmentation_files: dict[str, str]) -> tuple[dict[str, pd.DataFrame], list[str]]:
     """The tables of the methods that have these capabilities ({} when none has), and notes."""
     layout = DatasetLayout(Path(dataset_dir))
-    scales, dices, notes, truths = [], [], [], None
+    scales, dices, notes, truths, images = [], [], [], None, None
     for method in trained:
         entry = get(method)
+        if not (entry.has(SCALES) or entry.has(SEGMENTATION)):
+            continue
+        model = load_trained(layout.model_dir(method))  # read once per method, the test images once in all
+        images = torch.as_tensor(_test_images(layout, ids)).unsqueeze(1) if images is None else images
         if entry.has(SCALES):
-            scales.append(scale_accuracy(layout, method, ids, true_world))
+            scales.append(scale_accuracy(model, method, images, true_world))
         if entry.has(SEGMENTATION):
             if truths is None:
                 truths = true_masks(layout, ids, registered_to_world, segmentation_files)
                 if not truths:
                     notes.append("No test subject has a segmentation: the segmentation Dice is not measured.")
-            dices += segmentation_dice(layout, method, ids, truths) if truths else []
+            dices += segmentation_dice(model, method, images, ids, truths) if truths else []
     tables = {}
     if scales:
         tables["scale_accuracy"] = pd.concat(scales, ignore_index=True)
