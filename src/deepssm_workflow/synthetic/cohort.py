@@ -15,6 +15,11 @@ Layout written under the cohort folder (paths in subjects.csv are relative to it
     data/{table}.csv             study tables (e.g. metopic expert ratings)
     data/cohort.json             what was generated, with which settings
 
+Scans are cropped around the anatomy (random margins, the default) or, with
+`full_field`, a fixed box of the same physical size for every subject in which the
+anatomy lies anywhere (and turns further): what a method that finds the anatomy
+itself (image2ssm) needs, and what a DeepSSM registration must cope with.
+
 Every subject draws from its own random stream seeded by (seed, subject index),
 so the cohort is identical for a seed whatever the number of workers. The shapes
 alone (no images) come from `world_shapes`, by the same code and streams.
@@ -37,10 +42,49 @@ from ..io import apply_transform, procrustes_fit, write_particles, write_transfo
 from ..points import farthest_point_sampling
 from . import geometry
 from .anatomy import Anatomy, Scan
-from .imaging import grid_around, signed_distance, voxelize, write_image
+from .imaging import Grid, grid_around, signed_distance, voxelize, write_image
 from .registry import anatomy_class
 
 SCANNER_RANGE_MM = 120.0  # anatomy centre lands uniformly within +-this in scanner coordinates
+FULL_FIELD_ROTATION_DEG = 45.0  # a full-field scan's default largest rotation
+
+
+@dataclass(frozen=True)
+class FullField:
+    """A fixed scanner box for every subject: `size_mm` (x, y, z) centred on the scanner origin;
+    the anatomy lies at a uniformly random position at least `min_margin_mm` inside it, rotated
+    by up to `max_rotation_deg`."""
+
+    size_mm: tuple[float, float, float]
+    max_rotation_deg: float = FULL_FIELD_ROTATION_DEG
+    min_margin_mm: float = 5.0
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "FullField":
+        size = cfg["size_mm"]
+        size = tuple(float(s) for s in (size if isinstance(size, list) else [size] * 3))
+        return cls(size, float(cfg.get("max_rotation_deg", FULL_FIELD_ROTATION_DEG)),
+                   float(cfg.get("min_margin_mm", 5.0)))
+
+    def grid(self, spacing) -> Grid:
+        """The box as a voxel grid whose centre is the scanner origin."""
+        spacing = np.asarray(spacing, float)
+        size = np.ceil(np.asarray(self.size_mm) / spacing).astype(int)
+        origin = -0.5 * (size - 1) * spacing
+        return Grid(tuple(origin.tolist()), tuple(spacing.tolist()), tuple(int(n) for n in size))
+
+    def place(self, rng: np.random.Generator, centred: np.ndarray, grid: Grid, subject_id: str) -> np.ndarray:
+        """A random scanner-frame centre for the anatomy whose scanner-frame points about their centroid
+        are `centred`, such that every point stays min_margin_mm inside the grid's voxel centres."""
+        lower_edge = np.asarray(grid.origin) + self.min_margin_mm
+        upper_edge = np.asarray(grid.origin) + (np.asarray(grid.size) - 1) * np.asarray(grid.spacing) \
+            - self.min_margin_mm
+        low, high = lower_edge - centred.min(0), upper_edge - centred.max(0)
+        if np.any(low > high):
+            need = centred.max(0) - centred.min(0) + 2 * self.min_margin_mm
+            raise ValueError(f"subject {subject_id}: the anatomy, {np.round(need, 1).tolist()} mm with its margins "
+                             f"at this pose, does not fit synthetic.full_field.size_mm {list(self.size_mm)}")
+        return rng.uniform(low, high)
 
 
 @dataclass(frozen=True)
@@ -53,6 +97,7 @@ class SyntheticSettings:
     max_rotation_deg: float
     fov_margin_mm: tuple[float, float]
     extent: dict[str, float] = field(default_factory=dict)  # the anatomy's cuts (Anatomy.extent_keys); {}: its own
+    full_field: FullField | None = None  # None: scans cropped around the anatomy with fov_margin_mm
 
     @classmethod
     def from_config(cls, cfg: dict) -> "SyntheticSettings":
@@ -67,13 +112,15 @@ class SyntheticSettings:
             max_rotation_deg=float(cfg["max_rotation_deg"]),
             fov_margin_mm=tuple(float(m) for m in cfg["fov_margin_mm"]),
             extent={key: float(value) for key, value in (cfg.get("extent") or {}).items()},
+            full_field=FullField.from_config(cfg["full_field"]) if cfg.get("full_field") else None,
         )
 
     def record(self) -> dict:
-        """The settings as cohort.json stores them (`extent` only when set)."""
+        """The settings as cohort.json stores them (`extent` and `full_field` only when set)."""
         record = asdict(self)
-        if not record["extent"]:
-            del record["extent"]
+        for optional in ("extent", "full_field"):
+            if not record[optional]:
+                del record[optional]
         return record
 
 
@@ -121,15 +168,21 @@ def synthesize_subject(anatomy: Anatomy, settings: SyntheticSettings, point_ids:
     anchors = {name: apply_transform(alignment, point) for name, point in anatomy.deformed_anchors(params).items()}
 
     # pose: world = R @ local + t, with the anatomy somewhere in the scanner's field
-    rotation = geometry.random_rotation(rng, settings.max_rotation_deg)
-    scanner_center = rng.uniform(-SCANNER_RANGE_MM, SCANNER_RANGE_MM, 3)
+    full_field = settings.full_field
+    rotation = geometry.random_rotation(rng, full_field.max_rotation_deg if full_field else settings.max_rotation_deg)
+    if full_field:
+        grid = full_field.grid(settings.spacing_mm)
+        scanner_center = full_field.place(rng, (world_vertices - world_vertices.mean(0)) @ rotation, grid, subject_id)
+    else:
+        scanner_center = rng.uniform(-SCANNER_RANGE_MM, SCANNER_RANGE_MM, 3)
     translation = world_vertices.mean(0) - rotation @ scanner_center
     image_to_world = np.eye(4)
     image_to_world[:3, :3], image_to_world[:3, 3] = rotation, translation
     local_vertices = (world_vertices - translation) @ rotation
 
-    low, high = settings.fov_margin_mm
-    grid = grid_around(local_vertices, settings.spacing_mm, rng.uniform(low, high, 3), rng.uniform(low, high, 3))
+    if not full_field:
+        low, high = settings.fov_margin_mm
+        grid = grid_around(local_vertices, settings.spacing_mm, rng.uniform(low, high, 3), rng.uniform(low, high, 3))
     mesh = template.polydata(local_vertices)
     mask = voxelize(mesh, grid)
     if not mask.any():
