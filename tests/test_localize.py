@@ -134,3 +134,67 @@ def test_crops_at_the_true_pose_align_the_anatomies(tiny_cohort):
     # measured on the tiny femur (poses up to 15 degrees): 0.85 aligned, 0.78 axis-aligned
     assert mean_dice(aligned) > 0.8
     assert mean_dice(aligned) > mean_dice(unaligned) + 0.04
+
+
+# the pose test: 300 steps of 8 crops; measured on a 2-core AVX2 CPU: median rotation error 6.3 degrees
+# (max 14.5) against 23.0 for the identity, median shift error 0.93 mm
+STEPS = 300
+MEDIAN_BOUND_DEG = 10.0
+
+
+# a canonical object no rotation maps onto itself: a bar, an arm at one end, a knob at the other (mm)
+_PARTS = [((0.0, 0.0, 0.0), (16.0, 6.0, 6.0)),
+          ((-14.0, 10.0, 0.0), (5.0, 12.0, 5.0)), ((10.0, 0.0, 8.0), (5.0, 5.0, 7.0))]
+
+
+def _soft_inside(q: np.ndarray) -> np.ndarray:
+    d = np.full(q.shape[:-1], np.inf)
+    for centre, radii in _PARTS:
+        d = np.minimum(d, np.linalg.norm((q - np.array(centre)) / np.array(radii), axis=-1) - 1.0)
+    return 1.0 / (1.0 + np.exp(8.0 * d))
+
+
+def _posed_crops(rng, n, offsets, template, max_deg=45.0, max_shift_mm=4.0):
+    """Crops around a detection of the object turned by up to max_deg and off the detection by up to
+    max_shift_mm, rendered analytically (not by the code under test), with the true local particles."""
+    vectors = Rotation.random(n, random_state=int(rng.integers(1 << 31))).as_rotvec()
+    vectors *= rng.uniform(0, np.deg2rad(max_deg), (n, 1)) / np.linalg.norm(vectors, axis=1, keepdims=True)
+    rotations = Rotation.from_rotvec(vectors).as_matrix()
+    shifts = rng.uniform(-max_shift_mm, max_shift_mm, (n, 3))
+    crops = np.stack([_soft_inside(np.einsum("ji,...j->...i", r, offsets - s)) for r, s in zip(rotations, shifts)])
+    local = np.einsum("bij,mj->bmi", rotations, template) + shifts[:, None]
+    return [torch.as_tensor(a, dtype=torch.float32) for a in (crops[:, None], rotations, shifts, local)]
+
+
+@pytest.mark.slow
+def test_the_spatial_transformer_recovers_a_known_rotation():
+    from deepssm_workflow.localize import PoseRegressor, pose_loss
+    from deepssm_workflow.models import ModelConfig
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    offsets = crop_offsets([64.0] * 3, (16, 16, 16)).numpy()
+    template = np.concatenate([rng.uniform(-1, 1, (100, 3)) * r + c for c, r in _PARTS])
+    world = torch.as_tensor(template, dtype=torch.float32)[None].expand(8, -1, -1)
+    config = ModelConfig(input_shape=(16, 16, 16), n_points=1, channels=(8, 16, 16, 32, 32), fc_sizes=(64, 32))
+    net = PoseRegressor(config, shift_scale_mm=4.0)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for _ in range(STEPS):
+        crops, _, _, local = _posed_crops(rng, 8, offsets, template)
+        rotation, shift = net(crops)
+        loss = pose_loss(rotation, shift, world, local, torch.zeros(3))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    net.eval()
+    crops, rotations, shifts, _ = _posed_crops(np.random.default_rng(99), 32, offsets, template)
+    with torch.no_grad():
+        rotation, shift = net(crops)
+    error = rotation_angle_deg(rotation.numpy(), rotations.numpy())
+    unmoved = rotation_angle_deg(np.repeat(np.eye(3)[None], 32, 0), rotations.numpy())
+    shift_error = np.linalg.norm(shift.numpy() - shifts.numpy(), axis=1)
+    print(f"rotation error median {np.median(error):.1f}, max {error.max():.1f} deg (identity: median "
+          f"{np.median(unmoved):.1f}); shift error median {np.median(shift_error):.2f} mm")
+    assert np.median(error) < MEDIAN_BOUND_DEG and np.median(error) < 0.5 * np.median(unmoved)
+    assert np.median(shift_error) < 1.5

@@ -20,8 +20,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .io import procrustes_fit
+from .models import ImageEncoder, ModelConfig, xavier_init
 
 
 def crop_offsets(size_mm, shape, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -100,3 +102,30 @@ def true_pose(local: np.ndarray, world: np.ndarray, world_centre: np.ndarray) ->
     ShapeWorks project's local and world particles), so the pose is supervised without extra labels."""
     matrix = procrustes_fit(world - world_centre, local, scaling=False)
     return matrix[:3, :3], matrix[:3, 3]
+
+
+class PoseRegressor(nn.Module):
+    """The spatial transformer's localisation network: a crop around the detected anatomy, in the scan's
+    axes, -> the rigid pose that aligns it with the canonical frame, as a rotation R and a shift (mm)
+    of the crop's centre. The last layer starts at zero, so the first pose is the identity at the
+    detection; rigid by construction (the released code's 12-number affine could shear and scale)."""
+
+    def __init__(self, config: ModelConfig, shift_scale_mm: float):
+        super().__init__()
+        self.encoder = xavier_init(ImageEncoder(config, 6))
+        last = self.encoder.head[-1]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.shift_scale_mm = float(shift_scale_mm)  # outputs ~1 mean shifts of this size
+
+    def forward(self, crop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.encoder(crop)
+        return rotation_from_vector(out[:, :3]), out[:, 3:] * self.shift_scale_mm
+
+
+def pose_loss(rotation: torch.Tensor, centre: torch.Tensor, world: torch.Tensor, local: torch.Tensor,
+              world_centre: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance (mm^2) between a subject's true local particles and its true world particles
+    placed through the pose: it weighs a rotation by how far it moves the anatomy, with no angle
+    wrap-around, and it is the error the pose adds to the predicted local particles."""
+    return (local_from_world(world, rotation, centre, world_centre) - local).square().sum(-1).mean()
