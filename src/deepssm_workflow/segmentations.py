@@ -122,7 +122,7 @@ def _mask_volumes(foreground: np.ndarray, image: sitk.Image, image_to_world: np.
     return inside * voxel, int(foreground.sum()) * voxel
 
 
-def _binary(array: np.ndarray, what: str) -> np.ndarray:
+def binary_foreground(array: np.ndarray, what: str) -> np.ndarray:
     """The foreground of a binary segmentation (0 and one positive label); else an error naming `what`."""
     foreground = array != 0  # NaN counts as foreground here and fails the label check below
     labels = array[foreground]
@@ -137,12 +137,51 @@ def _binary(array: np.ndarray, what: str) -> np.ndarray:
     return foreground
 
 
-def _segmentation_table(cohort_dir: Path) -> pd.DataFrame:
+def segmentation_table(cohort_dir: Path) -> pd.DataFrame:
     path = cohort_dir / "subjects.csv"
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
     if "segmentation" not in table:
         raise ValueError(f"{path}: no `segmentation` column (reingest the cohort with one)")
     return table.set_index("id")
+
+
+def segmentation_path(table: pd.DataFrame, subject: str, cohort_dir: Path) -> str:
+    """A training subject's segmentation file from the cohort table; an error naming the subject if it has none."""
+    if subject not in table.index:
+        raise ValueError(f"subject {subject}: {cohort_dir / 'subjects.csv'}: not in the cohort table "
+                         f"(the preprocessed images are of another cohort: rerun preprocessing)")
+    path = table.loc[subject, "segmentation"].strip()
+    if not path:
+        raise ValueError(f"subject {subject}: {cohort_dir / 'subjects.csv'}: no segmentation (the `segmentation` "
+                         f"column is empty); a method that needs segmentations needs one for every training "
+                         f"subject")
+    return path
+
+
+def segmentation_on_grid(path, what: str, image_to_world: np.ndarray, grid: WorldGrid) -> tuple[np.ndarray, dict]:
+    """One binary segmentation file as the fraction of each voxel of `grid` inside it (Z, Y, X), through
+    `image_to_world` (4x4: the segmentation's frame -> the grid's), and what was measured: supersampling,
+    the resampled volume, the full-resolution mask's volume inside the grid and in all. A mask that is not
+    binary, nothing left on the grid, or a resampled volume that does not match: an error naming `what`."""
+    image = read_scan(path, what, intensities=False)
+    foreground = binary_foreground(sitk.GetArrayViewFromImage(image), what)
+    mask = sitk.GetImageFromArray(foreground.astype(np.uint8))
+    mask.CopyInformation(image)
+    world_to_image = np.linalg.inv(image_to_world)
+    k = supersampling(image.GetSpacing(), grid.spacing, world_to_image)
+    fraction = label_fraction(mask, world_to_image, grid, k)
+    if not (fraction >= 0.5).any():
+        raise ValueError(f"{what}: nothing of the segmentation is left on the network grid (no voxel at least "
+                         f"half inside): is it in the frame of the subject's image, over its anatomy?")
+    inside, total = _mask_volumes(foreground, image, image_to_world, grid)
+    voxel_volume = float(np.prod(grid.spacing))
+    volume = float(fraction.sum(dtype=np.float64)) * voxel_volume
+    # the check of this step's own result: resampling kept the mask's volume
+    if abs(volume - inside) > VOLUME_TOLERANCE * inside + voxel_volume:
+        raise ValueError(f"{what}: the resampled segmentation's volume {volume:.0f} mm^3 differs from the "
+                         f"full-resolution mask's {inside:.0f} mm^3 inside the grid by more than "
+                         f"{100 * VOLUME_TOLERANCE:g} % (and a voxel)")
+    return fraction, {"supersampling": k, "volume_mm3": volume, "mask_volume_mm3": inside, "mask_total_mm3": total}
 
 
 def preprocess_segmentations(cohort_dir, preprocess_dir, out_path) -> dict:
@@ -156,39 +195,13 @@ def preprocess_segmentations(cohort_dir, preprocess_dir, out_path) -> dict:
     with np.load(preprocess_dir / "train.npz", allow_pickle=False) as train:
         ids = [str(i) for i in train["ids"]]
         transforms = np.asarray(train["image_to_world"], dtype=np.float64)
-    table = _segmentation_table(cohort_dir)
-    voxel_volume = float(np.prod(grid.spacing))
+    table = segmentation_table(cohort_dir)
     stored, records = [], []
     for subject, image_to_world in zip(ids, transforms):
-        if subject not in table.index:
-            raise ValueError(f"subject {subject}: {cohort_dir / 'subjects.csv'}: not in the cohort table "
-                             f"(train.npz is of another cohort: rerun preprocessing)")
-        path = table.loc[subject, "segmentation"].strip()
-        if not path:
-            raise ValueError(f"subject {subject}: {cohort_dir / 'subjects.csv'}: no segmentation (the `segmentation` "
-                             f"column is empty); a method that needs segmentations needs one for every training "
-                             f"subject")
-        what = f"subject {subject}: {path}"
-        image = read_scan(path, what, intensities=False)
-        foreground = _binary(sitk.GetArrayViewFromImage(image), what)
-        mask = sitk.GetImageFromArray(foreground.astype(np.uint8))
-        mask.CopyInformation(image)
-        world_to_image = np.linalg.inv(image_to_world)
-        k = supersampling(image.GetSpacing(), grid.spacing, world_to_image)
-        fraction = label_fraction(mask, world_to_image, grid, k)
-        if not (fraction >= 0.5).any():
-            raise ValueError(f"{what}: nothing of the segmentation is left on the network grid (no voxel at least "
-                             f"half inside): is it in the frame of the subject's image, over its anatomy?")
-        inside, total = _mask_volumes(foreground, image, image_to_world, grid)
-        volume = float(fraction.sum(dtype=np.float64)) * voxel_volume
-        # the check of this step's own result: resampling kept the mask's volume
-        if abs(volume - inside) > VOLUME_TOLERANCE * inside + voxel_volume:
-            raise ValueError(f"{what}: the resampled segmentation's volume {volume:.0f} mm^3 differs from the "
-                             f"full-resolution mask's {inside:.0f} mm^3 inside the grid by more than "
-                             f"{100 * VOLUME_TOLERANCE:g} % (and a voxel)")
+        path = segmentation_path(table, subject, cohort_dir)
+        fraction, record = segmentation_on_grid(path, f"subject {subject}: {path}", image_to_world, grid)
         stored.append(quantize(fraction))
-        records.append({"id": subject, "supersampling": k, "volume_mm3": volume, "mask_volume_mm3": inside,
-                        "mask_total_mm3": total})
+        records.append({"id": subject, **record})
     with staged(out_path.parent, [out_path.name]) as staging:
         np.savez(staging / out_path.name, ids=np.array(ids), segmentations=np.stack(stored),
                  **{key: np.array([r[key] for r in records]) for key in

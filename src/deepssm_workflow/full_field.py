@@ -1,0 +1,167 @@
+"""Preprocessing of uncropped scans for a method that finds the anatomy itself (image2ssm): every scan,
+training and test, resampled onto one grid size and spacing, centred on the scan's own field of view,
+with no registration and no crop around the anatomy.
+
+A scan's grid keeps the scan's physical frame (identity direction: an oblique scan is resampled into
+its axes; particles stay where they are in millimetres). Each scan's grid has its own origin, so the
+arrays store particles in the grid frame (scan frame minus the grid's origin) and the origins beside
+them: the network then sees every scan with its first voxel at 0, and a prediction is put back into
+its scan by adding the origin. The grid size is fixed by the config (`scan_grid.size`), or else by the
+largest training scan: a test scan larger than that is cut to the grid around its centre, and the
+record says how much of its field the grid kept.
+
+Training subjects also get their segmentation as the fraction of each voxel inside the anatomy
+(`segmentations.segmentation_on_grid`), and must lie whole in their grid: an anatomy, or particles,
+outside it is an error naming the subject and the file. Test subjects are read as images only.
+Intensities are normalized with the mean and standard deviation of the resampled training scans.
+
+Artifacts (results/{dataset}/scans/):
+    grid.json   spacing, size, normalization, the rule that chose the size, settings
+    train.npz   ids, images (N, Z, Y, X) float32, origins (N, 3), segmentations (N, Z, Y, X) uint8
+                (fraction x 255), local (N, M, 3) grid-frame particles, world (N, M, 3), field_kept (N,)
+    test.npz    ids, images, origins, field_kept, seconds (reading and resampling, per scan)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+from .atomic import staged
+from .preprocess import MIN_GRID_VOXELS, WorldGrid, read_image, resample_to_world
+from .segmentations import quantize, segmentation_on_grid, segmentation_path, segmentation_table
+
+
+@dataclass(frozen=True)
+class ScanGridSettings:
+    spacing_mm: float
+    size: tuple[int, int, int] | None = None  # x, y, z voxels; None: the largest training scan's field
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "ScanGridSettings":
+        size = cfg.get("size")
+        return cls(float(cfg["spacing_mm"]), None if size is None else tuple(int(n) for n in size))
+
+
+def field_corners(image: sitk.Image) -> np.ndarray:
+    """(8, 3) physical positions of the centres of a scan's corner voxels (any direction)."""
+    size = np.array(image.GetSize()) - 1
+    return np.array([image.TransformContinuousIndexToPhysicalPoint([float(c) for c in corner])
+                     for corner in np.stack(np.meshgrid(*([0, n] for n in size), indexing="ij"), -1).reshape(-1, 3)])
+
+
+def field_extent_mm(image: sitk.Image) -> np.ndarray:
+    """(3,) size (x, y, z mm) of the axis-aligned box around a scan's voxel centres."""
+    corners = field_corners(image)
+    return corners.max(0) - corners.min(0)
+
+
+def scan_grid(image: sitk.Image, spacing: float, size) -> WorldGrid:
+    """The grid of `size` (x, y, z) voxels of `spacing` centred on the scan's field, in its physical frame."""
+    corners = field_corners(image)
+    centre = 0.5 * (corners.min(0) + corners.max(0))
+    size = np.asarray(size, dtype=int)
+    origin = centre - 0.5 * spacing * (size - 1)
+    return WorldGrid(tuple(origin.tolist()), (float(spacing),) * 3, tuple(int(n) for n in size))
+
+
+def field_kept(image: sitk.Image, grid: WorldGrid) -> float:
+    """Fraction of the scan's field (its axis-aligned box) inside the grid."""
+    corners = field_corners(image)
+    low, high = corners.min(0), corners.max(0)
+    grid_low = np.array(grid.origin)
+    grid_high = grid_low + np.array(grid.spacing) * (np.array(grid.size) - 1)
+    overlap = np.clip(np.minimum(high, grid_high) - np.maximum(low, grid_low), 0, None)
+    return float(np.prod(overlap) / np.prod(np.maximum(high - low, 1e-9)))
+
+
+def _size_for(extents: np.ndarray, spacing: float) -> tuple[int, int, int]:
+    return tuple(int(n) for n in np.ceil(extents.max(0) / spacing - 1e-6).astype(int) + 1)
+
+
+def _table(cohort_dir: Path) -> pd.DataFrame:
+    return pd.read_csv(cohort_dir / "subjects.csv", usecols=["id", "split", "image"], dtype={"id": str})
+
+
+def preprocess_scans(cohort_dir, settings: ScanGridSettings, out_dir) -> dict:
+    """grid.json, train.npz and test.npz of the module's doc, written together (all or nothing)."""
+    cohort_dir, out_dir = Path(cohort_dir), Path(out_dir)
+    shapes = np.load(cohort_dir / "shapes_train.npz")
+    table = _table(cohort_dir).set_index("id")
+    ids = [str(i) for i in shapes["ids"]]
+    scans = {}
+    for subject in ids:
+        path = table.loc[subject, "image"]
+        scans[subject] = read_image(path, f"subject {subject}: {path}")
+    spacing = settings.spacing_mm
+    size = settings.size or _size_for(np.array([field_extent_mm(s) for s in scans.values()]), spacing)
+    if min(size) < MIN_GRID_VOXELS:
+        raise ValueError(f"{cohort_dir}: the scan grid would be {'x'.join(map(str, size))} voxels of {spacing:g} mm; "
+                         f"the networks need at least {MIN_GRID_VOXELS} per axis: lower scan_grid.spacing_mm")
+
+    segmentations_of = segmentation_table(cohort_dir)
+    images, origins, fractions, local, kept = [], [], [], [], []
+    for k, subject in enumerate(ids):
+        grid = scan_grid(scans[subject], spacing, size)
+        what = f"subject {subject}: {table.loc[subject, 'image']}"
+        points = shapes["local"][k] - np.array(grid.origin)
+        upper = np.array(grid.spacing) * (np.array(grid.size) - 1)
+        if np.any(points < 0) or np.any(points > upper):
+            raise ValueError(f"{what}: particles outside the scan grid ({'x'.join(map(str, size))} voxels of "
+                             f"{spacing:g} mm around the scan's centre): raise scan_grid.size")
+        seg_path = segmentation_path(segmentations_of, subject, cohort_dir)
+        seg_what = f"subject {subject}: {seg_path}"
+        fraction, record = segmentation_on_grid(seg_path, seg_what, np.eye(4), grid)
+        if record["mask_volume_mm3"] < 0.999 * record["mask_total_mm3"]:
+            raise ValueError(f"{seg_what}: {100 * (1 - record['mask_volume_mm3'] / record['mask_total_mm3']):.1f} % "
+                             f"of the anatomy lies outside the scan grid: raise scan_grid.size")
+        images.append(resample_to_world(scans[subject], sitk.Transform(), grid))
+        origins.append(grid.origin)
+        fractions.append(quantize(fraction))
+        local.append(points)
+        kept.append(field_kept(scans[subject], grid))
+    stack = np.stack(images).astype(np.float32)
+    mean, std = float(stack.mean(dtype=np.float64)), float(stack.std(dtype=np.float64))
+    if not std > 0:
+        raise ValueError(f"{cohort_dir}: training scans have no intensity variation; cannot normalize")
+    meta = {"spacing_mm": spacing, "size": list(size),
+            "size_rule": "scan_grid.size" if settings.size else "the largest training scan's field",
+            "normalization": {"mean": mean, "std": std, "from": "all voxels of the resampled training scans"},
+            "settings": asdict(settings)}
+
+    test_ids = table.index[table["split"] == "test"]
+    test = {"images": [], "origins": [], "field_kept": [], "seconds": []}
+    for subject in test_ids:
+        start = time.perf_counter()
+        image, origin, fraction_kept = preprocess_scan(table.loc[subject, "image"], meta,
+                                                       f"subject {subject}: {table.loc[subject, 'image']}")
+        test["seconds"].append(time.perf_counter() - start)
+        test["images"].append(image)
+        test["origins"].append(origin)
+        test["field_kept"].append(fraction_kept)
+
+    with staged(out_dir, ["grid.json", "train.npz", "test.npz"]) as staging:
+        np.savez(staging / "train.npz", ids=np.array(ids), images=(stack - mean) / std, origins=np.array(origins),
+                 segmentations=np.stack(fractions), local=np.stack(local).astype(np.float32),
+                 world=shapes["world"].astype(np.float32), field_kept=np.array(kept))
+        np.savez(staging / "test.npz", ids=np.array(list(test_ids), dtype=str),
+                 **{key: np.asarray(value, dtype=np.float32 if key == "images" else np.float64)
+                    for key, value in test.items()})
+        (staging / "grid.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def preprocess_scan(path, meta: dict, what: str | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """One unseen scan from its file alone: (normalized (Z, Y, X) array, its grid's origin (3,), the fraction of
+    its field the grid kept)."""
+    image = read_image(path, what)
+    grid = scan_grid(image, meta["spacing_mm"], meta["size"])
+    norm = meta["normalization"]
+    array = (resample_to_world(image, sitk.Transform(), grid) - norm["mean"]) / norm["std"]
+    return array.astype(np.float32), np.array(grid.origin), field_kept(image, grid)

@@ -1,0 +1,98 @@
+"""Preprocessing of uncropped scans (full_field.py): one grid size per cohort centred on each scan, no
+registration, particles and segmentations in the same frame as the images, bad input refused by name."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+from conftest import tiny_settings
+from deepssm_workflow.full_field import ScanGridSettings, preprocess_scan, preprocess_scans
+from deepssm_workflow.ingest import ingest_cohort
+from deepssm_workflow.segmentations import fractions
+from deepssm_workflow.synthetic.cohort import generate_cohort
+
+SPACING = 4.0
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full_field_cohort")
+    settings = tiny_settings("femur", subjects={"train": {"control": 4, "cam": 1}, "test": {"control": 2}},
+                             full_field={"size_mm": 160.0, "max_rotation_deg": 45, "min_margin_mm": 5.0})
+    generate_cohort("femur", settings, out / "raw", workers=2)
+    ingest_cohort({"source": "synthetic", "manifest": str(out / "raw" / "subjects.csv")}, "femur", out / "cohort")
+    return out / "cohort"
+
+
+@pytest.fixture(scope="module")
+def scans(cohort, tmp_path_factory):
+    out = tmp_path_factory.mktemp("scans")
+    meta = preprocess_scans(cohort, ScanGridSettings(SPACING), out)
+    return out, meta
+
+
+def test_particles_segmentations_and_images_share_the_grid_frame(cohort, scans):
+    out, meta = scans
+    train = np.load(out / "train.npz")
+    shapes = np.load(cohort / "shapes_train.npz")
+    assert meta["size"] == [41, 41, 41]  # 160 mm scans of 1 mm voxels on 4 mm: 159 / 4 + 1, rounded up
+    assert list(train["ids"]) == list(shapes["ids"])
+    # a prediction goes back into its scan by adding the grid's origin
+    np.testing.assert_allclose(train["local"] + train["origins"][:, None], shapes["local"], atol=1e-4)
+    assert np.abs(train["images"].mean()) < 1e-3 and abs(train["images"].std() - 1) < 1e-3
+    for k, subject in enumerate(train["ids"]):
+        fraction = fractions(train["segmentations"][k])
+        inside = np.argwhere(fraction >= 0.5)[:, ::-1] * SPACING  # (x, y, z) mm in the grid frame
+        points = train["local"][k]
+        # the mask and the particles cover the same box, to about a voxel
+        assert np.abs(inside.min(0) - points.min(0)).max() < 1.5 * SPACING, subject
+        assert np.abs(inside.max(0) - points.max(0)).max() < 1.5 * SPACING, subject
+        # and the image shows it there: the bone is brighter than what surrounds it
+        image = train["images"][k]
+        assert image[fraction >= 0.5].mean() > image[fraction == 0].mean() + 0.5, subject
+        assert train["field_kept"][k] == pytest.approx(1.0)
+
+
+def test_test_scans_are_read_as_images_alone(cohort, scans):
+    out, meta = scans
+    test = np.load(out / "test.npz")
+    assert set(test.files) == {"ids", "images", "origins", "field_kept", "seconds"}
+    assert len(test["ids"]) == 2 and test["images"].shape == (2, 41, 41, 41)
+    row = pd.read_csv(cohort / "subjects.csv", dtype={"id": str}).set_index("id").loc[str(test["ids"][0])]
+    image, origin, kept = preprocess_scan(row["image"], meta)
+    np.testing.assert_allclose(image, test["images"][0], atol=1e-5)
+    np.testing.assert_allclose(origin, test["origins"][0])
+    assert kept == pytest.approx(1.0)
+    # a scan larger than the grid is cut around its centre, and the record says how much was kept
+    _, _, kept_small = preprocess_scan(row["image"], {**meta, "size": [20, 41, 41]})
+    assert kept_small == pytest.approx(19 * SPACING / 159, rel=1e-6)
+
+
+def test_an_anatomy_outside_the_grid_is_refused_by_name(cohort, tmp_path):
+    with pytest.raises(ValueError, match=r"subject femur_\d+: .*particles outside the scan grid") as error:
+        preprocess_scans(cohort, ScanGridSettings(SPACING, (16, 16, 16)), tmp_path / "small")
+    assert "raise scan_grid.size" in str(error.value)
+    assert not (tmp_path / "small").exists()
+
+
+def test_a_broken_training_scan_is_refused_by_name(cohort, tmp_path):
+    table = pd.read_csv(cohort / "subjects.csv", dtype={"id": str})
+    victim = table[table["split"] == "train"].iloc[1]
+    image = sitk.ReadImage(victim["image"])
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    array[3, 4, 5] = np.nan
+    broken = sitk.GetImageFromArray(array)
+    broken.CopyInformation(image)
+    copy = tmp_path / "cohort"
+    copy.mkdir()
+    for name in ("shapes_train.npz", "shapes_test.npz", "report.json"):
+        (copy / name).write_bytes((cohort / name).read_bytes())
+    sitk.WriteImage(broken, str(tmp_path / "broken.nrrd"))
+    table.loc[table["id"] == victim["id"], "image"] = str(tmp_path / "broken.nrrd")
+    table.to_csv(copy / "subjects.csv", index=False)
+    with pytest.raises(Exception, match=f"subject {victim['id']}: .*broken.nrrd"):
+        preprocess_scans(copy, ScanGridSettings(SPACING), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
