@@ -96,3 +96,46 @@ def test_a_broken_training_scan_is_refused_by_name(cohort, tmp_path):
     with pytest.raises(Exception, match=f"subject {victim['id']}: .*broken.nrrd"):
         preprocess_scans(copy, ScanGridSettings(SPACING), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+SMOKE = {"shape_space": {"n_modes": 3}, "training": {"batch_size": 2, "val_fraction": 0.2, "seed": 0},
+         "method": {"segmentation_epochs": 1, "alignment_epochs": 1, "shape_epochs": 1, "seg_channels": [2, 4],
+                    "crop_spacing_mm": 8.0, "network": {"channels": [2, 4, 4, 4, 4], "fc_sizes": [8, 8]}}}
+
+
+def _set_segmenter_bias(model_dir, value: float) -> None:
+    """Every voxel called inside (value > 0) or none (value < 0): a model whose detection is known."""
+    import torch
+
+    state = torch.load(model_dir / "model.pt", weights_only=True)
+    state["segmenter.out.bias"].fill_(value)
+    torch.save(state, model_dir / "model.pt")
+
+
+def test_a_localizing_method_trains_on_the_scans_and_predicts_into_each_scan(cohort, scans, tmp_path):
+    from deepssm_workflow.io import apply_transform, read_particles
+    from deepssm_workflow.predict import predict_scans
+    from deepssm_workflow.train import train_from_scans
+
+    out, _ = scans
+    card = train_from_scans(cohort, out, "image2ssm", SMOKE, tmp_path / "model", log=lambda _: None)
+    assert card["method"] == "image2ssm" and card["n_train"] + card["n_val"] == 5
+    _set_segmenter_bias(tmp_path / "model", 30.0)  # found: the whole grid, centred on each scan
+    table = predict_scans(tmp_path / "model", out, "test", tmp_path / "predictions")
+    test = np.load(out / "test.npz")
+    alignment = np.load(tmp_path / "predictions" / "alignment.npz")
+    assert list(table["id"]) == list(test["ids"]) == list(alignment["ids"])
+    for k, row in enumerate(table.itertuples()):
+        local = read_particles(tmp_path / "predictions" / row.local_particles)
+        world = read_particles(tmp_path / "predictions" / row.world_particles)
+        # the alignment the method found takes its scan-frame particles onto its world ones
+        np.testing.assert_allclose(apply_transform(alignment["image_to_world"][k], local), world, atol=1e-3)
+        # detected at the grid's centre (every voxel inside), the crop's centre is there in the scan's frame
+        centre = test["origins"][k] + 0.5 * SPACING * (np.array([41, 41, 41]) - 1)
+        assert np.linalg.norm(local.mean(0) - centre) < 60.0
+        assert row.seconds_per_scan == pytest.approx(row.preprocess_seconds + row.network_seconds)
+
+    _set_segmenter_bias(tmp_path / "model", -30.0)  # nothing found: refused by name, nothing written
+    with pytest.raises(ValueError, match=r"subject femur_\d+: .*test.npz: prediction refused: no voxel was segmented"):
+        predict_scans(tmp_path / "model", out, "test", tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()

@@ -20,7 +20,7 @@ from conftest import SCHEMA
 from deepssm_workflow import methods
 from deepssm_workflow.cli import build_parser
 from deepssm_workflow.config import schema
-from deepssm_workflow.engine import EngineSettings, train
+from deepssm_workflow.engine import EngineSettings, optional_inputs, train
 from deepssm_workflow.holdout import split_by_source
 from deepssm_workflow.inference import codes, decode, load_trained, predict
 from deepssm_workflow.shape_space import ShapeSpace
@@ -117,10 +117,10 @@ def smoke(name: str):
 
 def run(name, data, out, **options):
     images, points, train_idx, val_idx, space, masks = data
-    segmentations = masks if methods.SEGMENTATIONS in methods.get(name).method.needs else None
+    # a method trained on uncropped scans gets the points as both frames: these images are their own world frame
     return train(name, smoke(name), images, points, train_idx, val_idx, space, out,
                  engine=EngineSettings(batch_size=4, val_fraction=0.25), device="cpu", log=lambda _: None,
-                 segmentations=segmentations, **options)
+                 **optional_inputs(name, masks, points), **options)
 
 
 @pytest.fixture(autouse=True)
@@ -185,6 +185,13 @@ def test_outputs_and_capabilities(name, data):
         with torch.no_grad():
             probability = entry.method.predict_segmentation(model, batch)
         assert probability.shape == (3, *SHAPE) and 0 <= probability.min() and probability.max() <= 1
+    if entry.has(methods.LOCALIZES):  # its own alignment takes its scan-frame points to its world ones
+        with torch.no_grad():
+            found = entry.method.localize(model, batch)
+        assert found["local"].shape == (3, M, 3) and found["found"].shape == (3,)
+        homogeneous = torch.cat([found["local"], torch.ones(3, M, 1)], -1)
+        world = torch.einsum("bij,bmj->bmi", found["image_to_world"], homogeneous)[..., :3]
+        torch.testing.assert_close(world, predicted, atol=1e-3, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -247,7 +254,7 @@ def test_each_phase_trains_only_its_parameters(name, data):
         optimizer = torch.optim.SGD(params, lr=0.1)
         model.train()
         batch = methods.Batch(rows, torch.as_tensor(points[rows]), lambda: torch.as_tensor(images[rows]).unsqueeze(1),
-                              lambda: torch.as_tensor(masks[rows]))
+                              lambda: torch.as_tensor(masks[rows]), {"world": lambda: torch.as_tensor(points[rows])})
         loss = entry.method.loss(model, settings, phase, batch, state)
         optimizer.zero_grad()
         loss.backward()

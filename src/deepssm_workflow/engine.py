@@ -43,7 +43,7 @@ from torch import nn
 from . import card as cards
 from . import devices
 from .atomic import replaced
-from .methods import SEGMENTATIONS, Batch, DataSpec, TrainingData, get
+from .methods import SCANS, SEGMENTATIONS, Batch, DataSpec, TrainingData, get
 from .plotting import figure, save_figure
 from .provenance import checksum_problem, record_checksum
 from .shape_space import ShapeSpace, rmse
@@ -119,14 +119,19 @@ def memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format
 
 
-def _batch(images, points, rows, device, layout, segmentations=None) -> Batch:
+def _batch(images, points, rows, device, layout, segmentations=None, extras=None) -> Batch:
     return Batch(rows, rows_tensor(points, rows, device), lambda: image_batch(images, rows, device, layout),
-                 _segmentation_reader(segmentations, rows, device))
+                 _segmentation_reader(segmentations, rows, device), _extra_readers(extras, rows, device))
 
 
 def _segmentation_reader(segmentations, rows, device):
     """What reads a batch's segmentations when the method asks (None: this training has none)."""
     return None if segmentations is None else (lambda: rows_tensor(segmentations, rows, device))
+
+
+def _extra_readers(extras, rows, device) -> dict:
+    """What reads a batch's further targets (`train`'s extras), each when the method asks."""
+    return {name: (lambda store=store: rows_tensor(store, rows, device)) for name, store in (extras or {}).items()}
 
 
 def _host_batch(images, points, rows, with_images: bool, pin: bool):
@@ -139,7 +144,7 @@ def _host_batch(images, points, rows, with_images: bool, pin: bool):
     return rows, host[0], host[1] if with_images else None
 
 
-def _read_ahead(images, points, row_batches, device, layout, with_images: bool, segmentations=None):
+def _read_ahead(images, points, row_batches, device, layout, with_images: bool, segmentations=None, extras=None):
     """Batches on `device`, each read in a thread while the one before is used, copied without blocking."""
     row_batches = list(row_batches)
     pin = device.type == "cuda"
@@ -151,12 +156,14 @@ def _read_ahead(images, points, row_batches, device, layout, with_images: bool, 
                 pending = reader.submit(_host_batch, images, points, row_batches[k + 1], with_images, pin)
             on_device = points_host.to(device, non_blocking=True)
             read_segmentations = _segmentation_reader(segmentations, rows, device)
+            read_extras = _extra_readers(extras, rows, device)
             if images_host is None:  # a phase that reads no images (it still may, synchronously)
                 yield Batch(rows, on_device, lambda rows=rows: image_batch(images, rows, device, layout),
-                            read_segmentations)
+                            read_segmentations, read_extras)
             else:
                 batch_images = images_host.to(device, non_blocking=True).contiguous(memory_format=layout)
-                yield Batch(rows, on_device, lambda batch_images=batch_images: batch_images, read_segmentations)
+                yield Batch(rows, on_device, lambda batch_images=batch_images: batch_images, read_segmentations,
+                            read_extras)
 
 
 # -- files
@@ -201,6 +208,14 @@ def _plot_history(history: list[dict], best_epoch: int, path: Path) -> None:
 # -- training
 
 
+def optional_inputs(method: str, segmentations=None, world=None) -> dict:
+    """`train`'s optional inputs that `method` needs, from what the caller holds: the segmentations (a method
+    that needs SEGMENTATIONS or SCANS) and, for SCANS, the world-frame points as the extra "world"."""
+    needs = get(method).method.needs
+    return {"segmentations": segmentations if needs & {SEGMENTATIONS, SCANS} else None,
+            "extras": {"world": world} if SCANS in needs else None}
+
+
 def pick_device(device, log) -> torch.device:
     """The caller's device (a torch device, or auto / cuda / cpu), else `devices.choose`; stated in the log."""
     if device is None or str(device) in devices.CHOICES:
@@ -238,7 +253,8 @@ def _resume_point(ckpt_path: Path, signature: dict, device: torch.device, log) -
 def train(method: str, settings, images, points, train_idx, val_idx, shape_space: ShapeSpace, out_dir,
           engine: EngineSettings = EngineSettings(), device=None, log=print, data_hash: str | None = None,
           stop_after_epochs: int | None = None, checkpoint_seconds: float = 0.0,
-          read_ahead: bool | None = None, segmentations=None) -> dict | None:
+          read_ahead: bool | None = None, segmentations=None, extras: dict | None = None,
+          spacing=(1.0, 1.0, 1.0)) -> dict | None:
     """Train the registered `method` (its Settings: `methods.get(method).settings(block)`) on
     images (n, Z, Y, X) and correspondences (n, M, 3).
 
@@ -252,6 +268,8 @@ def train(method: str, settings, images, points, train_idx, val_idx, shape_space
     (checkpoint written), as if the run had been killed there. `read_ahead` (default: on CUDA
     only) reads the next batch in a thread. `segmentations` (n, Z, Y, X), the fraction of each
     voxel inside the anatomy, for a method that needs SEGMENTATIONS (indexed like the images).
+    `extras`: further per-sample targets by name (indexed like the images; a method that needs SCANS
+    asks for "world"), and `spacing` the images' voxel size (x, y, z mm), for the method's DataSpec.
     Returns the model card.
     """
     entry = get(method)
@@ -264,8 +282,14 @@ def train(method: str, settings, images, points, train_idx, val_idx, shape_space
         raise ValueError("train_idx and val_idx overlap")
     if len(images) != len(points) or points.shape[-1] != 3:
         raise ValueError(f"need n images and n (M, 3) shapes, got {len(images)} images and points {points.shape}")
-    if SEGMENTATIONS in entry.method.needs and segmentations is None:
+    if (SEGMENTATIONS in entry.method.needs or SCANS in entry.method.needs) and segmentations is None:
         raise ValueError(f"method {method} needs the training segmentations; none were given")
+    if SCANS in entry.method.needs and "world" not in (extras or {}):
+        raise ValueError(f"method {method} trains on uncropped scans: it needs the world-frame particles as the "
+                         f"extra 'world' (its points are the scan-frame ones)")
+    for name, store in (extras or {}).items():
+        if len(store) != len(images):
+            raise ValueError(f"extra {name!r} has {len(store)} rows for {len(images)} images")
     if segmentations is not None and tuple(segmentations.shape) != tuple(images.shape):
         raise ValueError(f"segmentations {tuple(segmentations.shape)} must match the images {tuple(images.shape)}")
     device = pick_device(device, log)
@@ -274,7 +298,8 @@ def train(method: str, settings, images, points, train_idx, val_idx, shape_space
 
     torch.manual_seed(engine.effective_init_seed)
     layout = memory_format(device)
-    spec = DataSpec(tuple(images.shape[1:]), points.shape[1], shape_space, engine.precision)
+    spec = DataSpec(tuple(images.shape[1:]), points.shape[1], shape_space, engine.precision,
+                    tuple(float(s) for s in spacing))
     model = entry.method.build(settings, spec).to(device, memory_format=layout)
     network = entry.method.network_config(model)
     data = TrainingData(points, train_idx, engine.batch_size, device, segmentations)
@@ -329,9 +354,11 @@ def train(method: str, settings, images, points, train_idx, val_idx, shape_space
                 total, count = (torch.zeros((), device=device) if on_device_sum else 0.0), 0
                 row_batches = batches(train_idx, engine.batch_size, engine.effective_init_seed, epoch, shuffle=True)
                 if read_ahead:
-                    loader = _read_ahead(images, points, row_batches, device, layout, phase.images, segmentations)
+                    loader = _read_ahead(images, points, row_batches, device, layout, phase.images, segmentations,
+                                         extras)
                 else:
-                    loader = (_batch(images, points, rows, device, layout, segmentations) for rows in row_batches)
+                    loader = (_batch(images, points, rows, device, layout, segmentations, extras)
+                              for rows in row_batches)
                 for batch in loader:
                     loss = entry.method.loss(model, settings, phase, batch, state)
                     optimizer.zero_grad(set_to_none=True)

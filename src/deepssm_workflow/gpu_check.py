@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from . import devices, methods
-from .engine import EngineSettings, train
+from .engine import EngineSettings, optional_inputs, train
 from .holdout import split_by_source
 from .inference import load_trained, predict
 from .shape_space import ShapeSpace
@@ -144,10 +144,10 @@ def run(quick: bool, out: Path | None = None, log=print) -> dict:
         scratch = Path(scratch)
 
         def fit(name, folder, **options):
-            segmentations = masks if methods.SEGMENTATIONS in methods.get(name).method.needs else None
+            # a method trained on uncropped scans gets the points as both frames: these images are their own world
             return train(name, methods.get(name).smoke_settings(), images, points, train_idx, val_idx, space,
-                         scratch / folder, engine=engine, device=device, log=quiet, segmentations=segmentations,
-                         **options)
+                         scratch / folder, engine=engine, device=device, log=quiet,
+                         **optional_inputs(name, masks, points), **options)
 
         for name in methods.names():
             start = time.perf_counter()

@@ -68,6 +68,23 @@ def predict(method: Method, model: nn.Module, images, batch_size: int = 8) -> tu
 
 
 @torch.no_grad()
+def localize(method: Method, model: nn.Module, scans, batch_size: int = 1) -> tuple[dict[str, np.ndarray], float]:
+    """What a LOCALIZES method finds in (n, Z, Y, X) uncropped scans on their grids (`Method.localize`: local,
+    world, image_to_world, found; numpy), and the wall-clock seconds per scan. Leaves the model in eval mode."""
+    model.eval()
+    device = _device(model)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    parts = [method.localize(model, image_batch(scans, rows, device))
+             for rows in batches(np.arange(len(scans)), batch_size)]
+    found = {key: torch.cat([part[key] for part in parts]).cpu().numpy() for key in parts[0]} if parts else {}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return found, (time.perf_counter() - start) / max(len(scans), 1)
+
+
+@torch.no_grad()
 def codes(method: Method, model: nn.Module, *, shapes=None, images=None, batch_size: int = 8) -> np.ndarray:
     """(n, D) float64 codes of shapes (n, M, 3) or of images (n, Z, Y, X), in the method's code space
     (`shape_code` / `image_code`: PCA_SCORES or LATENT_CODE)."""

@@ -23,14 +23,16 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .atomic import staged
-from .inference import load_trained, predict
+from .inference import load_trained, localize, predict
 from .io import apply_transform, write_particles
+from .methods import LOCALIZES
 from .preprocess import WorldGrid, load_grid, load_reference, preprocess_image
 
 # A predicted shape's RMS radius about its centroid, as a multiple of the training mean shape's
 # (the model's own buffer). Shapes of one anatomy differ in size by tens of percent (PCA modes,
 # a similarity alignment's scale near 1); a factor of 4 either way is no shape of it.
 RADIUS_RATIO = (0.25, 4.0)
+ALIGNMENT_FILE = "alignment.npz"  # a LOCALIZES method's own alignment of each test scan (predict_scans)
 
 
 class _OneDNNConv3d(nn.Module):
@@ -118,6 +120,61 @@ def predict_split(model_dir, preprocess_dir, split: str, out_dir, threads: int =
             write_particles(staging / name, points)
         table.to_csv(staging / "predictions.csv", index=False)
     return table
+
+
+def predict_scans(model_dir, scans_dir, split: str, out_dir, threads: int = 1) -> pd.DataFrame:
+    """Predict every uncropped scan of a split with a method that finds the anatomy itself (LOCALIZES) from
+    `full_field.preprocess_scans`'s {split}.npz: no registration. Writes what `predict_split` writes, the
+    local particles put back into each scan's frame, and alignment.npz: ids and each scan's image_to_world
+    (4x4, scan frame -> world), the method's own alignment, for the error decomposition.
+
+    Per-scan time = reading and resampling the scan + the network."""
+    torch.set_num_threads(max(1, threads))
+    source = Path(scans_dir) / f"{split}.npz"
+    data = np.load(source)
+    trained = load_trained(model_dir)
+    if not trained.has(LOCALIZES):
+        raise ValueError(f"{model_dir}: method {trained.entry.name} does not find the anatomy in an uncropped scan "
+                         f"itself; predict it from the registered crops (predict_split)")
+    model = inference_model(trained.model)
+    found, network_seconds = localize(trained.method, model, data["images"], batch_size=1)
+    mean = trained.method.training_mean(model)
+    problems = []
+    for subject, hit, world in zip(data["ids"], found["found"], found["world"]):
+        problem = (None if hit else "no voxel was segmented as the anatomy: nothing to crop or align") or \
+            prediction_problem(world, mean, plausible_world_box(mean))
+        if problem:
+            problems.append(f"subject {subject}: {source}: prediction refused: {problem}")
+    if problems:
+        raise ValueError(problems[0] if len(problems) == 1 else
+                         f"{len(problems)} predictions refused:\n  " + "\n  ".join(problems))
+    rows, files, transforms = [], [], []
+    for i, subject in enumerate(data["ids"]):
+        origin = data["origins"][i]
+        grid_to_scan = np.eye(4)
+        grid_to_scan[:3, 3] = origin
+        transforms.append(found["image_to_world"][i].astype(np.float64) @ np.linalg.inv(grid_to_scan))
+        files.append((f"particles/{subject}_world.particles", found["world"][i]))
+        files.append((f"particles/{subject}_local.particles", found["local"][i] + origin))
+        rows.append({"id": str(subject), "world_particles": f"particles/{subject}_world.particles",
+                     "local_particles": f"particles/{subject}_local.particles",
+                     "preprocess_seconds": float(data["seconds"][i]), "network_seconds": network_seconds,
+                     "seconds_per_scan": float(data["seconds"][i]) + network_seconds})
+    table = pd.DataFrame(rows)
+    with staged(out_dir, ["particles", "predictions.csv", ALIGNMENT_FILE]) as staging:
+        (staging / "particles").mkdir()
+        for name, points in files:
+            write_particles(staging / name, points)
+        table.to_csv(staging / "predictions.csv", index=False)
+        np.savez(staging / ALIGNMENT_FILE, ids=np.array([str(i) for i in data["ids"]]),
+                 image_to_world=np.stack(transforms))
+    return table
+
+
+def plausible_world_box(mean: np.ndarray) -> WorldGrid:
+    """Where a shape of the anatomy may lie in the world frame, for a method with no preprocess grid: the mean
+    shape's bounding box plus half its size on every side."""
+    return WorldGrid.around(mean, 1.0, float(np.ptp(mean, axis=0).max()) / 2)
 
 
 def predict_image(model_dir, preprocess_dir, image_path, out_prefix) -> dict:

@@ -3,6 +3,7 @@ shapes, the augmented samples, and the dataset's shape space (`engine.train` doe
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 
 from .engine import EngineSettings, train
 from .holdout import split_by_source
-from .methods import SEGMENTATIONS, get
+from .methods import SCANS, SEGMENTATIONS, get
 from .provenance import combined_sha256
 from .rows import NpyRows, ScaledRows, StackedRows
 from .segmentations import SCALE, TRAIN_FILE
@@ -27,6 +28,9 @@ def train_from_artifacts(cohort_dir, preprocess_dir, augmentation_dir, method: s
     method's own block, schema defaults filled in by the config). `device` and
     `checkpoint_seconds`: see `engine.train`.
     """
+    if SCANS in get(method).method.needs:
+        raise ValueError(f"method {method} trains on uncropped scans (full_field.py), not on the registered crops and "
+                         f"their augmentation: train it with train_from_scans")
     cohort_dir, preprocess_dir, augmentation_dir = Path(cohort_dir), Path(preprocess_dir), Path(augmentation_dir)
     paths = [preprocess_dir / "train.npz", cohort_dir / "shapes_train.npz", augmentation_dir / "samples.npz",
              augmentation_dir / "images.npy"]
@@ -59,6 +63,32 @@ def train_from_artifacts(cohort_dir, preprocess_dir, augmentation_dir, method: s
     return train(method, method_settings, images, points, train_idx, val_idx, space, out_dir, engine=engine,
                  log=log, data_hash=combined_sha256(paths), device=device, checkpoint_seconds=checkpoint_seconds,
                  segmentations=segmentations)
+
+
+def train_from_scans(cohort_dir, scans_dir, method: str, settings: dict, out_dir, threads: int = 1, log=print,
+                     device: str | None = None, checkpoint_seconds: float = 0.0) -> dict:
+    """Train a method that needs SCANS on the uncropped training scans of `full_field.preprocess_scans`:
+    their images and segmentations, the grid-frame particles as the points and the world ones as the extra
+    "world". No augmentation: every sample is a real subject, and the validation subjects are held out by
+    `settings["training"]` as for the other methods. `settings`: as `train_from_artifacts`."""
+    cohort_dir, scans_dir = Path(cohort_dir), Path(scans_dir)
+    if SCANS not in get(method).method.needs:
+        raise ValueError(f"method {method} trains on the registered crops: train it with train_from_artifacts")
+    paths = [scans_dir / "train.npz", cohort_dir / "shapes_train.npz"]
+    scans, shapes = (np.load(p) for p in paths)
+    if [str(i) for i in scans["ids"]] != [str(i) for i in shapes["ids"]]:
+        raise ValueError(f"{paths[0]} and {paths[1]} list different training subjects (rerun preprocess_scans)")
+    spacing = json.loads((scans_dir / "grid.json").read_text())["spacing_mm"]
+    engine = EngineSettings(**settings["training"])
+    n = len(scans["ids"])
+    train_idx, val_idx = split_by_source(n, [], engine.val_fraction, engine.seed)  # no generated samples
+    space = ShapeSpace(**settings["shape_space"]).fit(shapes["world"][train_idx])
+    torch.set_num_threads(max(1, threads))
+    log(f"{method}: {len(train_idx)} training / {len(val_idx)} validation scans, {space.n_modes} PCA modes")
+    return train(method, get(method).settings(settings["method"]), scans["images"], scans["local"], train_idx,
+                 val_idx, space, out_dir, engine=engine, log=log, data_hash=combined_sha256(paths), device=device,
+                 checkpoint_seconds=checkpoint_seconds, segmentations=ScaledRows(scans["segmentations"], 1.0 / SCALE),
+                 extras={"world": scans["world"]}, spacing=(float(spacing),) * 3)
 
 
 def _segmentations(preprocess_dir: Path, augmentation_dir: Path, ids, images) -> tuple[ScaledRows, list[Path]]:

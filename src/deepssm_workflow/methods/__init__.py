@@ -25,9 +25,11 @@ from .interface import (  # noqa: F401 (the interface, re-exported)
     CAPABILITIES,
     CORRESPONDENCES,
     LATENT_CODE,
+    LOCALIZES,
     NEEDS,
     PCA_SCORES,
     SCALES,
+    SCANS,
     SEGMENTATION,
     SEGMENTATIONS,
     SHAPES,
@@ -128,5 +130,6 @@ def config_schema() -> dict:
             "default": {name: {} for name in names(default_only=True)}}
 
 
-# the method modules register their names (base, base_focal, tl, tl_focal; progressive, progressive_focal)
-from . import deepssm, progressive  # noqa: E402,F401
+# the method modules register their names (base, base_focal, tl, tl_focal; progressive, progressive_focal, ...;
+# image2ssm)
+from . import deepssm, image2ssm, progressive  # noqa: E402,F401

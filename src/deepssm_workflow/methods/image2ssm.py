@@ -4,8 +4,8 @@ rigid pose against the population with a spatial transformer, and predict the sh
 attention-weighted, aligned crop. Not to be confused with the other paper called Image2SSM (radial
 basis function shape models from segmentations).
 
-This module holds the network and its staged loss; the method's registration (its training data:
-full-field scans, their segmentations and both particle frames) is the next step of issue 17.
+Registered as `image2ssm`; it trains on `full_field` preprocessing (scans/train.npz: uncropped scans,
+their segmentations and both particle frames), the engine's points being the grid-frame particles.
 
 What is the paper's (abstract and the authors' code): a 3D segmentation network on the whole scan;
 a crop around the segmented anatomy; a spatial transformer aligning the crop with the population;
@@ -34,6 +34,8 @@ PCA layer; a staged schedule (segmentation first, then alignment, then shape). W
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -41,7 +43,9 @@ from torch import nn
 
 from ..localize import PoseRegressor, crop_offsets, crop_points, local_from_world, pose_loss, sample_physical
 from ..models import ModelConfig, correspondence_loss, xavier_init
-from .deepssm import BaseDeepSSM
+from . import register
+from .deepssm import _NETWORK, BaseDeepSSM, _model_config, pca_layer_basis
+from .interface import CORRESPONDENCES, LOCALIZES, SCANS, SHAPES, Method, Phase
 from .progressive import segmentation_loss
 
 STAGES = ("segmentation", "alignment", "shape")
@@ -102,8 +106,9 @@ class Image2SSMNet(nn.Module):
     the world point the crop is centred on (the mean shape's centroid)."""
 
     def __init__(self, config: ModelConfig, crop_mm, mean: np.ndarray, basis: np.ndarray, world_centre,
-                 seg_channels=(8, 16, 32), shift_scale_mm: float = 5.0):
+                 seg_channels=(8, 16, 32), shift_scale_mm: float = 5.0, scan_spacing=(1.0, 1.0, 1.0)):
         super().__init__()
+        self.config, self.seg_channels, self.shift_scale_mm = config, tuple(seg_channels), float(shift_scale_mm)
         self.segmenter = xavier_init(SegmentationNet(seg_channels))
         self.pose = PoseRegressor(config, shift_scale_mm)
         self.shape = BaseDeepSSM(config, mean, basis)
@@ -112,6 +117,8 @@ class Image2SSMNet(nn.Module):
         # (voxels, 3), not (D, H, W, 3): a 4-D buffer would break the engine's channels-last conversion
         self.register_buffer("offsets", crop_offsets(self.crop_mm, self.crop_shape).reshape(-1, 3))
         self.register_buffer("world_centre", torch.as_tensor(np.asarray(world_centre), dtype=torch.float32))
+        # the voxel size of the scans it reads when no spacing is given (the scan grid of full_field.py)
+        self.register_buffer("scan_spacing", torch.as_tensor(np.asarray(scan_spacing), dtype=torch.float32))
 
     def _attended_crop(self, scan, probability, origin, spacing, centre, rotation):
         points = crop_points(centre, rotation, self.offsets.view(*self.crop_shape, 3))
@@ -119,10 +126,17 @@ class Image2SSMNet(nn.Module):
         mask = sample_physical(probability, origin, spacing, points)
         return image * (1 + mask)
 
-    def forward(self, scan: torch.Tensor, origin: torch.Tensor, spacing: torch.Tensor,
+    def forward(self, scan: torch.Tensor, origin: torch.Tensor | None = None, spacing: torch.Tensor | None = None,
                 teacher_pose: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
-        """`scan` (B, 1, Z, Y, X) with `origin`, `spacing` (B, 3) mm; `teacher_pose` (R, c): crop the
-        shape head's input at the true pose instead of the predicted one (teacher forcing)."""
+        """`scan` (B, 1, Z, Y, X) with `origin`, `spacing` (B, 3) mm (default: the grid frame, first voxel
+        at 0, `scan_spacing`); `teacher_pose` (R, c): crop the shape head's input at the true pose instead
+        of the predicted one (teacher forcing)."""
+        if scan.ndim == 4:
+            scan = scan.unsqueeze(1)
+        if origin is None:
+            origin = scan.new_zeros(len(scan), 3)
+        if spacing is None:
+            spacing = self.scan_spacing.expand(len(scan), 3)
         logits = self.segmenter(scan)
         detected, found = detect_centre(logits, origin, spacing)
         probability = torch.sigmoid(logits).detach()  # the crops do not train the segmentation (as the authors')
@@ -136,6 +150,17 @@ class Image2SSMNet(nn.Module):
                 "local": local_from_world(world, rotation, centre, self.world_centre)}
 
 
+def image_to_world(rotation: torch.Tensor, centre: torch.Tensor, world_centre: torch.Tensor) -> torch.Tensor:
+    """(B, 4, 4) homogeneous transforms of the pose (R, c) from the scan (grid) frame to the world frame:
+    world = world_centre + R^T (local - c) (`localize.world_from_local`)."""
+    matrix = torch.zeros(len(rotation), 4, 4, dtype=rotation.dtype, device=rotation.device)
+    transposed = rotation.transpose(1, 2)
+    matrix[:, :3, :3] = transposed
+    matrix[:, :3, 3] = world_centre - torch.einsum("bij,bj->bi", transposed, centre)
+    matrix[:, 3, 3] = 1
+    return matrix
+
+
 def staged_loss(outputs: dict, stage: str, segmentation: torch.Tensor, world: torch.Tensor,
                 local: torch.Tensor, world_centre: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """The loss of a batch in `stage` (STAGES): the sum of that stage's terms (STAGE_TERMS), and each
@@ -146,10 +171,120 @@ def staged_loss(outputs: dict, stage: str, segmentation: torch.Tensor, world: to
         raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
     terms = {}
     for term in STAGE_TERMS[stage]:
-        if term == "segmentation":
-            terms[term] = segmentation_loss(outputs["logits"], segmentation)
+        if term == "segmentation":  # (B, Z, Y, X) fractions, as the engine's batches hold them, or (B, 1, ...)
+            target = segmentation.unsqueeze(1) if segmentation.ndim == 4 else segmentation
+            terms[term] = segmentation_loss(outputs["logits"], target)
         elif term == "pose":
             terms[term] = pose_loss(outputs["rotation"], outputs["centre"], world, local, world_centre)
         else:
             terms[term] = correspondence_loss(outputs[term], world if term == "world" else local)
     return sum(terms.values()), {k: float(v.detach()) for k, v in terms.items()}
+
+
+def crop_size_mm(mean: np.ndarray, margin_mm: float) -> tuple[float, float, float]:
+    """The crop's side (a cube): the mean shape's bounding sphere about its centroid plus the margin on each
+    side, so that the anatomy fits in any rotation (the first crop, at the detection, is not yet aligned)."""
+    radius = float(np.linalg.norm(mean - mean.mean(0), axis=1).max())
+    return (2 * (radius + margin_mm),) * 3
+
+
+@dataclass(frozen=True)
+class Image2SSMSettings:
+    segmentation_epochs: int
+    alignment_epochs: int
+    shape_epochs: int
+    lr: float
+    weight_decay: float
+    crop_margin_mm: float
+    crop_spacing_mm: float | None
+    seg_channels: list
+    shift_scale_mm: float
+    network: dict
+
+
+class Image2SSMMethod(Method):
+    summary = ("Localization-aware Image2SSM (Iyer et al., MIDL 2023): segment, detect, crop, align (rigid spatial "
+               "transformer) and predict world and scan-frame particles from an uncropped scan, no registration.")
+    Settings = Image2SSMSettings
+    schema = {
+        "segmentation_epochs": {"description": "Epochs of the first stage: the segmentation alone.",
+                                "type": "integer", "minimum": 0, "default": 10},
+        "alignment_epochs": {"description": "Epochs of the second stage: segmentation and pose.",
+                             "type": "integer", "minimum": 0, "default": 10},
+        "shape_epochs": {"description": "Epochs of the last stage: segmentation, pose, world and scan-frame "
+                                        "particles; only its epochs compete for the kept model.",
+                         "type": "integer", "minimum": 1, "default": 20},
+        "lr": {"description": "Adam learning rate of every stage, cosine-annealed within each.",
+               "type": "number", "exclusiveMinimum": 0, "default": 0.001},
+        "weight_decay": {"description": "Adam weight decay.", "type": "number", "minimum": 0, "default": 0.0},
+        "crop_margin_mm": {"description": "Margin around the mean shape's bounding sphere: the crop's side is its "
+                                          "diameter plus twice this (room for shape variation and detection error).",
+                           "type": "number", "minimum": 0, "default": 10.0},
+        "crop_spacing_mm": {"description": "Voxel size of the crop (null: the scan grid's).",
+                            "type": ["number", "null"], "exclusiveMinimum": 0, "default": None},
+        "seg_channels": {"description": "Channels of the segmentation U-Net's levels.", "type": "array",
+                         "items": {"type": "integer", "minimum": 1}, "minItems": 2, "default": [8, 16, 32]},
+        "shift_scale_mm": {"description": "Scale of the pose regressor's shift output (mm per unit).",
+                           "type": "number", "exclusiveMinimum": 0, "default": 5.0},
+        "network": _NETWORK,
+    }
+    needs = frozenset({SCANS, SHAPES})
+    capabilities = frozenset({CORRESPONDENCES, LOCALIZES})
+    smoke = {"segmentation_epochs": 1, "alignment_epochs": 1, "shape_epochs": 1, "seg_channels": [2, 4],
+             "crop_margin_mm": 1.0, "network": {"channels": [2, 4, 4, 4, 4], "fc_sizes": [8, 8]}}
+
+    def build(self, settings, spec):
+        space = spec.shape_space
+        crop_mm = crop_size_mm(space.mean, settings.crop_margin_mm)
+        step = settings.crop_spacing_mm or min(spec.spacing)
+        crop_shape = tuple(max(8, int(np.ceil(side / step))) for side in crop_mm[::-1])  # (z, y, x)
+        config = _model_config(spec, settings.network, n_modes=space.n_modes)
+        config = ModelConfig(**{**asdict(config), "input_shape": crop_shape})
+        return Image2SSMNet(config, crop_mm, space.mean, pca_layer_basis(space, space.n_modes), space.mean.mean(0),
+                            settings.seg_channels, settings.shift_scale_mm, spec.spacing)
+
+    def network_config(self, model):
+        return {"config": asdict(model.config), "crop_mm": list(model.crop_mm),
+                "seg_channels": list(model.seg_channels), "shift_scale_mm": model.shift_scale_mm}
+
+    def rebuild(self, network, state):
+        mean = state["shape.pca_bias"].cpu().numpy().reshape(-1, 3)
+        return Image2SSMNet(ModelConfig(**network["config"]), network["crop_mm"], mean,
+                            state["shape.pca_weight"].cpu().numpy().T, state["world_centre"].cpu().numpy(),
+                            network["seg_channels"], network["shift_scale_mm"], state["scan_spacing"].cpu().numpy())
+
+    def phases(self, settings):
+        # the authors' order: segmentation first, then the alignment, then the shape
+        return [Phase("segmentation", settings.segmentation_epochs, settings.lr, settings.weight_decay,
+                      selects_best=False),
+                Phase("alignment", settings.alignment_epochs, settings.lr, settings.weight_decay,
+                      selects_best=False),
+                Phase("shape", settings.shape_epochs, settings.lr, settings.weight_decay)]
+
+    def trainable(self, model, phase):
+        parts = {"segmentation": (model.segmenter,), "alignment": (model.segmenter, model.pose),
+                 "shape": (model.segmenter, model.pose, model.shape)}[phase.name]
+        return [p for part in parts for p in part.parameters()]
+
+    def loss(self, model, settings, phase, batch, state):
+        loss, _ = staged_loss(model(batch.images), phase.name, batch.segmentations, batch.extra("world"),
+                              batch.points, model.world_centre)
+        return loss
+
+    def validation_points(self, model, phase, batch):
+        """The scan-frame particles: what a user gets, the pose's error included."""
+        return model(batch.images)["local"]
+
+    def predict(self, model, images):
+        return model(images)["world"]
+
+    def localize(self, model, images):
+        out = model(images)
+        return {"local": out["local"], "world": out["world"], "found": out["found"],
+                "image_to_world": image_to_world(out["rotation"], out["centre"], model.world_centre)}
+
+    def training_mean(self, model):
+        return model.shape.pca_bias.detach().cpu().numpy().astype(np.float64).reshape(-1, 3)
+
+
+register("image2ssm", Image2SSMMethod(), default=False)

@@ -34,7 +34,9 @@ PCA_SCORES = "pca_scores"            # its shape code is the scores of a fixed l
 LATENT_CODE = "latent_code"          # its shape code is a learned latent that decodes to a shape (latent swims)
 SCALES = "scales"                    # predicts nested scales of the correspondences too (`predict_scales`)
 SEGMENTATION = "segmentation"        # predicts the anatomy's mask on the network grid (`predict_segmentation`)
-CAPABILITIES = (CORRESPONDENCES, PCA_SCORES, LATENT_CODE, SCALES, SEGMENTATION)
+LOCALIZES = "localizes"              # finds the anatomy in an uncropped scan itself: scan-frame correspondences
+                                     # and its own alignment, with no registration (`localize`)
+CAPABILITIES = (CORRESPONDENCES, PCA_SCORES, LATENT_CODE, SCALES, SEGMENTATION, LOCALIZES)
 
 # -- inputs a method can need from the results layout (`deepssm_workflow.layout`)
 TRAINING_IMAGES = "training_images"  # preprocess/train.npz
@@ -42,19 +44,25 @@ SHAPES = "shapes"                    # cohort/shapes_train.npz: the corresponden
 AUGMENTATION = "augmentation"        # augmentation/samples.npz + images.npy
 SEGMENTATIONS = "segmentations"      # preprocess/train_segmentations.npz + augmentation/segmentations/ (training
                                      # only; deepssm_workflow.segmentations); the train rule then asks for them
-NEEDS = (TRAINING_IMAGES, SHAPES, AUGMENTATION, SEGMENTATIONS)
+SCANS = "scans"                      # scans/train.npz (deepssm_workflow.full_field): uncropped scans, their
+                                     # segmentations and both particle frames, in place of the registered crops;
+                                     # the engine's points are then the grid-frame (local) particles, and the
+                                     # world ones come as the batch's extra "world"
+NEEDS = (TRAINING_IMAGES, SHAPES, AUGMENTATION, SEGMENTATIONS, SCANS)
 
 
 @dataclass(frozen=True)
 class DataSpec:
     """What a network is built for: preprocessed image size (Z, Y, X), correspondences per
-    shape, the dataset's shape space (mean shape, PCA basis and variances), and the precision
-    of its image convolutions (fp32, or bf16 autocast on the conv stack only)."""
+    shape, the dataset's shape space (mean shape, PCA basis and variances), the precision
+    of its image convolutions (fp32, or bf16 autocast on the conv stack only), and the input grid's
+    voxel size (x, y, z mm: what a method that works in millimetres on its input, LOCALIZES, needs)."""
 
     input_shape: tuple[int, int, int]
     n_points: int
     shape_space: ShapeSpace
     precision: str = "fp32"
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -86,9 +94,11 @@ class Batch:
     voxel inside the anatomy, read when first asked for."""
 
     def __init__(self, rows: np.ndarray, points: torch.Tensor, read_images: Callable[[], torch.Tensor],
-                 read_segmentations: Callable[[], torch.Tensor] | None = None):
+                 read_segmentations: Callable[[], torch.Tensor] | None = None,
+                 read_extras: dict[str, Callable[[], torch.Tensor]] | None = None):
         self.rows, self.points, self._read_images, self._images = rows, points, read_images, None
         self._read_segmentations, self._segmentations = read_segmentations, None
+        self._read_extras, self._extras = dict(read_extras or {}), {}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -107,6 +117,14 @@ class Batch:
         if self._segmentations is None:
             self._segmentations = self._read_segmentations()
         return self._segmentations
+
+    def extra(self, name: str) -> torch.Tensor:
+        """A further per-sample target the training was given (SCANS: "world"), read when first asked for."""
+        if name not in self._read_extras:
+            raise ValueError(f"this training was given no {name!r} rows (given: {sorted(self._read_extras) or 'none'})")
+        if name not in self._extras:
+            self._extras[name] = self._read_extras[name]()
+        return self._extras[name]
 
 
 class Method:
@@ -163,6 +181,13 @@ class Method:
     # -- inference and descriptors
     def predict(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """(B, 1, Z, Y, X) images -> (B, M, 3) world-frame correspondences (CORRESPONDENCES)."""
+        raise NotImplementedError
+
+    def localize(self, model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, 1, Z, Y, X) uncropped scans on their grids (LOCALIZES) -> "local" (B, M, 3) correspondences in
+        each grid's frame (mm from its first voxel), "world" (B, M, 3), "image_to_world" (B, 4, 4) the rigid
+        transform it found from the grid's frame to the world frame, "found" (B,) whether it found the
+        anatomy at all."""
         raise NotImplementedError
 
     def training_mean(self, model: nn.Module) -> np.ndarray:
