@@ -329,3 +329,43 @@ def test_the_error_is_split_into_alignment_and_network(evaluated_layout, tmp_pat
     assert (accuracy["rmse_low_mm"] <= accuracy["rmse_mm"] + 1e-9).all() and (accuracy["n"] == n).all()
     image = mpimg.imread(tmp_path / "evaluation" / "error_decomposition.png")
     assert image.shape[0] > 150 and image.std() > 0.05
+
+
+def test_a_method_that_aligns_the_scans_itself_is_measured_through_its_own_alignment(evaluated_layout, tmp_path):
+    """The registration off by 2 mm along world x, as above; `tl` says (alignment.npz) it aligned the scans itself,
+    exactly. Its floors and its mean-shape baseline follow its own alignment, base's the registration's; the
+    alignment table measures both alike: 2 mm and 0 degrees off for the registration, nothing for tl."""
+    root = tmp_path / "results"
+    root.mkdir()
+    for name in ("cohort", "models"):
+        (root / name).symlink_to(evaluated_layout / name)
+    (root / "preprocess").mkdir()
+    registered = dict(np.load(evaluated_layout / "preprocess" / "test.npz"))
+    perfect = registered["image_to_world"].copy()
+    off = np.eye(4)
+    off[0, 3] = 2.0
+    registered["image_to_world"] = off @ perfect
+    np.savez(root / "preprocess" / "test.npz", **registered)
+    (root / "predictions").mkdir()
+    (root / "predictions" / "base").symlink_to(evaluated_layout / "predictions" / "base")
+    (root / "predictions" / "tl").mkdir()
+    for name in ("particles", "predictions.csv"):
+        (root / "predictions" / "tl" / name).symlink_to(evaluated_layout / "predictions" / "tl" / name)
+    order = np.arange(len(perfect))[::-1]  # stored in another order than the cohort's: matched by id
+    np.savez(root / "predictions" / "tl" / "alignment.npz", ids=registered["ids"][order], image_to_world=perfect[order])
+
+    summary = evaluate_dataset(root, ["base", "tl"], {"n_modes": 4}, tmp_path / "evaluation")
+    split = summary["error_decomposition"]
+    assert split["tl"]["alignment_floor_mm"] == pytest.approx(0.0, abs=1e-6)
+    assert split["base"]["alignment_floor_mm"] > 0.3
+    assert split["tl"]["mean_shape_aligned_mm"] != pytest.approx(split["base"]["mean_shape_aligned_mm"], abs=1e-3)
+    aligned = pd.read_csv(tmp_path / "evaluation" / "tables" / "alignment_accuracy.csv").set_index("method")
+    assert aligned.loc["base", "aligned_by"] == "registration" and aligned.loc["tl", "aligned_by"] == "its own pose"
+    assert aligned.loc["base", "centre_error_mm"] == pytest.approx(2.0, abs=1e-6)
+    assert aligned.loc["tl", "centre_error_mm"] == pytest.approx(0.0, abs=1e-6)
+    assert aligned["rotation_error_deg"].abs().max() < 1e-3
+    assert (aligned["n"] == len(perfect)).all()
+    # an alignment that misses a test subject is refused by name
+    np.savez(root / "predictions" / "tl" / "alignment.npz", ids=registered["ids"][1:], image_to_world=perfect[1:])
+    with pytest.raises(ValueError, match=f"alignment.npz: no alignment for test subject.*{registered['ids'][0]}"):
+        evaluate_dataset(root, ["base", "tl"], {"n_modes": 4}, tmp_path / "again")

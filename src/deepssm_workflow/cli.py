@@ -72,30 +72,59 @@ def _augment_segmentations(args) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def _one_source(args, *crops: str) -> bool:
+    """Whether a step reads the uncropped scans (--scans-dir) or the registered crops (`crops`, all given): exactly
+    one of the two, else an error saying what to give."""
+    given = [name for name in crops if getattr(args, name) is not None]
+    scans = args.scans_dir is not None
+    if not ((scans and not given) or (not scans and len(given) == len(crops))):
+        flags = " and ".join("--" + name.replace("_", "-") for name in crops)
+        raise ValueError(f"give either {flags} (registered crops) or --scans-dir (uncropped scans), not both or "
+                         f"neither")
+    return args.scans_dir is not None
+
+
 def _train(args) -> None:
-    from .train import train_from_artifacts
+    from .train import train_from_artifacts, train_from_scans
 
     settings = json.loads(args.settings)
     if args.init_seed is not None:  # into the engine's settings; the sidecar then records it with them
         settings["training"] = {**settings.get("training", {}), "init_seed": args.init_seed}
         args.settings = json.dumps(settings, sort_keys=True)
-    card = train_from_artifacts(args.cohort, args.preprocess_dir, args.augmentation_dir, args.method,
-                                settings, args.out_dir, threads=args.threads, device=args.device,
-                                checkpoint_seconds=args.checkpoint_seconds)
+    options = {"threads": args.threads, "device": args.device, "checkpoint_seconds": args.checkpoint_seconds}
+    if _one_source(args, "preprocess_dir", "augmentation_dir"):
+        card = train_from_scans(args.cohort, args.scans_dir, args.method, settings, args.out_dir, **options)
+    else:
+        card = train_from_artifacts(args.cohort, args.preprocess_dir, args.augmentation_dir, args.method,
+                                    settings, args.out_dir, **options)
     print(json.dumps(card, indent=2, default=str))
 
 
 def _predict(args) -> None:
-    from .predict import predict_split
+    from .predict import predict_scans, predict_split
 
-    table = predict_split(args.model_dir, args.preprocess_dir, args.split, args.out_dir, threads=args.threads)
+    if _one_source(args, "preprocess_dir"):
+        table = predict_scans(args.model_dir, args.scans_dir, args.split, args.out_dir, threads=args.threads)
+    else:
+        table = predict_split(args.model_dir, args.preprocess_dir, args.split, args.out_dir, threads=args.threads)
     print(table.to_string(index=False))
 
 
 def _predict_image(args) -> None:
-    from .predict import predict_image
+    from .predict import predict_image, predict_scan_image
 
-    print(json.dumps(predict_image(args.model_dir, args.preprocess_dir, args.image, args.out_prefix), indent=2))
+    if _one_source(args, "preprocess_dir"):
+        result = predict_scan_image(args.model_dir, args.scans_dir, args.image, args.out_prefix)
+    else:
+        result = predict_image(args.model_dir, args.preprocess_dir, args.image, args.out_prefix)
+    print(json.dumps(result, indent=2))
+
+
+def _preprocess_scans(args) -> None:
+    from .full_field import ScanGridSettings, preprocess_scans
+
+    meta = preprocess_scans(args.cohort, ScanGridSettings.from_config(json.loads(args.settings)), args.out_dir)
+    print(json.dumps(meta, indent=2))
 
 
 def _seed_spread(args) -> None:
@@ -198,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help=".npz to write")
     p.set_defaults(run=_preprocess_unseen)
 
+    p = steps.add_parser("preprocess-scans", help="uncropped scans, training and test, on one grid size centred on "
+                         "each scan, no registration (for a method that finds the anatomy itself)")
+    p.add_argument("--cohort", required=True, help="ingested cohort folder")
+    p.add_argument("--settings", required=True, help="JSON of the dataset's `scan_grid` block")
+    p.add_argument("--out-dir", required=True, help="writes grid.json, train.npz, test.npz")
+    p.set_defaults(run=_preprocess_scans)
+
     p = steps.add_parser("augment", help="KDE augmentation: sampled shapes and TPS-warped images")
     p.add_argument("--cohort", required=True, help="ingested cohort folder (training shapes)")
     p.add_argument("--preprocess-dir", required=True, help="folder with train.npz and grid.json")
@@ -227,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = steps.add_parser("train", help="train one registered method (CUDA when visible, else CPU)")
     p.add_argument("--cohort", required=True)
-    p.add_argument("--preprocess-dir", required=True)
-    p.add_argument("--augmentation-dir", required=True)
+    p.add_argument("--preprocess-dir", help="registered crops: with --augmentation-dir")
+    p.add_argument("--augmentation-dir")
+    p.add_argument("--scans-dir", help="uncropped scans (preprocess-scans), for a method that localizes itself")
     p.add_argument("--method", required=True, choices=methods.names())
     p.add_argument("--settings", required=True, help='JSON: {"shape_space": {...}, "training": {...}, '
                    '"method": {...}}, the dataset\'s blocks')
@@ -245,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = steps.add_parser("predict", help="predict the preprocessed images of a split")
     p.add_argument("--model-dir", required=True)
-    p.add_argument("--preprocess-dir", required=True)
+    p.add_argument("--preprocess-dir", help="registered crops")
+    p.add_argument("--scans-dir", help="uncropped scans, for a method that localizes itself")
     p.add_argument("--split", default="test")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--threads", type=int, default=1)
@@ -254,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = steps.add_parser("predict-image", help="correspondences for one new, unsegmented image")
     p.add_argument("--model-dir", required=True, help="results/{dataset}/models/{method}")
-    p.add_argument("--preprocess-dir", required=True, help="results/{dataset}/preprocess (reference, grid)")
+    p.add_argument("--preprocess-dir", help="results/{dataset}/preprocess (reference, grid): registered crops")
+    p.add_argument("--scans-dir", help="results/{dataset}/scans (grid.json), for a method that localizes itself")
     p.add_argument("--image", required=True, help="3D image file (NRRD, NIfTI, ...)")
     p.add_argument("--out-prefix", required=True, help="writes PREFIX_world.particles and PREFIX_local.particles")
     p.set_defaults(run=_predict_image)

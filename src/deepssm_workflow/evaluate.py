@@ -165,31 +165,90 @@ def summarize(dataset_results, methods, shape_space: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def error_decomposition(cohort: TestCohort, predicted_local: dict, space: ShapeSpace) -> pd.DataFrame:
+def error_decomposition(cohort: TestCohort, predicted_local: dict, space: ShapeSpace,
+                        alignments: dict | None = None) -> pd.DataFrame:
     """Per method and test subject (mm, eq. 12): the scan-frame RMSE, the world-frame RMSE of the
-    prediction, the alignment-only floor, and the PCA floor through that alignment and with the
-    true pose. Each method's alignment is the registration its prediction went through (the image-only
-    registration of preprocess/test.npz: today every method's)."""
-    to_world = cohort.registered_to_world
+    prediction, the alignment-only floor, the mean shape and the PCA floor through that alignment, and the
+    PCA floor with the true pose. Each method's alignment is the scan -> world transform its prediction
+    went through: `alignments[method]` (N, 4, 4) for a method that aligns the scan itself (its own pose),
+    else the image-only registration of preprocess/test.npz."""
     projected = space.inverse_transform(space.transform(cohort.true_world))
-    aligned = np.stack([apply_transform(np.linalg.inv(t), w) for t, w in zip(to_world, cohort.true_world)])
-    pca_aligned = np.stack([apply_transform(np.linalg.inv(t), p) for t, p in zip(to_world, projected)])
     pca_true_pose = np.stack([apply_transform(np.linalg.inv(t), p)
                               for t, p in zip(cohort.true_to_world, projected)])
     rows = []
     for method, local in predicted_local.items():
+        to_world = (alignments or {}).get(method, cohort.registered_to_world)
+        back = [np.linalg.inv(t) for t in to_world]
         world = np.stack([apply_transform(t, p) for t, p in zip(to_world, local)])
         for k, subject in enumerate(cohort.ids):
             rows.append({"method": method, "id": subject,
                          "scan_rmse_mm": float(rmse(local[k], cohort.true_local[k])),
                          "world_rmse_mm": float(rmse(world[k], cohort.true_world[k])),
-                         "alignment_floor_mm": float(rmse(aligned[k], cohort.true_local[k])),
-                         "pca_floor_aligned_mm": float(rmse(pca_aligned[k], cohort.true_local[k])),
+                         "alignment_floor_mm": float(rmse(apply_transform(back[k], cohort.true_world[k]),
+                                                          cohort.true_local[k])),
+                         "mean_shape_aligned_mm": float(rmse(apply_transform(back[k], space.mean),
+                                                             cohort.true_local[k])),
+                         "pca_floor_aligned_mm": float(rmse(apply_transform(back[k], projected[k]),
+                                                            cohort.true_local[k])),
                          "pca_floor_true_pose_mm": float(rmse(pca_true_pose[k], cohort.true_local[k]))})
     return pd.DataFrame(rows)
 
 
-DECOMPOSED = ("scan_rmse_mm", "world_rmse_mm", "alignment_floor_mm", "pca_floor_aligned_mm",
+def method_alignments(layout: DatasetLayout, methods, ids: list[str]) -> dict[str, np.ndarray]:
+    """The alignments (N, 4, 4, in the order of `ids`) of the methods that aligned the test scans themselves
+    (their predictions' alignment.npz); a method without one went through the registration."""
+    alignments = {}
+    for method in methods:
+        path = layout.predictions_alignment(method)
+        if not path.is_file():
+            continue
+        with np.load(path) as found:
+            by_id = {str(i): m for i, m in zip(found["ids"], found["image_to_world"])}
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise ValueError(f"{path}: no alignment for test subject(s) {', '.join(missing)}")
+        alignments[method] = np.stack([by_id[i] for i in ids]).astype(np.float64)
+    return alignments
+
+
+def alignment_accuracy(cohort: TestCohort, alignments: dict, methods, world_centre: np.ndarray) -> pd.DataFrame:
+    """Per method and test subject: how far its alignment (scan -> world: `alignments[method]`, else the
+    registration) puts the mean shape's centroid from where the true transform puts it (mm, scan frame), and
+    the angle (degrees) between the two rotations (a similarity's scale divided out). The registration and a
+    method's own pose are measured alike, so the two ways of aligning compare directly."""
+    from .localize import rotation_angle_deg
+
+    def rotation(transforms: np.ndarray) -> np.ndarray:
+        linear = transforms[:, :3, :3]
+        return linear / np.cbrt(np.linalg.det(linear))[:, None, None]
+
+    true_centre = np.stack([apply_transform(np.linalg.inv(t), world_centre[None])[0] for t in cohort.true_to_world])
+    rows = []
+    for method in methods:
+        to_world = alignments.get(method, cohort.registered_to_world)
+        centre = np.stack([apply_transform(np.linalg.inv(t), world_centre[None])[0] for t in to_world])
+        angles = rotation_angle_deg(rotation(to_world), rotation(cohort.true_to_world))
+        for k, subject in enumerate(cohort.ids):
+            rows.append({"method": method, "id": subject, "aligned_by": "its own pose" if method in alignments
+                         else "registration", "centre_error_mm": float(np.linalg.norm(centre[k] - true_centre[k])),
+                         "rotation_error_deg": float(angles[k])})
+    return pd.DataFrame(rows)
+
+
+def alignment_summary(per_subject: pd.DataFrame) -> pd.DataFrame:
+    """One row per method: n and the mean centre and rotation errors with their 95 % bootstrap intervals."""
+    rows = []
+    for method, table in per_subject.groupby("method", sort=False):
+        row = {"method": method, "aligned_by": table["aligned_by"].iloc[0], "n": len(table)}
+        for column in ("centre_error_mm", "rotation_error_deg"):
+            values = table[column].to_numpy()
+            low, high = mean_interval(values)
+            row.update({column: float(values.mean()), f"{column}_low": low, f"{column}_high": high})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+DECOMPOSED = ("scan_rmse_mm", "world_rmse_mm", "alignment_floor_mm", "mean_shape_aligned_mm", "pca_floor_aligned_mm",
               "pca_floor_true_pose_mm")
 
 
@@ -264,7 +323,9 @@ def evaluate_dataset(dataset_dir, trained, shape_space: dict, out_dir) -> dict:
     summary_table = _summary_table(per_subject, point_errors, methods, cards)
     timing = _timing_table(layout, trained, anatomy, n_points)
     mean_surface = template.warp(space.mean) if template else None
-    decomposed = error_decomposition(cohort, {m: shapes[m] for m in trained}, space)
+    alignments = method_alignments(layout, trained, cohort.ids)
+    decomposed = error_decomposition(cohort, {m: shapes[m] for m in trained}, space, alignments)
+    aligned = alignment_summary(alignment_accuracy(cohort, alignments, trained, space.mean.mean(0)))
     decomposition = decomposition_summary(decomposed, rmse(shapes[MEAN_SHAPE], cohort.true_local))
     extra_tables, extra_notes = capability_tables(layout.root, trained, cohort.ids, cohort.true_world,
                                                   cohort.registered_to_world, _segmentation_column(layout, cohort.ids))
@@ -277,6 +338,7 @@ def evaluate_dataset(dataset_dir, trained, shape_space: dict, out_dir) -> dict:
         timing.to_csv(staging / "tables" / "inference_time.csv", index=False)
         decomposition.to_csv(staging / "tables" / "error_decomposition.csv", index=False)
         decomposed.to_csv(staging / "tables" / "error_decomposition_per_subject.csv", index=False)
+        aligned.to_csv(staging / "tables" / "alignment_accuracy.csv", index=False)
         for name, table in extra_tables.items():  # only for methods with these capabilities
             table.to_csv(staging / "tables" / f"{name}.csv", index=False)
         _decomposition_figure(decomposition, staging / "error_decomposition.png")
@@ -467,6 +529,11 @@ def _table_entries(n_modes: int, anatomy: str) -> list[dict]:
                     "its alignment (1); gap_closed_true_pose against the true-pose floor, as before."},
         {"file": "tables/error_decomposition_per_subject.csv", "title": "Error decomposition per test subject",
          "caption": "The decomposition's terms for every method and test subject."},
+        {"file": "tables/alignment_accuracy.csv", "title": "How well each method's alignment placed the scans",
+         "caption": "Per method, the alignment its prediction went through (the image-only registration, or the "
+                    "pose a method that localizes the anatomy found itself): mean over the test subjects, with 95 % "
+                    "bootstrap intervals and n, of the distance (mm, scan frame) between where it and the true "
+                    "transform put the mean shape's centroid, and of the angle (degrees) between their rotations."},
         {"file": "tables/accuracy_summary.csv", "title": "Test accuracy per trained method and baselines",
          "caption": f"Means over the test subjects (mm, scanner frame) of the eq. 12 RMSE, with its 95 % "
                     f"bootstrap interval (rmse_low_mm, rmse_high_mm) and n, and of the surface distances, where "

@@ -11,6 +11,9 @@ Snakemake rules (through `patterns`) and by the library (through `DatasetLayout`
             reference.nrrd              reference_nrrd
             {split}.npz                 preprocessed(split)
             train_segmentations.npz     train_segmentations: only for a method that needs segmentations
+        scans/                          scans_dir: only for a method that localizes the anatomy itself
+            grid.json                   scans_grid_json
+            {split}.npz                 scans(split): uncropped scans on their grids (full_field.py)
         augmentation/                   augmentation_dir
             images.npy                  augmentation_images
             samples.npz                 samples_npz
@@ -29,6 +32,7 @@ Snakemake rules (through `patterns`) and by the library (through `DatasetLayout`
         predictions/{method}/           predictions_dir(method)
             predictions.csv             predictions_csv(method)
             particles/                  predicted_particles(method)
+            alignment.npz               predictions_alignment(method): a method that localizes itself
             provenance.json             provenance("predictions", method)
         evaluation/                     evaluation_dir
             summary.json                evaluation_summary
@@ -66,7 +70,7 @@ from pathlib import Path
 from .provenance import SIDECAR
 
 EVALUATION_TABLES = ("accuracy_summary", "accuracy_per_subject", "inference_time", "error_decomposition",
-                     "error_decomposition_per_subject")
+                     "error_decomposition_per_subject", "alignment_accuracy")
 EVALUATION_FIGURES = ("per_point_rmse", "surface_boxplot", "surface_heatmaps", "error_decomposition")
 PROVENANCE_STAGES = ("augmentation", "models", "predictions", "seeds")  # the steps that write a provenance.json
 
@@ -122,6 +126,21 @@ class DatasetLayout:
     def preprocessed(self, split: str) -> Path:
         """The split's images, registered and resampled onto the grid (train.npz, test.npz)."""
         return self.preprocess_dir / f"{_part(split)}.npz"
+
+    # -- scans/: uncropped scans for a method that finds the anatomy itself (deepssm_workflow.full_field)
+
+    @property
+    def scans_dir(self) -> Path:
+        return self.root / "scans"
+
+    @property
+    def scans_grid_json(self) -> Path:
+        return self.scans_dir / "grid.json"
+
+    def scans(self, split: str) -> Path:
+        """The split's uncropped scans on their grids, no registration (train.npz with particles and
+        segmentations, test.npz images only)."""
+        return self.scans_dir / f"{_part(split)}.npz"
 
     # -- augmentation/
 
@@ -194,6 +213,10 @@ class DatasetLayout:
 
     def predicted_particles(self, method: str) -> Path:
         return self.predictions_dir(method) / "particles"
+
+    def predictions_alignment(self, method: str) -> Path:
+        """A method that localizes itself: its own alignment of each test scan (ids, image_to_world)."""
+        return self.predictions_dir(method) / "alignment.npz"
 
     # -- provenance sidecars of the expensive steps
 

@@ -12,6 +12,7 @@ returns finite-looking garbage that would otherwise flow silently into evaluatio
 from __future__ import annotations
 
 import copy
+import json
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .atomic import staged
+from .full_field import preprocess_scan
 from .inference import load_trained, localize, predict
 from .io import apply_transform, write_particles
 from .methods import LOCALIZES
@@ -84,6 +86,31 @@ def inference_model(model: nn.Module) -> nn.Module:
     return fast
 
 
+def _crop_model(model_dir):
+    """A trained model that predicts from registered crops; one that localizes itself is refused (it reads scans)."""
+    trained = load_trained(model_dir)
+    if trained.has(LOCALIZES):
+        raise ValueError(f"{model_dir}: method {trained.entry.name} finds the anatomy in the uncropped scan itself: "
+                         f"predict it from the scans (--scans-dir), not from registered crops")
+    return trained
+
+
+def _scan_model(model_dir):
+    """A trained model that finds the anatomy in an uncropped scan itself; one needing registered crops is refused."""
+    trained = load_trained(model_dir)
+    if not trained.has(LOCALIZES):
+        raise ValueError(f"{model_dir}: method {trained.entry.name} does not find the anatomy in an uncropped scan "
+                         f"itself: predict it from registered crops (--preprocess-dir), not from --scans-dir")
+    return trained
+
+
+def _scan_problem(found: bool, world: np.ndarray, mean: np.ndarray) -> str | None:
+    """Why a prediction from an uncropped scan cannot stand (`prediction_problem`, or nothing found), or None."""
+    if not found:
+        return "no voxel was segmented as the anatomy: nothing to crop or align"
+    return prediction_problem(world, mean, plausible_world_box(mean))
+
+
 def predict_split(model_dir, preprocess_dir, split: str, out_dir, threads: int = 1) -> pd.DataFrame:
     """Predict every preprocessed image of a split; write particles/{id}_{world,local}.particles
     and predictions.csv (paths relative to it).
@@ -93,7 +120,7 @@ def predict_split(model_dir, preprocess_dir, split: str, out_dir, threads: int =
     torch.set_num_threads(max(1, threads))
     source = Path(preprocess_dir) / f"{split}.npz"
     data = np.load(source)
-    trained = load_trained(model_dir)
+    trained = _crop_model(model_dir)
     model = inference_model(trained.model)
     world, network_seconds = predict(trained.method, model, data["images"], batch_size=1)
     mean, grid = trained.method.training_mean(model), load_grid(preprocess_dir)[1]
@@ -132,19 +159,13 @@ def predict_scans(model_dir, scans_dir, split: str, out_dir, threads: int = 1) -
     torch.set_num_threads(max(1, threads))
     source = Path(scans_dir) / f"{split}.npz"
     data = np.load(source)
-    trained = load_trained(model_dir)
-    if not trained.has(LOCALIZES):
-        raise ValueError(f"{model_dir}: method {trained.entry.name} does not find the anatomy in an uncropped scan "
-                         f"itself; predict it from the registered crops (predict_split)")
+    trained = _scan_model(model_dir)
     model = inference_model(trained.model)
     found, network_seconds = localize(trained.method, model, data["images"], batch_size=1)
     mean = trained.method.training_mean(model)
-    problems = []
-    for subject, hit, world in zip(data["ids"], found["found"], found["world"]):
-        problem = (None if hit else "no voxel was segmented as the anatomy: nothing to crop or align") or \
-            prediction_problem(world, mean, plausible_world_box(mean))
-        if problem:
-            problems.append(f"subject {subject}: {source}: prediction refused: {problem}")
+    problems = [f"subject {subject}: {source}: prediction refused: {problem}"
+                for subject, hit, world in zip(data["ids"], found["found"], found["world"])
+                if (problem := _scan_problem(hit, world, mean))]
     if problems:
         raise ValueError(problems[0] if len(problems) == 1 else
                          f"{len(problems)} predictions refused:\n  " + "\n  ".join(problems))
@@ -171,6 +192,30 @@ def predict_scans(model_dir, scans_dir, split: str, out_dir, threads: int = 1) -
     return table
 
 
+def predict_scan_image(model_dir, scans_dir, image_path, out_prefix) -> dict:
+    """A brand-new uncropped scan, from its file alone, with a method that finds the anatomy itself: writes
+    {out_prefix}_world.particles and _local.particles (in the scan's frame); no registration."""
+    start = time.perf_counter()
+    meta = json.loads((Path(scans_dir) / "grid.json").read_text())
+    array, origin, kept = preprocess_scan(image_path, meta)
+    trained = _scan_model(model_dir)
+    model = inference_model(trained.model)
+    found, _ = localize(trained.method, model, array[None], batch_size=1)
+    problem = _scan_problem(found["found"][0], found["world"][0], trained.method.training_mean(model))
+    if problem:
+        raise ValueError(f"{image_path}: prediction refused: {problem}")
+    out_prefix = Path(out_prefix)
+    names = [f"{out_prefix.name}_world.particles", f"{out_prefix.name}_local.particles"]
+    with staged(out_prefix.parent, names) as staging:
+        write_particles(staging / names[0], found["world"][0])
+        write_particles(staging / names[1], found["local"][0] + origin)
+    if kept < 1.0:
+        print(f"WARNING: {image_path}: the scan is larger than the network's grid; {100 * kept:.0f} % of its field "
+              f"was kept around its centre", file=sys.stderr, flush=True)
+    return {"world": str(out_prefix.parent / names[0]), "local": str(out_prefix.parent / names[1]),
+            "seconds": time.perf_counter() - start, "field_kept": kept}
+
+
 def plausible_world_box(mean: np.ndarray) -> WorldGrid:
     """Where a shape of the anatomy may lie in the world frame, for a method with no preprocess grid: the mean
     shape's bounding box plus half its size on every side."""
@@ -191,7 +236,7 @@ def predict_image(model_dir, preprocess_dir, image_path, out_prefix) -> dict:
         array, image_to_world, registration = preprocess_image(image_path, meta, grid, reference)
     except RuntimeError as error:  # SimpleITK's way of failing (the file itself is checked as it is read)
         raise ValueError(f"{image_path}: cannot preprocess the image: {str(error).strip()}") from None
-    trained = load_trained(model_dir)
+    trained = _crop_model(model_dir)
     model = inference_model(trained.model)
     world, _ = predict(trained.method, model, array[None].astype(np.float32), batch_size=1)
     problem = prediction_problem(world[0], trained.method.training_mean(model), grid)

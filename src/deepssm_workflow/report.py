@@ -351,6 +351,10 @@ def _accuracy_answer(layout: DatasetLayout, methods, n_modes) -> str:
     rows.append({"": "mean shape (baseline: a predictor that learnt nothing)",
                  rmse_column: _ci(mean_shape["rmse_mm"], mean_shape["rmse_low_mm"], mean_shape["rmse_high_mm"]),
                  "n": int(mean_shape["n"]), gap_column: "0 by definition", "against the mean shape": ""})
+    if "mean_shape_aligned_mm" in decomposition:
+        # a method that aligns the scan itself has its own mean-shape baseline: the mean shape at its pose
+        own = _floor_rows(decomposition, methods, "mean_shape_aligned_mm", "mean shape through the method's alignment")
+        rows += own if len(own) > 1 else []
     rows += _floor_rows(decomposition, methods, "pca_floor_aligned_mm",
                         f"reachable floor: {modes}PCA of the true shape through the method's alignment",
                         gap="1 by definition")

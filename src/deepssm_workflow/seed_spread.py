@@ -50,6 +50,10 @@ def plan(dataset: dict, name: str = "dataset") -> tuple[list[str], list[int]]:
     if unknown:
         raise ValueError(f"datasets.{name}.seed_spread.methods: unknown method(s) {', '.join(unknown)}; the "
                          f"registered methods are {', '.join(registry.names())}")
+    on_scans = [m for m in chosen if registry.SCANS in registry.get(m).method.needs]
+    if on_scans:  # their seeds/ rules do not exist yet: say so when the DAG is built, not as a missing rule
+        raise ValueError(f"datasets.{name}.seed_spread.methods: {', '.join(on_scans)} train on the uncropped scans; "
+                         f"the seed spread covers the methods trained on registered crops only (list those)")
     default = int((dataset.get("training") or {}).get("seed", 0))
     extra = [int(s) for s in block.get("seeds", DEFAULT_SEEDS)]
     return list(dict.fromkeys(chosen)), list(dict.fromkeys([default, *extra]))

@@ -13,8 +13,12 @@ from deepssm_workflow.sources import scan_files
 # deepssm_workflow.config adds. It fills the schema's defaults into `config` (and variance 0.99 in
 # a `shape_space` block with neither n_modes nor variance), then names every bad key, one line each.
 DATASETS = load_config(config, workflow.source_path("../schemas/config.schema.yaml"))
-# the registered methods: the train and predict rules' {method} wildcard
+# the registered methods: the train and predict rules' {method} wildcard. Those that find the anatomy in
+# the uncropped scan themselves train and predict on results/{dataset}/scans (full_field), the others on
+# the registered crops and their augmentation: each kind has its own train and predict rules.
 METHODS = registry.names()
+SCAN_METHODS = [m for m in METHODS if registry.SCANS in registry.get(m).method.needs]
+CROP_METHODS = [m for m in METHODS if m not in SCAN_METHODS]
 SYNTHETIC = [name for name, ds in DATASETS.items() if ds.source == "synthetic"]
 # datasets with a clinical study (config `study`, default the anatomy's own; none: no study rule)
 WITH_STUDY = [name for name, ds in DATASETS.items() if ds.study != "none"]

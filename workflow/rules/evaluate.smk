@@ -13,6 +13,7 @@ rule evaluate:
         timing=RESULTS.evaluation_table("inference_time"),
         decomposition=RESULTS.evaluation_table("error_decomposition"),
         decomposition_per_subject=RESULTS.evaluation_table("error_decomposition_per_subject"),
+        alignment=RESULTS.evaluation_table("alignment_accuracy"),
         per_point=RESULTS.per_point_npz,
         per_point_figure=report(
             RESULTS.evaluation_figure("per_point_rmse"),

@@ -113,3 +113,29 @@ rule preprocess_qc:
     shell:
         "deepssm-wf qc-preprocess --preprocess-dir {params.preprocess_dir} --out {output}"
         " --count {params.n_subjects} > {log} 2>&1"
+
+
+# For a method that finds the anatomy itself (train_on_scans): every scan, training and test, on one
+# grid size centred on the scan, no registration. Training scans come with their particles and
+# segmentations; test scans are read as images alone (never shapes_test.npz).
+rule preprocess_scans:
+    input:
+        subjects=RESULTS.subjects_csv,
+        shapes_train=RESULTS.shapes("train"),
+        training_scans=training_scans,
+        test_scans=test_scans,
+    output:
+        grid=RESULTS.scans_grid_json,
+        train=RESULTS.scans("train"),
+        test=RESULTS.scans("test"),
+    log:
+        "logs/{dataset}/preprocess_scans.log",
+    conda:
+        "../../envs/deepssm.yaml"
+    params:
+        settings=lambda wildcards: json.dumps(config["datasets"][wildcards.dataset]["scan_grid"], sort_keys=True),
+        cohort=subpath(input.subjects, parent=True),
+        out_dir=subpath(output.grid, parent=True),
+    shell:
+        "deepssm-wf preprocess-scans --cohort {params.cohort} --settings {params.settings:q}"
+        " --out-dir {params.out_dir} > {log} 2>&1"

@@ -22,7 +22,7 @@ rule train_seed:
     log:
         "logs/{dataset}/seeds/{seed}/train_{method}.log",
     wildcard_constraints:
-        method="|".join(METHODS),
+        method="|".join(CROP_METHODS),
         seed="0|[1-9][0-9]*",
     cache: True
     conda:
@@ -62,7 +62,7 @@ rule predict_seed:
     log:
         "logs/{dataset}/seeds/{seed}/predict_{method}.log",
     wildcard_constraints:
-        method="|".join(METHODS),
+        method="|".join(CROP_METHODS),
         seed="0|[1-9][0-9]*",
     conda:
         "../../envs/deepssm.yaml"

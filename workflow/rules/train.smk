@@ -24,7 +24,7 @@ rule train:
     log:
         "logs/{dataset}/train_{method}.log",
     wildcard_constraints:
-        method="|".join(METHODS),
+        method="|".join(CROP_METHODS),
     cache: True
     conda:
         "../../envs/deepssm.yaml"
@@ -68,7 +68,7 @@ rule predict:
     log:
         "logs/{dataset}/predict_{method}.log",
     wildcard_constraints:
-        method="|".join(METHODS),
+        method="|".join(CROP_METHODS),
     conda:
         "../../envs/deepssm.yaml"
     threads: 1
@@ -78,5 +78,75 @@ rule predict:
         out_dir=subpath(output.table, parent=True),
     shell:
         "deepssm-wf predict --model-dir {params.model_dir} --preprocess-dir {params.preprocess_dir}"
+        " --split test --out-dir {params.out_dir} --threads {threads} --verify {input.model} {input.card}"
+        " --inputs {input} --outputs {output} --provenance {output.provenance} > {log} 2>&1"
+
+
+# A method that finds the anatomy in the uncropped scan itself (image2ssm): trained on the scans of
+# preprocess_scans, with no augmentation, and predicted on the test scans with no registration.
+rule train_on_scans:
+    input:
+        shapes_train=RESULTS.shapes("train"),
+        train=RESULTS.scans("train"),
+        grid=RESULTS.scans_grid_json,
+    output:
+        model=RESULTS.model_pt("{method}"),
+        card=RESULTS.model_card("{method}"),
+        log_csv=RESULTS.training_log("{method}"),
+        curve=report(
+            RESULTS.loss_curve("{method}"),
+            caption="../report/loss_curve.rst",
+            category="Training",
+            subcategory="{dataset}",
+        ),
+        provenance=RESULTS.provenance("models", "{method}"),
+    log:
+        "logs/{dataset}/train_{method}.log",
+    wildcard_constraints:
+        method="|".join(SCAN_METHODS),
+    cache: True
+    conda:
+        "../../envs/deepssm.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+        checkpoint_seconds=60,  # as the train rule's
+    params:
+        settings=training_settings,
+        software=SOFTWARE,  # only for the cache key and the params rerun trigger (see common.smk)
+        cohort=subpath(input.shapes_train, parent=True),
+        scans_dir=subpath(input.train, parent=True),
+        out_dir=subpath(output.model, parent=True),
+    shell:
+        "deepssm-wf train --cohort {params.cohort} --scans-dir {params.scans_dir} --method {wildcards.method}"
+        " --settings {params.settings:q} --out-dir {params.out_dir} --threads {threads}"
+        " --checkpoint-seconds {resources.checkpoint_seconds}"
+        " --inputs {input} --outputs {output} --provenance {output.provenance} > {log} 2>&1"
+
+
+rule predict_from_scans:
+    input:
+        model=RESULTS.model_pt("{method}"),
+        card=RESULTS.model_card("{method}"),
+        model_provenance=RESULTS.provenance("models", "{method}"),
+        test=RESULTS.scans("test"),
+    output:
+        table=RESULTS.predictions_csv("{method}"),
+        particles=directory(RESULTS.predicted_particles("{method}")),
+        alignment=RESULTS.predictions_alignment("{method}"),
+        provenance=RESULTS.provenance("predictions", "{method}"),
+    log:
+        "logs/{dataset}/predict_{method}.log",
+    wildcard_constraints:
+        method="|".join(SCAN_METHODS),
+    conda:
+        "../../envs/deepssm.yaml"
+    threads: 1
+    params:
+        model_dir=subpath(input.model, parent=True),
+        scans_dir=subpath(input.test, parent=True),
+        out_dir=subpath(output.table, parent=True),
+    shell:
+        "deepssm-wf predict --model-dir {params.model_dir} --scans-dir {params.scans_dir}"
         " --split test --out-dir {params.out_dir} --threads {threads} --verify {input.model} {input.card}"
         " --inputs {input} --outputs {output} --provenance {output.provenance} > {log} 2>&1"
