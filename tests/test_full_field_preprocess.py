@@ -139,3 +139,31 @@ def test_a_localizing_method_trains_on_the_scans_and_predicts_into_each_scan(coh
     with pytest.raises(ValueError, match=r"subject femur_\d+: .*test.npz: prediction refused: no voxel was segmented"):
         predict_scans(tmp_path / "model", out, "test", tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_localizing_mask_is_judged_on_each_scans_grid(cohort, scans, tmp_path):
+    """A model that calls every voxel inside: its Dice on a scan is 2 |truth| / (|truth| + voxels), exactly."""
+    from deepssm_workflow.evaluate_extras import capability_tables
+    from deepssm_workflow.layout import DatasetLayout
+    from deepssm_workflow.train import train_from_scans
+
+    out, meta = scans
+    root = tmp_path / "results"
+    layout = DatasetLayout(root)
+    layout.model_dir("image2ssm").parent.mkdir(parents=True)
+    (root / "scans").symlink_to(out)
+    train_from_scans(cohort, out, "image2ssm", SMOKE, layout.model_dir("image2ssm"), log=lambda _: None)
+    _set_segmenter_bias(layout.model_dir("image2ssm"), 30.0)
+    table = pd.read_csv(cohort / "subjects.csv", dtype={"id": str})
+    test = table[table["split"] == "test"]
+    files = dict(zip(test["id"], test["segmentation"]))
+    tables, _ = capability_tables(root, ["image2ssm"], list(test["id"]), None, None, files)
+    per_subject = tables["scan_segmentation_dice_per_subject"].set_index(["method", "id"])
+    voxels = int(np.prod(meta["size"]))
+    for subject in test["id"]:
+        row = per_subject.loc[("image2ssm", subject)]
+        assert row["predicted_voxels"] == voxels and 0 < row["true_voxels"] < voxels
+        assert row["dice"] == pytest.approx(2 * row["true_voxels"] / (row["true_voxels"] + voxels))
+    summary = tables["scan_segmentation_dice"].set_index("method")
+    assert list(summary.index) == ["image2ssm", "mean training mask on the scan grid"]
+    assert (summary["n"] == len(test)).all()

@@ -9,12 +9,17 @@
   of the training masks, the same for every subject. Evaluation only: the test path itself
   never reads a test segmentation.
 
+* LOCALIZES (image2ssm): Dice of its mask on each uncropped test scan's grid (scans/test.npz) against
+  the true segmentation resampled onto that grid (no registration is involved), beside the mean of the
+  training masks on their grids, which knows nothing of where the anatomy is.
+
 Both rerun the trained model on the preprocessed test images (a few small forward passes);
 predictions.csv stays the finest scale's correspondences, as for every method.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +29,14 @@ import torch
 from .inference import load_trained
 from .intervals import mean_interval
 from .layout import DatasetLayout
-from .methods import SCALES, SEGMENTATION, get
-from .preprocess import load_grid
+from .methods import LOCALIZES, SCALES, SEGMENTATION, get
+from .preprocess import WorldGrid, load_grid
 from .scan_checks import read_scan
 from .segmentations import fractions, label_fraction, supersampling
 from .shape_space import rmse
 
 MEAN_MASK = "mean training mask"  # the segmentation baseline's row
+MEAN_SCAN_MASK = "mean training mask on the scan grid"  # its row for a method that localizes itself
 
 
 def dice(predicted: np.ndarray, truth: np.ndarray) -> float:
@@ -94,13 +100,63 @@ def mean_mask_dice(layout: DatasetLayout, truths: dict[str, np.ndarray]) -> list
     return _dice_rows(MEAN_MASK, dict.fromkeys(truths, mean), truths)
 
 
+def scan_masks(layout: DatasetLayout, ids, segmentation_files: dict[str, str]) -> dict[str, np.ndarray]:
+    """Each test subject's true segmentation on its uncropped scan's grid (scans/test.npz: the grid's
+    origin, grid.json: spacing and size), fraction > 0.5; subjects without a segmentation are left out."""
+    meta = json.loads(layout.scans_grid_json.read_text())
+    with np.load(layout.scans("test")) as data:
+        origins = {str(i): o for i, o in zip(data["ids"], data["origins"])}
+    masks = {}
+    for subject in ids:
+        path = segmentation_files.get(subject, "")
+        if path:
+            grid = WorldGrid(tuple(origins[subject].tolist()), (float(meta["spacing_mm"]),) * 3,
+                             tuple(int(n) for n in meta["size"]))
+            mask = read_scan(path, f"subject {subject}: {path}")
+            k_sub = supersampling(mask.GetSpacing(), grid.spacing, np.eye(4))
+            masks[subject] = label_fraction(mask, np.eye(4), grid, k_sub) > 0.5
+    return masks
+
+
+@torch.no_grad()
+def scan_segmentation_dice(trained, method: str, layout: DatasetLayout, ids, truths: dict[str, np.ndarray]):
+    """Per test subject with a true mask: Dice of a LOCALIZES method's mask on its scan's grid."""
+    with np.load(layout.scans("test")) as data:
+        order = {str(i): k for k, i in enumerate(data["ids"])}
+        scans = torch.as_tensor(data["images"][[order[i] for i in ids]]).unsqueeze(1)
+    probability = trained.method.localize(trained.model, scans)["probability"].numpy()
+    return _dice_rows(method, {subject: probability[k] > 0.5 for k, subject in enumerate(ids)}, truths)
+
+
+def scan_mean_mask_dice(layout: DatasetLayout, truths: dict[str, np.ndarray]) -> list[dict]:
+    """The baseline on the scans' grids: the mean of the training masks there (fraction > 0.5)."""
+    with np.load(layout.scans("train")) as data:
+        mean = fractions(data["segmentations"]).mean(0) > 0.5
+    return _dice_rows(MEAN_SCAN_MASK, dict.fromkeys(truths, mean), truths)
+
+
+def _dice_summary(per_subject: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for method, group in per_subject.groupby("method", sort=False):
+        low, high = mean_interval(group["dice"])
+        rows.append({"method": method, "n": len(group), "dice": float(group["dice"].mean()),
+                     "dice_low": low, "dice_high": high})
+    return pd.DataFrame(rows)
+
+
 def capability_tables(dataset_dir, trained, ids, true_world: np.ndarray, registered_to_world: np.ndarray,
                       segmentation_files: dict[str, str]) -> tuple[dict[str, pd.DataFrame], list[str]]:
     """The tables of the methods that have these capabilities ({} when none has), and notes."""
     layout = DatasetLayout(Path(dataset_dir))
     scales, dices, notes, truths, images = [], [], [], None, None
+    scan_dices, scan_truths = [], None
     for method in trained:
         entry = get(method)
+        if entry.has(LOCALIZES):
+            scan_truths = scan_masks(layout, ids, segmentation_files) if scan_truths is None else scan_truths
+            scan_dices += scan_segmentation_dice(load_trained(layout.model_dir(method)), method, layout, ids,
+                                                 scan_truths) if scan_truths else []
+            continue
         if not (entry.has(SCALES) or entry.has(SEGMENTATION)):
             continue
         model = load_trained(layout.model_dir(method))  # read once per method, the test images once in all
@@ -118,12 +174,11 @@ def capability_tables(dataset_dir, trained, ids, true_world: np.ndarray, registe
         tables["scale_accuracy"] = pd.concat(scales, ignore_index=True)
     if dices:
         per_subject = pd.DataFrame(dices + mean_mask_dice(layout, truths))
-        rows = []
-        for method, group in per_subject.groupby("method", sort=False):
-            low, high = mean_interval(group["dice"])
-            rows.append({"method": method, "n": len(group), "dice": float(group["dice"].mean()),
-                         "dice_low": low, "dice_high": high})
-        tables["segmentation_dice"] = pd.DataFrame(rows)
+        tables["segmentation_dice"] = _dice_summary(per_subject)
         tables["segmentation_dice_per_subject"] = per_subject
+    if scan_dices:
+        per_subject = pd.DataFrame(scan_dices + scan_mean_mask_dice(layout, scan_truths))
+        tables["scan_segmentation_dice"] = _dice_summary(per_subject)
+        tables["scan_segmentation_dice_per_subject"] = per_subject
     return tables, notes
 

@@ -281,7 +281,8 @@ class Image2SSMMethod(Method):
     def localize(self, model, images):
         out = model(images)
         return {"local": out["local"], "world": out["world"], "found": out["found"],
-                "image_to_world": image_to_world(out["rotation"], out["centre"], model.world_centre)}
+                "image_to_world": image_to_world(out["rotation"], out["centre"], model.world_centre),
+                "probability": torch.sigmoid(out["logits"][:, 0])}
 
     def training_mean(self, model):
         return model.shape.pca_bias.detach().cpu().numpy().astype(np.float64).reshape(-1, 3)

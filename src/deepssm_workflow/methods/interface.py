@@ -187,7 +187,7 @@ class Method:
         """(B, 1, Z, Y, X) uncropped scans on their grids (LOCALIZES) -> "local" (B, M, 3) correspondences in
         each grid's frame (mm from its first voxel), "world" (B, M, 3), "image_to_world" (B, 4, 4) the rigid
         transform it found from the grid's frame to the world frame, "found" (B,) whether it found the
-        anatomy at all."""
+        anatomy at all, "probability" (B, Z, Y, X) its mask of the anatomy on the scan's grid."""
         raise NotImplementedError
 
     def training_mean(self, model: nn.Module) -> np.ndarray:
