@@ -38,7 +38,7 @@ def test_particles_segmentations_and_images_share_the_grid_frame(cohort, scans):
     out, meta = scans
     train = np.load(out / "train.npz")
     shapes = np.load(cohort / "shapes_train.npz")
-    assert meta["size"] == [41, 41, 41]  # 160 mm scans of 1 mm voxels on 4 mm: 159 / 4 + 1, rounded up
+    assert meta["size"] == [41, 41, 41]  # 54 voxels of 3 mm span 159 mm: 39.75 steps of 4 mm, rounded up, + 1
     assert list(train["ids"]) == list(shapes["ids"])
     # a prediction goes back into its scan by adding the grid's origin
     np.testing.assert_allclose(train["local"] + train["origins"][:, None], shapes["local"], atol=1e-4)
@@ -167,3 +167,45 @@ def test_a_localizing_mask_is_judged_on_each_scans_grid(cohort, scans, tmp_path)
     summary = tables["scan_segmentation_dice"].set_index("method")
     assert list(summary.index) == ["image2ssm", "mean training mask on the scan grid"]
     assert (summary["n"] == len(test)).all()
+
+
+def test_augmented_samples_become_uncropped_scans_with_their_shapes(cohort, scans, tmp_path):
+    """augment_scans: each KDE sample's source scan warped so that its anatomy lies at the sample's shape, placed
+    by the source's own transform; its segmentation moves with it; training reads both, hold-out kept."""
+    from deepssm_workflow.augment import augment
+    from deepssm_workflow.full_field import augment_scans
+    from deepssm_workflow.preprocess import PreprocessSettings, preprocess_training
+    from deepssm_workflow.train import train_from_scans
+
+    out, _ = scans
+    preprocess_training(cohort, PreprocessSettings(downsample=1, margin_mm=5), tmp_path / "preprocess")
+    validation = {"val_fraction": 0.2, "seed": 0}
+    augment(cohort, tmp_path / "preprocess", tmp_path / "augmentation", 6, n_control=64, validation=validation)
+    summary = augment_scans(cohort, out, tmp_path / "augmentation", tmp_path / "scans_aug", n_control=64)
+    assert summary["n"] == 6
+    samples = np.load(tmp_path / "scans_aug" / "samples.npz")
+    crop_samples = np.load(tmp_path / "augmentation" / "samples.npz")
+    np.testing.assert_allclose(samples["world"], crop_samples["points"], atol=1e-3)
+    images = np.load(tmp_path / "scans_aug" / "images.npy")
+    masks = np.load(tmp_path / "scans_aug" / "segmentations.npy")
+    train = np.load(out / "train.npz")
+    assert images.shape == masks.shape == (6, *train["images"].shape[1:])
+    for k in range(6):
+        fraction = fractions(masks[k])
+        inside = np.argwhere(fraction >= 0.5)[:, ::-1] * SPACING
+        points = samples["local"][k]
+        assert np.abs(inside.min(0) - points.min(0)).max() < 1.5 * SPACING, k
+        assert np.abs(inside.max(0) - points.max(0)).max() < 1.5 * SPACING, k
+        assert images[k][fraction >= 0.5].mean() > images[k][fraction == 0].mean() + 0.5, k
+        # the generated shape differs from its source's: the warp moved the anatomy
+        source = samples["source_index"][k]
+        assert np.abs(points - train["local"][source]).max() > 0.5
+
+    settings = {**SMOKE, "training": {**SMOKE["training"], **validation}}
+    card = train_from_scans(cohort, out, "image2ssm", settings, tmp_path / "model", log=lambda _: None,
+                            augmentation_dir=tmp_path / "scans_aug")
+    assert card["n_train"] + card["n_val"] == 5 + 6
+    other = {**SMOKE, "training": {**SMOKE["training"], "val_fraction": 0.2, "seed": 1}}  # holds out another
+    with pytest.raises(ValueError, match="made with validation subjects .* but training holds out"):
+        train_from_scans(cohort, out, "image2ssm", other, tmp_path / "other", log=lambda _: None,
+                         augmentation_dir=tmp_path / "scans_aug")

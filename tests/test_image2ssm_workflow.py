@@ -42,9 +42,10 @@ def test_image2ssm_runs_beside_base_on_uncropped_scans(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     results = work / "results" / "hips"
 
-    # trained on the scans, not on the registered crops and their augmentation
+    # trained on the scans and their augmentation (the 8 KDE samples as uncropped scans), not on the crops
     card = json.loads((results / "models" / "image2ssm" / "model_card.json").read_text())
-    assert card["method"] == "image2ssm" and card["n_train"] + card["n_val"] == 8
+    assert card["method"] == "image2ssm" and card["n_train"] + card["n_val"] == 8 + 8
+    assert np.load(results / "scans" / "augmentation" / "images.npy", mmap_mode="r").shape == (8, 26, 26, 26)
     phases = pd.read_csv(results / "models" / "image2ssm" / "log.csv")["phase"].tolist()
     assert phases == ["segmentation"] * 2 + ["alignment"] * 2 + ["shape"] * 2
     scans = json.loads((results / "scans" / "grid.json").read_text())
@@ -65,6 +66,11 @@ def test_image2ssm_runs_beside_base_on_uncropped_scans(tmp_path):
     for column in ("scan_rmse_mm", "alignment_floor_mm", "mean_shape_aligned_mm"):
         assert np.isfinite(decomposition.loc["image2ssm", column])
     assert decomposition.loc["image2ssm", "alignment_floor_mm"] != decomposition.loc["base", "alignment_floor_mm"]
+    aligned = pd.read_csv(results / "evaluation" / "tables" / "alignment_accuracy.csv").set_index("method")
+    assert aligned.loc["image2ssm", "aligned_by"] == "its own pose"
+    assert aligned.loc["base", "aligned_by"] == "registration"
+    dice = pd.read_csv(results / "evaluation" / "tables" / "scan_segmentation_dice.csv").set_index("method")
+    assert 0 <= dice.loc["image2ssm", "dice"] <= 1 and dice.loc["image2ssm", "n"] == 3
     report = (results / "report.html").read_text()
     assert "image2ssm" in report and "mean shape through the method" in report
 

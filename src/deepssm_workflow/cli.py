@@ -92,8 +92,11 @@ def _train(args) -> None:
         settings["training"] = {**settings.get("training", {}), "init_seed": args.init_seed}
         args.settings = json.dumps(settings, sort_keys=True)
     options = {"threads": args.threads, "device": args.device, "checkpoint_seconds": args.checkpoint_seconds}
-    if _one_source(args, "preprocess_dir", "augmentation_dir"):
-        card = train_from_scans(args.cohort, args.scans_dir, args.method, settings, args.out_dir, **options)
+    if _one_source(args, "preprocess_dir"):
+        card = train_from_scans(args.cohort, args.scans_dir, args.method, settings, args.out_dir,
+                                augmentation_dir=args.augmentation_dir, **options)
+    elif args.augmentation_dir is None:
+        raise ValueError("--preprocess-dir needs --augmentation-dir (the registered crops' augmentation)")
     else:
         card = train_from_artifacts(args.cohort, args.preprocess_dir, args.augmentation_dir, args.method,
                                     settings, args.out_dir, **options)
@@ -118,6 +121,14 @@ def _predict_image(args) -> None:
     else:
         result = predict_image(args.model_dir, args.preprocess_dir, args.image, args.out_prefix)
     print(json.dumps(result, indent=2))
+
+
+def _augment_scans(args) -> None:
+    from .full_field import augment_scans
+
+    settings = json.loads(args.settings)
+    print(json.dumps(augment_scans(args.cohort, args.scans_dir, args.augmentation_dir, args.out_dir,
+                                   settings.get("n_control", 256)), indent=2))
 
 
 def _preprocess_scans(args) -> None:
@@ -234,6 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True, help="writes grid.json, train.npz, test.npz")
     p.set_defaults(run=_preprocess_scans)
 
+    p = steps.add_parser("augment-scans", help="the augmented samples as uncropped scans: each source subject's "
+                         "scan and segmentation warped onto the generated shape")
+    p.add_argument("--cohort", required=True, help="ingested cohort folder (training transforms)")
+    p.add_argument("--scans-dir", required=True, help="folder with train.npz and grid.json (preprocess-scans)")
+    p.add_argument("--augmentation-dir", required=True, help="folder with samples.npz (augment)")
+    p.add_argument("--settings", required=True, help="JSON of the config's `augmentation` block (its n_control)")
+    p.add_argument("--out-dir", required=True)
+    _artifact_flags(p)
+    p.set_defaults(run=_augment_scans)
+
     p = steps.add_parser("augment", help="KDE augmentation: sampled shapes and TPS-warped images")
     p.add_argument("--cohort", required=True, help="ingested cohort folder (training shapes)")
     p.add_argument("--preprocess-dir", required=True, help="folder with train.npz and grid.json")
@@ -264,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = steps.add_parser("train", help="train one registered method (CUDA when visible, else CPU)")
     p.add_argument("--cohort", required=True)
     p.add_argument("--preprocess-dir", help="registered crops: with --augmentation-dir")
-    p.add_argument("--augmentation-dir")
+    p.add_argument("--augmentation-dir", help="the augmentation: of the crops, or with --scans-dir of the scans "
+                   "(augment-scans; optional there)")
     p.add_argument("--scans-dir", help="uncropped scans (preprocess-scans), for a method that localizes itself")
     p.add_argument("--method", required=True, choices=methods.names())
     p.add_argument("--settings", required=True, help='JSON: {"shape_space": {...}, "training": {...}, '

@@ -15,11 +15,22 @@ Training subjects also get their segmentation as the fraction of each voxel insi
 outside it is an error naming the subject and the file. Test subjects are read as images only.
 Intensities are normalized with the mean and standard deviation of the resampled training scans.
 
+The training scans are augmented as the registered crops are (`augment_scans`): every sample of the
+dataset's KDE augmentation (augmentation/samples.npz: a generated world shape and the training subject it
+was drawn from) becomes an uncropped scan, its source subject's scan and segmentation warped by the
+thin-plate spline that carries the subject's particles onto the generated shape placed in the subject's
+scan by the subject's own transform. The samples keep the augmentation's validation hold-out: a sample
+follows its source subject into training or validation.
+
 Artifacts (results/{dataset}/scans/):
     grid.json   spacing, size, normalization, the rule that chose the size, settings
     train.npz   ids, images (N, Z, Y, X) float32, origins (N, 3), segmentations (N, Z, Y, X) uint8
                 (fraction x 255), local (N, M, 3) grid-frame particles, world (N, M, 3), field_kept (N,)
     test.npz    ids, images, origins, field_kept, seconds (reading and resampling, per scan)
+    augmentation/images.npy         (n, Z, Y, X) float32, row i = sample i of augmentation/samples.npz
+    augmentation/segmentations.npy  (n, Z, Y, X) uint8 fractions
+    augmentation/samples.npz        local (n, M, 3) grid frame, world (n, M, 3), source_index (n,),
+                                    validation_ids (the augmentation's hold-out, when it has one)
 """
 
 from __future__ import annotations
@@ -34,8 +45,10 @@ import pandas as pd
 import SimpleITK as sitk
 
 from .atomic import staged
+from .io import apply_transform
 from .preprocess import MIN_GRID_VOXELS, WorldGrid, read_image, resample_to_world
-from .segmentations import quantize, segmentation_on_grid, segmentation_path, segmentation_table
+from .segmentations import fractions, quantize, segmentation_on_grid, segmentation_path, segmentation_table
+from .tps import warp_image
 
 
 @dataclass(frozen=True)
@@ -165,3 +178,45 @@ def preprocess_scan(path, meta: dict, what: str | None = None) -> tuple[np.ndarr
     norm = meta["normalization"]
     array = (resample_to_world(image, sitk.Transform(), grid) - norm["mean"]) / norm["std"]
     return array.astype(np.float32), np.array(grid.origin), field_kept(image, grid)
+
+
+AUGMENTATION_OUTPUTS = ("images.npy", "segmentations.npy", "samples.npz")
+
+
+def augment_scans(cohort_dir, scans_dir, augmentation_dir, out_dir, n_control: int = 256) -> dict:
+    """The uncropped counterpart of every augmented sample (see the module doc), written atomically to
+    `out_dir` (images and segmentations through memory maps). Returns a summary."""
+    start = time.perf_counter()
+    cohort_dir, scans_dir, augmentation_dir = Path(cohort_dir), Path(scans_dir), Path(augmentation_dir)
+    shapes, scans, samples = (np.load(p) for p in (cohort_dir / "shapes_train.npz", scans_dir / "train.npz",
+                                                   augmentation_dir / "samples.npz"))
+    ids = [str(i) for i in shapes["ids"]]
+    if [str(i) for i in scans["ids"]] != ids:
+        raise ValueError(f"{scans_dir / 'train.npz'} and {cohort_dir / 'shapes_train.npz'} list different training "
+                         f"subjects (rerun preprocess_scans)")
+    source = np.asarray(samples["source_index"], dtype=np.int64)
+    if [ids[s] for s in source] != [str(i) for i in samples["source_ids"]]:
+        raise ValueError(f"{augmentation_dir / 'samples.npz'}: made from another cohort's subjects (rerun augment)")
+    spacing = (float(json.loads((scans_dir / "grid.json").read_text())["spacing_mm"]),) * 3
+    images, segmentations = scans["images"], scans["segmentations"]
+    world = np.asarray(samples["points"], dtype=np.float64)
+    # each generated world shape into its source scan's grid frame, through the source's own transform
+    to_grid = [np.linalg.inv(t) for t in shapes["image_to_world"]]
+    local = np.stack([apply_transform(to_grid[s], w) - scans["origins"][s] for s, w in zip(source, world)])
+    origin = (0.0, 0.0, 0.0)
+    with staged(Path(out_dir), list(AUGMENTATION_OUTPUTS)) as staging:
+        warped_images = np.lib.format.open_memmap(staging / "images.npy", mode="w+", dtype=np.float32,
+                                                  shape=(len(world), *images.shape[1:]))
+        warped_masks = np.lib.format.open_memmap(staging / "segmentations.npy", mode="w+", dtype=np.uint8,
+                                                 shape=(len(world), *images.shape[1:]))
+        for i, s in enumerate(source):
+            warped_images[i] = warp_image(images[s], origin, spacing, scans["local"][s], local[i], int(n_control))
+            warped_masks[i] = quantize(warp_image(fractions(segmentations[s]), origin, spacing, scans["local"][s],
+                                                  local[i], int(n_control), fill=0.0))
+        warped_images.flush()
+        warped_masks.flush()
+        del warped_images, warped_masks
+        held_out = {"validation_ids": samples["validation_ids"]} if "validation_ids" in samples.files else {}
+        np.savez(staging / "samples.npz", local=local.astype(np.float32), world=world.astype(np.float32),
+                 source_index=source, **held_out)
+    return {"n": len(world), "seconds": time.perf_counter() - start}

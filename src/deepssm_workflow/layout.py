@@ -14,6 +14,8 @@ Snakemake rules (through `patterns`) and by the library (through `DatasetLayout`
         scans/                          scans_dir: only for a method that localizes the anatomy itself
             grid.json                   scans_grid_json
             {split}.npz                 scans(split): uncropped scans on their grids (full_field.py)
+            augmentation/               scans_augmentation_dir: the augmented samples as uncropped scans
+                images.npy, segmentations.npy, samples.npz   scans_augmentation(name)
         augmentation/                   augmentation_dir
             images.npy                  augmentation_images
             samples.npz                 samples_npz
@@ -141,6 +143,14 @@ class DatasetLayout:
         """The split's uncropped scans on their grids, no registration (train.npz with particles and
         segmentations, test.npz images only)."""
         return self.scans_dir / f"{_part(split)}.npz"
+
+    @property
+    def scans_augmentation_dir(self) -> Path:
+        return self.scans_dir / "augmentation"
+
+    def scans_augmentation(self, name: str) -> Path:
+        """A file of the augmented uncropped scans: images.npy, segmentations.npy, samples.npz."""
+        return self.scans_augmentation_dir / _part(name)
 
     # -- augmentation/
 

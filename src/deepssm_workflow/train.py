@@ -44,14 +44,7 @@ def train_from_artifacts(cohort_dir, preprocess_dir, augmentation_dir, method: s
     method_settings = get(method).settings(settings["method"])
     n_real = len(real["ids"])
     train_idx, val_idx = split_by_source(n_real, samples["source_index"], engine.val_fraction, engine.seed)
-    held_out = [str(i) for i in real["ids"][val_idx[val_idx < n_real]]]
-    if "validation_ids" not in samples.files:
-        log(f"WARNING: {paths[2]} was made without a validation hold-out (augment without --validation): the "
-            f"validation subjects {held_out} helped build the augmentation's shape model")
-    elif sorted(map(str, samples["validation_ids"])) != held_out:
-        raise ValueError(f"{paths[2]}: made with validation subjects {sorted(map(str, samples['validation_ids']))} "
-                         f"but training holds out {held_out} (training.val_fraction {engine.val_fraction}, seed "
-                         f"{engine.seed}); rerun the augmentation with this training block")
+    _check_hold_out(samples, paths[2], real["ids"], train_idx, val_idx, n_real, engine, log)
     # the PCA basis is fit without the validation subjects, so that they are judged in a space they did not build
     space = ShapeSpace(**settings["shape_space"]).fit(shapes["world"][train_idx[train_idx < n_real]])
     segmentations = None
@@ -66,11 +59,12 @@ def train_from_artifacts(cohort_dir, preprocess_dir, augmentation_dir, method: s
 
 
 def train_from_scans(cohort_dir, scans_dir, method: str, settings: dict, out_dir, threads: int = 1, log=print,
-                     device: str | None = None, checkpoint_seconds: float = 0.0) -> dict:
-    """Train a method that needs SCANS on the uncropped training scans of `full_field.preprocess_scans`:
-    their images and segmentations, the grid-frame particles as the points and the world ones as the extra
-    "world". No augmentation: every sample is a real subject, and the validation subjects are held out by
-    `settings["training"]` as for the other methods. `settings`: as `train_from_artifacts`."""
+                     device: str | None = None, checkpoint_seconds: float = 0.0, augmentation_dir=None) -> dict:
+    """Train a method that needs SCANS on the uncropped training scans of `full_field.preprocess_scans`
+    and, with `augmentation_dir`, their augmented samples (`full_field.augment_scans`): images and
+    segmentations, the grid-frame particles as the points and the world ones as the extra "world". The
+    validation subjects are held out by `settings["training"]` as for the other methods, each sample with
+    its source subject. `settings`: as `train_from_artifacts`."""
     cohort_dir, scans_dir = Path(cohort_dir), Path(scans_dir)
     if SCANS not in get(method).method.needs:
         raise ValueError(f"method {method} trains on the registered crops: train it with train_from_artifacts")
@@ -81,14 +75,41 @@ def train_from_scans(cohort_dir, scans_dir, method: str, settings: dict, out_dir
     spacing = json.loads((scans_dir / "grid.json").read_text())["spacing_mm"]
     engine = EngineSettings(**settings["training"])
     n = len(scans["ids"])
-    train_idx, val_idx = split_by_source(n, [], engine.val_fraction, engine.seed)  # no generated samples
-    space = ShapeSpace(**settings["shape_space"]).fit(shapes["world"][train_idx])
+    images, points, world = scans["images"], scans["local"], scans["world"]
+    stored, source = scans["segmentations"], np.array([], dtype=np.int64)
+    if augmentation_dir is not None:
+        augmentation_dir = Path(augmentation_dir)
+        generated = [augmentation_dir / name for name in ("samples.npz", "images.npy", "segmentations.npy")]
+        paths += generated
+        samples = np.load(generated[0])
+        source = samples["source_index"]
+        images = StackedRows(images, NpyRows(generated[1]))
+        points = StackedRows(points, NpyRows(generated[0], "local"))
+        world = StackedRows(world, NpyRows(generated[0], "world"))
+        stored = StackedRows(stored, NpyRows(generated[2]))
+    train_idx, val_idx = split_by_source(n, source, engine.val_fraction, engine.seed)
+    if augmentation_dir is not None:
+        _check_hold_out(samples, generated[0], scans["ids"], train_idx, val_idx, n, engine, log)
+    space = ShapeSpace(**settings["shape_space"]).fit(shapes["world"][train_idx[train_idx < n]])
     torch.set_num_threads(max(1, threads))
     log(f"{method}: {len(train_idx)} training / {len(val_idx)} validation scans, {space.n_modes} PCA modes")
-    return train(method, get(method).settings(settings["method"]), scans["images"], scans["local"], train_idx,
-                 val_idx, space, out_dir, engine=engine, log=log, data_hash=combined_sha256(paths), device=device,
-                 checkpoint_seconds=checkpoint_seconds, segmentations=ScaledRows(scans["segmentations"], 1.0 / SCALE),
-                 extras={"world": scans["world"]}, spacing=(float(spacing),) * 3)
+    return train(method, get(method).settings(settings["method"]), images, points, train_idx, val_idx, space,
+                 out_dir, engine=engine, log=log, data_hash=combined_sha256(paths), device=device,
+                 checkpoint_seconds=checkpoint_seconds, segmentations=ScaledRows(stored, 1.0 / SCALE),
+                 extras={"world": world}, spacing=(float(spacing),) * 3)
+
+
+def _check_hold_out(samples, path, ids, train_idx, val_idx, n_real: int, engine: EngineSettings, log) -> None:
+    """The augmentation's validation subjects must be the ones this training holds out (a warning when it
+    was made without a hold-out)."""
+    held_out = [str(i) for i in ids[val_idx[val_idx < n_real]]]
+    if "validation_ids" not in samples.files:
+        log(f"WARNING: {path} was made without a validation hold-out (augment without --validation): the "
+            f"validation subjects {held_out} helped build the augmentation's shape model")
+    elif sorted(map(str, samples["validation_ids"])) != held_out:
+        raise ValueError(f"{path}: made with validation subjects {sorted(map(str, samples['validation_ids']))} "
+                         f"but training holds out {held_out} (training.val_fraction {engine.val_fraction}, seed "
+                         f"{engine.seed}); rerun the augmentation with this training block")
 
 
 def _segmentations(preprocess_dir: Path, augmentation_dir: Path, ids, images) -> tuple[ScaledRows, list[Path]]:

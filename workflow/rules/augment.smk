@@ -66,3 +66,34 @@ rule augment_segmentations:
         " --augmentation-dir {params.augmentation_dir} --settings {params.settings:q}"
         " --out {output.segmentations} --verify {input.samples} --inputs {input} --outputs {output}"
         " --provenance {output.provenance} > {log} 2>&1"
+
+
+# For a method that finds the anatomy itself: the augmented samples above as uncropped scans (full_field).
+rule augment_scans:
+    input:
+        shapes_train=RESULTS.shapes("train"),
+        scans=RESULTS.scans("train"),
+        grid=RESULTS.scans_grid_json,
+        samples=RESULTS.samples_npz,
+        augmentation_provenance=RESULTS.provenance("augmentation"),
+    output:
+        images=RESULTS.scans_augmentation("images.npy"),
+        segmentations=RESULTS.scans_augmentation("segmentations.npy"),
+        samples=RESULTS.scans_augmentation("samples.npz"),
+        provenance=RESULTS.scans_augmentation("provenance.json"),
+    log:
+        "logs/{dataset}/augment_scans.log",
+    cache: True
+    conda:
+        "../../envs/deepssm.yaml"
+    params:
+        settings=lambda wildcards: json.dumps(config["datasets"][wildcards.dataset]["augmentation"], sort_keys=True),
+        software=SOFTWARE,  # only for the cache key and the params rerun trigger (see common.smk)
+        cohort=subpath(input.shapes_train, parent=True),
+        scans_dir=subpath(input.scans, parent=True),
+        augmentation_dir=subpath(input.samples, parent=True),
+        out_dir=subpath(output.images, parent=True),
+    shell:
+        "deepssm-wf augment-scans --cohort {params.cohort} --scans-dir {params.scans_dir}"
+        " --augmentation-dir {params.augmentation_dir} --settings {params.settings:q} --out-dir {params.out_dir}"
+        " --inputs {input} --outputs {output} --provenance {output.provenance} > {log} 2>&1"

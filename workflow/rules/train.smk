@@ -83,12 +83,16 @@ rule predict:
 
 
 # A method that finds the anatomy in the uncropped scan itself (image2ssm): trained on the scans of
-# preprocess_scans, with no augmentation, and predicted on the test scans with no registration.
+# preprocess_scans and their augmentation (augment_scans), and predicted on the test scans with no registration.
 rule train_on_scans:
     input:
         shapes_train=RESULTS.shapes("train"),
         train=RESULTS.scans("train"),
         grid=RESULTS.scans_grid_json,
+        samples=RESULTS.scans_augmentation("samples.npz"),
+        images=RESULTS.scans_augmentation("images.npy"),
+        segmentations=RESULTS.scans_augmentation("segmentations.npy"),
+        augmentation_provenance=RESULTS.scans_augmentation("provenance.json"),
     output:
         model=RESULTS.model_pt("{method}"),
         card=RESULTS.model_card("{method}"),
@@ -116,9 +120,11 @@ rule train_on_scans:
         software=SOFTWARE,  # only for the cache key and the params rerun trigger (see common.smk)
         cohort=subpath(input.shapes_train, parent=True),
         scans_dir=subpath(input.train, parent=True),
+        augmentation_dir=subpath(input.samples, parent=True),
         out_dir=subpath(output.model, parent=True),
     shell:
-        "deepssm-wf train --cohort {params.cohort} --scans-dir {params.scans_dir} --method {wildcards.method}"
+        "deepssm-wf train --cohort {params.cohort} --scans-dir {params.scans_dir}"
+        " --augmentation-dir {params.augmentation_dir} --method {wildcards.method}"
         " --settings {params.settings:q} --out-dir {params.out_dir} --threads {threads}"
         " --checkpoint-seconds {resources.checkpoint_seconds}"
         " --inputs {input} --outputs {output} --provenance {output.provenance} > {log} 2>&1"
