@@ -89,7 +89,7 @@ def test_patterns_are_the_paths_the_rules_declare():
     assert results.provenance_dirs(["tl"]) == ["results/{dataset}/augmentation", "results/{dataset}/models/tl",
                                                "results/{dataset}/predictions/tl"]
     assert EVALUATION_TABLES == ("accuracy_summary", "accuracy_per_subject", "inference_time", "error_decomposition",
-                                 "error_decomposition_per_subject")
+                                 "error_decomposition_per_subject", "alignment_accuracy")
     assert EVALUATION_FIGURES == ("per_point_rmse", "surface_boxplot", "surface_heatmaps", "error_decomposition")
 
 
