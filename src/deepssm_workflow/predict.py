@@ -124,28 +124,39 @@ def predict_split(model_dir, preprocess_dir, split: str, out_dir, threads: int =
     model = inference_model(trained.model)
     world, network_seconds = predict(trained.method, model, data["images"], batch_size=1)
     mean, grid = trained.method.training_mean(model), load_grid(preprocess_dir)[1]
-    problems = [f"subject {subject}: {source}: prediction refused: {problem}"
-                for subject, points in zip(data["ids"], world)
-                if (problem := prediction_problem(points, mean, grid))]
+    _refuse([f"subject {subject}: {source}: prediction refused: {problem}"
+             for subject, points in zip(data["ids"], world) if (problem := prediction_problem(points, mean, grid))])
+    local = [apply_transform(np.linalg.inv(t), w) for t, w in zip(data["image_to_world"], world)]
+    return _write_predictions(out_dir, data["ids"], world, local, data["seconds"], network_seconds)
+
+
+def _refuse(problems: list[str]) -> None:
     if problems:
         raise ValueError(problems[0] if len(problems) == 1 else
                          f"{len(problems)} predictions refused:\n  " + "\n  ".join(problems))
-    rows = []
-    files = []
-    for i, subject in enumerate(data["ids"]):
-        local = apply_transform(np.linalg.inv(data["image_to_world"][i]), world[i])
+
+
+def _write_predictions(out_dir, ids, world, local, preprocess_seconds, network_seconds: float,
+                       alignment: np.ndarray | None = None) -> pd.DataFrame:
+    """particles/{id}_{world,local}.particles, predictions.csv (paths relative to it, per-scan times) and, for a
+    method with its own alignment, alignment.npz (ids, image_to_world), all written together."""
+    rows, files = [], []
+    for i, subject in enumerate(ids):
         files.append((f"particles/{subject}_world.particles", world[i]))
-        files.append((f"particles/{subject}_local.particles", local))
+        files.append((f"particles/{subject}_local.particles", local[i]))
         rows.append({"id": str(subject), "world_particles": f"particles/{subject}_world.particles",
                      "local_particles": f"particles/{subject}_local.particles",
-                     "preprocess_seconds": float(data["seconds"][i]), "network_seconds": network_seconds,
-                     "seconds_per_scan": float(data["seconds"][i]) + network_seconds})
+                     "preprocess_seconds": float(preprocess_seconds[i]), "network_seconds": network_seconds,
+                     "seconds_per_scan": float(preprocess_seconds[i]) + network_seconds})
     table = pd.DataFrame(rows)
-    with staged(out_dir, ["particles", "predictions.csv"]) as staging:
+    names = ["particles", "predictions.csv"] + ([ALIGNMENT_FILE] if alignment is not None else [])
+    with staged(out_dir, names) as staging:
         (staging / "particles").mkdir()
         for name, points in files:
             write_particles(staging / name, points)
         table.to_csv(staging / "predictions.csv", index=False)
+        if alignment is not None:
+            np.savez(staging / ALIGNMENT_FILE, ids=np.array([str(i) for i in ids]), image_to_world=alignment)
     return table
 
 
@@ -163,33 +174,15 @@ def predict_scans(model_dir, scans_dir, split: str, out_dir, threads: int = 1) -
     model = inference_model(trained.model)
     found, network_seconds = localize(trained.method, model, data["images"], batch_size=1)
     mean = trained.method.training_mean(model)
-    problems = [f"subject {subject}: {source}: prediction refused: {problem}"
-                for subject, hit, world in zip(data["ids"], found["found"], found["world"])
-                if (problem := _scan_problem(hit, world, mean))]
-    if problems:
-        raise ValueError(problems[0] if len(problems) == 1 else
-                         f"{len(problems)} predictions refused:\n  " + "\n  ".join(problems))
-    rows, files, transforms = [], [], []
-    for i, subject in enumerate(data["ids"]):
-        origin = data["origins"][i]
-        grid_to_scan = np.eye(4)
-        grid_to_scan[:3, 3] = origin
-        transforms.append(found["image_to_world"][i].astype(np.float64) @ np.linalg.inv(grid_to_scan))
-        files.append((f"particles/{subject}_world.particles", found["world"][i]))
-        files.append((f"particles/{subject}_local.particles", found["local"][i] + origin))
-        rows.append({"id": str(subject), "world_particles": f"particles/{subject}_world.particles",
-                     "local_particles": f"particles/{subject}_local.particles",
-                     "preprocess_seconds": float(data["seconds"][i]), "network_seconds": network_seconds,
-                     "seconds_per_scan": float(data["seconds"][i]) + network_seconds})
-    table = pd.DataFrame(rows)
-    with staged(out_dir, ["particles", "predictions.csv", ALIGNMENT_FILE]) as staging:
-        (staging / "particles").mkdir()
-        for name, points in files:
-            write_particles(staging / name, points)
-        table.to_csv(staging / "predictions.csv", index=False)
-        np.savez(staging / ALIGNMENT_FILE, ids=np.array([str(i) for i in data["ids"]]),
-                 image_to_world=np.stack(transforms))
-    return table
+    _refuse([f"subject {subject}: {source}: prediction refused: {problem}"
+             for subject, hit, world in zip(data["ids"], found["found"], found["world"])
+             if (problem := _scan_problem(hit, world, mean))])
+    scan_to_grid = np.tile(np.eye(4), (len(data["ids"]), 1, 1))
+    scan_to_grid[:, :3, 3] = -data["origins"]  # the grid's frame is the scan's, less the grid's origin
+    alignment = found["image_to_world"].astype(np.float64) @ scan_to_grid
+    local = found["local"] + data["origins"][:, None].astype(found["local"].dtype)
+    return _write_predictions(out_dir, data["ids"], found["world"], local, data["seconds"], network_seconds,
+                              alignment)
 
 
 def predict_scan_image(model_dir, scans_dir, image_path, out_prefix) -> dict:
