@@ -209,3 +209,22 @@ def test_augmented_samples_become_uncropped_scans_with_their_shapes(cohort, scan
     with pytest.raises(ValueError, match="made with validation subjects .* but training holds out"):
         train_from_scans(cohort, out, "image2ssm", other, tmp_path / "other", log=lambda _: None,
                          augmentation_dir=tmp_path / "scans_aug")
+
+
+def test_the_two_sources_are_never_mixed_up(tmp_path, capsys):
+    """A step given both sources, or neither, or a scan method sent down the crops' path, says so by name."""
+    from deepssm_workflow.cli import main
+    from deepssm_workflow.seed_spread import plan
+    from deepssm_workflow.train import train_from_artifacts
+
+    base = ["train", "--cohort", "c", "--method", "base", "--settings", "{}", "--out-dir", str(tmp_path / "o")]
+    for extra, message in ((["--scans-dir", "s", "--preprocess-dir", "p"], "not both or neither"),
+                           ([], "not both or neither"),
+                           (["--preprocess-dir", "p"], "--preprocess-dir needs --augmentation-dir")):
+        assert main(base + extra) == 1
+        assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="method image2ssm trains on uncropped scans"):
+        train_from_artifacts("c", "p", "a", "image2ssm", {}, tmp_path / "m")
+    with pytest.raises(ValueError, match="seed_spread.methods: image2ssm train on the uncropped scans"):
+        plan({"methods": {"base": {}, "image2ssm": {}}}, "hips")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "m").exists()
