@@ -34,7 +34,7 @@ PCA layer; a staged schedule (segmentation first, then alignment, then shape). W
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -244,8 +244,7 @@ class Image2SSMMethod(Method):
         crop_mm = crop_size_mm(space.mean, settings.crop_margin_mm)
         step = settings.crop_spacing_mm or min(spec.spacing)
         crop_shape = tuple(max(8, int(np.ceil(side / step))) for side in crop_mm[::-1])  # (z, y, x)
-        config = _model_config(spec, settings.network, n_modes=space.n_modes)
-        config = ModelConfig(**{**asdict(config), "input_shape": crop_shape})
+        config = replace(_model_config(spec, settings.network, n_modes=space.n_modes), input_shape=crop_shape)
         return Image2SSMNet(config, crop_mm, space.mean, pca_layer_basis(space, space.n_modes), space.mean.mean(0),
                             settings.seg_channels, settings.shift_scale_mm, spec.spacing)
 
