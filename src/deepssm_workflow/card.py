@@ -14,7 +14,8 @@ from .atomic import replaced
 
 
 def write(path, *, method: str, settings: dict, engine: dict, network: dict, device: torch.device, facts: dict,
-          history: list[dict], best: dict, state: dict, n_train: int, n_val: int, data_hash: str | None) -> dict:
+          history: list[dict], best: dict, state: dict, n_train: int, n_val: int, data_hash: str | None,
+          validation_measure: str = "RMSE (eq. 12)") -> dict:
     card = {
         "method": method,
         "settings": settings,
@@ -25,7 +26,8 @@ def write(path, *, method: str, settings: dict, engine: dict, network: dict, dev
         "device_facts": facts,  # torch, CUDA and cuDNN versions, TF32 and determinism flags
         "best_epoch": best["epoch"],
         "best_phase": history[best["epoch"] - 1]["phase"],
-        "val_rmse": best["val_rmse"],
+        "val_rmse": best["val_rmse"],  # the kept epoch's validation error, in `validation_measure`
+        "validation_measure": validation_measure,
         "n_train": int(n_train),
         "n_val": int(n_val),
         "state": state,  # what the method measured before or while training (e.g. focal thresholds)

@@ -6,9 +6,10 @@ phase, with the guarantees every method gets by being registered:
   `init_seed`, when set, replaces `seed` in these two (the initialisation and the batch order)
   and nowhere else: the data (the validation split, and upstream the augmentation) stay those
   of `seed`, so that a seed spread varies the training's trajectory with the data fixed;
-* every epoch ends with the validation RMSE (eq. 12, mean over validation samples) of the
-  correspondences the phase validates on; the kept model is the epoch of lowest validation
-  RMSE among the phases that select (per epoch, over all validation samples);
+* every epoch ends with the validation error, mean over validation samples: the eq. 12 RMSE of
+  the correspondences the phase validates on, or what the method's `validation_errors` measures
+  instead (its `validation_measure`; kept as `val_rmse` in the log and the card for every method);
+  the kept model is the epoch of lowest validation error among the phases that select;
 * the full training state is written atomically to `checkpoint.pt` (its sha256 in
   `checkpoint.pt.sha256`: a corrupted checkpoint is ignored with a warning) at most every
   `checkpoint_seconds` (0: every epoch), always at the end of a phase and before a planned
@@ -46,7 +47,7 @@ from .atomic import replaced
 from .methods import SCANS, SEGMENTATIONS, Batch, DataSpec, TrainingData, get
 from .plotting import figure, save_figure
 from .provenance import checksum_problem, record_checksum
-from .shape_space import ShapeSpace, rmse
+from .shape_space import ShapeSpace
 
 LOG_COLUMNS = ("epoch", "phase", "train_loss", "val_rmse", "lr", "seconds")
 CHECKPOINT_FORMAT = 5  # 4: method + settings + network in the signature; 5: device facts
@@ -100,6 +101,15 @@ def batches(indices: np.ndarray, batch_size: int, seed: int = 0, epoch: int = 0,
         indices = np.random.default_rng([seed, epoch]).permutation(indices)
     for start in range(0, len(indices), batch_size):
         yield indices[start:start + batch_size]
+
+
+def validation_batches(indices: np.ndarray, batch_size: int):
+    """Index batches in order, never leaving a sample alone in the last one (it joins the batch before): a method
+    validated on pairs within a batch (`landmarks`) has no pair for a lone sample."""
+    row_batches = list(batches(indices, batch_size))
+    if len(row_batches) > 1 and len(row_batches[-1]) == 1:
+        row_batches[-2:] = [np.concatenate(row_batches[-2:])]
+    return row_batches
 
 
 def rows_tensor(array, idx, device) -> torch.Tensor:
@@ -190,7 +200,7 @@ def _append_log(path: Path, row: dict) -> None:
         os.fsync(handle.fileno())
 
 
-def _plot_history(history: list[dict], best_epoch: int, path: Path) -> None:
+def _plot_history(history: list[dict], best_epoch: int, path: Path, measure: str) -> None:
     fig, axes = figure(1, 2, cell=(4.0, 3.0))
     ax_loss, ax_rmse = axes[0]
     for phase in dict.fromkeys(row["phase"] for row in history):
@@ -200,7 +210,7 @@ def _plot_history(history: list[dict], best_epoch: int, path: Path) -> None:
         ax_rmse.plot(epochs, [row["val_rmse"] for row in rows], marker=".", label=phase)
     ax_rmse.axvline(best_epoch, color="0.5", linestyle="--", linewidth=0.8, label=f"best ({best_epoch})")
     ax_loss.set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss")
-    ax_rmse.set(xlabel="epoch", ylabel="RMSE (eq. 12)", title="validation RMSE")
+    ax_rmse.set(xlabel="epoch", ylabel=measure, title="validation")
     ax_rmse.legend(frameon=False)
     save_figure(fig, path)
 
@@ -303,7 +313,6 @@ def train(method: str, settings, images, points, train_idx, val_idx, shape_space
     model = entry.method.build(settings, spec).to(device, memory_format=layout)
     network = entry.method.network_config(model)
     data = TrainingData(points, train_idx, engine.batch_size, device, segmentations)
-    val_points = np.asarray(points[val_idx], dtype=np.float64)
     phases = entry.method.phases(settings)
 
     signature = {"format": CHECKPOINT_FORMAT, "method": method, "settings": asdict(settings),
@@ -370,10 +379,9 @@ def train(method: str, settings, images, points, train_idx, val_idx, shape_space
 
                 model.eval()
                 with torch.no_grad():
-                    pred = np.concatenate([
-                        entry.method.validation_points(model, phase, _batch(images, points, rows, device, layout))
-                        .cpu().numpy() for rows in batches(val_idx, engine.batch_size)])
-                val_rmse = float(rmse(pred, val_points).mean())
+                    val_rmse = float(np.concatenate([
+                        entry.method.validation_errors(model, phase, _batch(images, points, rows, device, layout))
+                        for rows in validation_batches(val_idx, engine.batch_size)]).mean())
                 if phase.selects_best and val_rmse < best["val_rmse"]:
                     best = {"epoch": epoch, "val_rmse": val_rmse, "state": _clone_state(model)}
 
@@ -389,7 +397,7 @@ def train(method: str, settings, images, points, train_idx, val_idx, shape_space
                                       "history": history, "best": best, "state": state, "device": facts}, ckpt_path)
                     last_checkpoint = time.monotonic()
                 _append_log(log_path, row)
-                log(f"epoch {epoch} [{phase.name}] loss {row['train_loss']:.5g} val RMSE {val_rmse:.4g} "
+                log(f"epoch {epoch} [{phase.name}] loss {row['train_loss']:.5g} val {val_rmse:.4g} "
                     f"lr {lr:.3g} ({row['seconds']:.2f} s)")
                 if stopping:
                     return None
@@ -401,7 +409,9 @@ def train(method: str, settings, images, points, train_idx, val_idx, shape_space
         torch.save(best["state"], tmp)
     card = cards.write(out_dir / "model_card.json", method=method, settings=asdict(settings), engine=engine.record(),
                        network=network, device=device, facts=facts, history=history, best=best, state=state,
-                       n_train=len(train_idx), n_val=len(val_idx), data_hash=data_hash)
-    _plot_history(history, best["epoch"], out_dir / "loss_curve.png")
-    log(f"best epoch {best['epoch']} ({card['best_phase']}): validation RMSE {best['val_rmse']:.4g}")
+                       n_train=len(train_idx), n_val=len(val_idx), data_hash=data_hash,
+                       validation_measure=entry.method.validation_measure)
+    _plot_history(history, best["epoch"], out_dir / "loss_curve.png", entry.method.validation_measure)
+    log(f"best epoch {best['epoch']} ({card['best_phase']}): validation {entry.method.validation_measure} "
+        f"{best['val_rmse']:.4g}")
     return card

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..shape_space import ShapeSpace
+from ..shape_space import ShapeSpace, rmse
 
 # -- capabilities: what evaluation and the studies may ask of a method
 CORRESPONDENCES = "correspondences"  # predicts (M, 3) world-frame correspondences from one image
@@ -36,7 +36,10 @@ SCALES = "scales"                    # predicts nested scales of the corresponde
 SEGMENTATION = "segmentation"        # predicts the anatomy's mask on the network grid (`predict_segmentation`)
 LOCALIZES = "localizes"              # finds the anatomy in an uncropped scan itself: scan-frame correspondences
                                      # and its own alignment, with no registration (`localize`)
-CAPABILITIES = (CORRESPONDENCES, PCA_SCORES, LATENT_CODE, SCALES, SEGMENTATION, LOCALIZES)
+LANDMARKS = "landmarks"              # predicts (B, L, 3) landmarks on the input grid (mm from its first voxel) that
+                                     # it learnt from pairs of images alone: no correspondence to the cohort's
+                                     # shape model, so no eq. 12 RMSE (its `predict` returns them)
+CAPABILITIES = (CORRESPONDENCES, PCA_SCORES, LATENT_CODE, SCALES, SEGMENTATION, LOCALIZES, LANDMARKS)
 
 # -- inputs a method can need from the results layout (`deepssm_workflow.layout`)
 TRAINING_IMAGES = "training_images"  # preprocess/train.npz
@@ -139,6 +142,8 @@ class Method:
     # the smallest settings that run every phase, on a tiny network: what the conformance tests
     # (tests/test_methods.py) train every registered method with
     smoke: dict = {}
+    # what `validation_errors` measures: the engine's per-epoch validation figure and the kept model's
+    validation_measure: str = "RMSE (eq. 12)"
 
     # -- network
     def build(self, settings, spec: DataSpec) -> nn.Module:
@@ -177,6 +182,11 @@ class Method:
     def validation_points(self, model: nn.Module, phase: Phase, batch: Batch) -> torch.Tensor:
         """(B, M, 3) correspondences the phase is validated on (default: predicted from the images)."""
         return self.predict(model, batch.images)
+
+    def validation_errors(self, model: nn.Module, phase: Phase, batch: Batch) -> np.ndarray:
+        """(B,) error of each validation sample, in `validation_measure` (lower is better); default: eq. 12
+        RMSE of `validation_points` against the batch's points."""
+        return rmse(self.validation_points(model, phase, batch).cpu().numpy(), batch.points.cpu().numpy())
 
     # -- inference and descriptors
     def predict(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
