@@ -115,6 +115,12 @@ def smoke(name: str):
     return methods.get(name).smoke_settings()
 
 
+def output_points(name: str) -> int:
+    """Points per predicted shape: the correspondences, or a LANDMARKS method's own landmark count."""
+    entry = methods.get(name)
+    return smoke(name).n_landmarks if entry.has(methods.LANDMARKS) else M
+
+
 def run(name, data, out, **options):
     images, points, train_idx, val_idx, space, masks = data
     # a method trained on uncropped scans gets the points as both frames: these images are their own world frame
@@ -163,8 +169,12 @@ def test_outputs_and_capabilities(name, data):
     batch = torch.as_tensor(images[:3]).unsqueeze(1)
     with torch.no_grad():
         predicted = entry.method.predict(model, batch)
-    assert predicted.shape == (3, M, 3) and torch.isfinite(predicted).all()
-    np.testing.assert_allclose(entry.method.training_mean(model), space.mean, atol=1e-4)
+    assert predicted.shape == (3, output_points(name), 3) and torch.isfinite(predicted).all()
+    if entry.has(methods.CORRESPONDENCES):
+        np.testing.assert_allclose(entry.method.training_mean(model), space.mean, atol=1e-4)
+    if entry.has(methods.LANDMARKS):  # on the grid, in mm from its first voxel centre (x, y, z)
+        extent = (np.array(SHAPE[::-1]) - 1.0)
+        assert (predicted >= 0).all() and (predicted <= torch.as_tensor(extent, dtype=predicted.dtype)).all()
     if entry.has(methods.PCA_SCORES) or entry.has(methods.LATENT_CODE):
         from_shapes = codes(entry.method, model, shapes=points[:3])
         from_images = codes(entry.method, model, images=images[:3])
@@ -274,7 +284,7 @@ def test_predictions_contract(name, data, tmp_path):
     trained = load_trained(tmp_path)
     one, _ = predict(trained.method, trained.model, np.load(tmp_path / "images.npy", mmap_mode="r"), batch_size=1)
     many, _ = predict(trained.method, trained.model, images, batch_size=5)
-    assert one.shape == many.shape == (len(images), M, 3) and one.dtype == np.float32
+    assert one.shape == many.shape == (len(images), output_points(name), 3) and one.dtype == np.float32
     np.testing.assert_allclose(one, many, atol=1e-4)
 
 

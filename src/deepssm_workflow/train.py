@@ -11,7 +11,8 @@ import torch
 
 from .engine import EngineSettings, train
 from .holdout import split_by_source
-from .methods import SCANS, SEGMENTATIONS, get
+from .methods import LANDMARKS, SCANS, SEGMENTATIONS, TRAINING_IMAGES, get
+from .preprocess import load_grid
 from .provenance import combined_sha256
 from .rows import NpyRows, ScaledRows, StackedRows
 from .segmentations import SCALE, TRAIN_FILE
@@ -31,6 +32,9 @@ def train_from_artifacts(cohort_dir, preprocess_dir, augmentation_dir, method: s
     if SCANS in get(method).method.needs:
         raise ValueError(f"method {method} trains on uncropped scans (full_field.py), not on the registered crops and "
                          f"their augmentation: train it with train_from_scans")
+    if get(method).method.needs == {TRAINING_IMAGES}:
+        raise ValueError(f"method {method} learns from the training images alone, not from shapes and their "
+                         f"augmentation: train it with train_from_images")
     cohort_dir, preprocess_dir, augmentation_dir = Path(cohort_dir), Path(preprocess_dir), Path(augmentation_dir)
     paths = [preprocess_dir / "train.npz", cohort_dir / "shapes_train.npz", augmentation_dir / "samples.npz",
              augmentation_dir / "images.npy"]
@@ -97,6 +101,32 @@ def train_from_scans(cohort_dir, scans_dir, method: str, settings: dict, out_dir
                  out_dir, engine=engine, log=log, data_hash=combined_sha256(paths), device=device,
                  checkpoint_seconds=checkpoint_seconds, segmentations=ScaledRows(stored, 1.0 / SCALE),
                  extras={"world": world}, spacing=(float(spacing),) * 3)
+
+
+def train_from_images(preprocess_dir, method: str, settings: dict, out_dir, threads: int = 1, log=print,
+                      device: str | None = None, checkpoint_seconds: float = 0.0) -> dict:
+    """Train a method that learns from the training images alone (its `needs` are TRAINING_IMAGES only: the
+    self-supervised landmarks) on the preprocessed training images, no particle read. The validation images
+    are held out by `settings["training"]` as for the other methods; a method that pairs images needs two."""
+    needs = get(method).method.needs
+    if needs != {TRAINING_IMAGES}:
+        raise ValueError(f"method {method} learns from {', '.join(sorted(needs))}, not from the training images "
+                         f"alone: train it with train_from_artifacts or train_from_scans")
+    path = Path(preprocess_dir) / "train.npz"
+    with np.load(path) as stored:
+        images, ids = stored["images"], stored["ids"]
+    grid = load_grid(preprocess_dir)[1]
+    engine = EngineSettings(**settings["training"])
+    train_idx, val_idx = split_by_source(len(ids), np.array([], dtype=np.int64), engine.val_fraction, engine.seed)
+    if get(method).has(LANDMARKS) and len(val_idx) < 2:
+        raise ValueError(f"{path}: {len(val_idx)} validation image(s) from {len(ids)} training subjects at "
+                         f"training.val_fraction {engine.val_fraction}: pairs need at least 2")
+    torch.set_num_threads(max(1, threads))
+    log(f"{method}: {len(train_idx)} training / {len(val_idx)} validation images (no particles)")
+    no_points = np.zeros((len(ids), 0, 3), np.float32)  # this method learns from the images alone
+    return train(method, get(method).settings(settings["method"]), images, no_points, train_idx, val_idx, None,
+                 out_dir, engine=engine, log=log, data_hash=combined_sha256([path, Path(preprocess_dir) / "grid.json"]),
+                 device=device, checkpoint_seconds=checkpoint_seconds, spacing=tuple(float(s) for s in grid.spacing))
 
 
 def _check_hold_out(samples, path, ids, train_idx, val_idx, n_real: int, engine: EngineSettings, log) -> None:

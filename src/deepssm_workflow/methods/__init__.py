@@ -24,6 +24,7 @@ from .interface import (  # noqa: F401 (the interface, re-exported)
     AUGMENTATION,
     CAPABILITIES,
     CORRESPONDENCES,
+    LANDMARKS,
     LATENT_CODE,
     LOCALIZES,
     NEEDS,
@@ -131,5 +132,5 @@ def config_schema() -> dict:
 
 
 # the method modules register their names (base, base_focal, tl, tl_focal; progressive, progressive_focal, ...;
-# image2ssm)
-from . import deepssm, image2ssm, progressive  # noqa: E402,F401
+# image2ssm; landmarks)
+from . import deepssm, image2ssm, landmarks, progressive  # noqa: E402,F401

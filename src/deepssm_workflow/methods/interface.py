@@ -183,7 +183,7 @@ class Method:
         """(B, M, 3) correspondences the phase is validated on (default: predicted from the images)."""
         return self.predict(model, batch.images)
 
-    def validation_errors(self, model: nn.Module, phase: Phase, batch: Batch) -> np.ndarray:
+    def validation_errors(self, model: nn.Module, settings, phase: Phase, batch: Batch) -> np.ndarray:
         """(B,) error of each validation sample, in `validation_measure` (lower is better); default: eq. 12
         RMSE of `validation_points` against the batch's points."""
         return rmse(self.validation_points(model, phase, batch).cpu().numpy(), batch.points.cpu().numpy())

@@ -1,0 +1,203 @@
+"""Self-supervised landmarks from image registration (Bhalodia et al., MedIA 2021), in 3D.
+
+A landmark encoder (shared by both images of a pair) places L landmarks on an image; with the
+grid's 8 corners as fixed anchors, a thin-plate spline through the target's and the source's
+landmarks maps the target grid onto the source (`landmark_warp`), the source image is sampled
+there, and the image-match loss against the target (l2, local NCC or MIND-SSC) plus lambda times
+the condition number of the spline system drives the landmarks to places that explain the
+anatomy. No particle, no segmentation: the images are the only supervision.
+
+What is the paper's and what is ours:
+* paper: 3D encoder of 4 blocks of 2 convs (3^3, leaky ReLU) and a max-pool each, then fully
+  connected layers to the landmark coordinates through tanh; the last layer's weight starts at
+  zero and its bias uniform in (-1, 1), so every image starts with the same random landmarks;
+  corner anchors; the loss L_match + lambda * kappa(A), kappa = ||A||_F ||A^-1||_F; a Tikhonov
+  term on the kernel's diagonal that decays linearly from 1e-5 to 0 over the first epoch; Adam
+  at 1e-4, fixed rate; the best validation epoch kept.
+* ours: the spline's kernel is the 3D biharmonic U(r) = r (`tps.py`'s, so the warp of the
+  augmentation and this one agree), not the paper's 2D r^2 log r; a batch norm after each conv
+  (the paper's 3D channel counts and normalization are not given); coordinates of the spline are
+  millimetres divided by the grid's largest half-extent, so that lambda and the Tikhonov term act
+  on the scale the paper's normalised coordinates had whatever the voxel size; pairs are the
+  images of a shuffled batch with the next one in it (a new pairing every epoch, never N^2 pairs
+  in memory); validation pairs are fixed, each validation image with the next in its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import landmark_warp as lw
+from . import register
+from .interface import LANDMARKS, TRAINING_IMAGES, Batch, DataSpec, Method, Phase
+
+MATCH_LOSSES = ("l2", "ncc", "mind")
+
+
+@dataclass(frozen=True)
+class LandmarkSettings:
+    n_landmarks: int
+    epochs: int
+    lr: float
+    weight_decay: float
+    match_loss: str
+    condition_weight: float
+    tikhonov: float
+    warp_step: int
+    ncc_window: int
+    mind_dilation: int
+    network: dict
+
+
+class LandmarkEncoder(nn.Module):
+    """(B, 1, Z, Y, X) images -> (B, L, 3) landmarks in the spline's units (mm / `unit_mm`, from the first voxel),
+    each inside the grid's box."""
+
+    def __init__(self, input_shape, spacing, n_landmarks: int, channels, fc_size: int):
+        super().__init__()
+        self.input_shape, self.spacing = tuple(int(s) for s in input_shape), tuple(float(s) for s in spacing)
+        self.n_landmarks, self.channels, self.fc_size = int(n_landmarks), [int(c) for c in channels], int(fc_size)
+        layers, width, size = [], 1, np.array(self.input_shape)
+        for out in self.channels:
+            for k in range(2):
+                layers += [nn.Conv3d(width if k == 0 else out, out, 3, padding=1), nn.BatchNorm3d(out),
+                           nn.LeakyReLU(0.1)]
+            layers.append(nn.MaxPool3d(2, ceil_mode=True))
+            width, size = out, -(-size // 2)
+        self.features = nn.Sequential(*layers)
+        self.hidden = nn.Linear(width * int(np.prod(size)), self.fc_size)
+        self.out = nn.Linear(self.fc_size, 3 * self.n_landmarks)
+        # the paper's start: every image gets the same random landmarks, which the images then move
+        nn.init.zeros_(self.out.weight)
+        nn.init.uniform_(self.out.bias, -1.0, 1.0)
+        extent = (np.array(self.input_shape[::-1]) - 1) * np.array(self.spacing)  # x, y, z mm
+        self.unit_mm = float(extent.max() / 2)
+        self.register_buffer("half_extent", torch.tensor(extent / 2 / self.unit_mm, dtype=torch.float32))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        hidden = F.leaky_relu(self.hidden(self.features(images).flatten(1)), 0.1)
+        unit = torch.tanh(self.out(hidden)).view(len(images), self.n_landmarks, 3)
+        return self.half_extent * (unit + 1.0)
+
+    def corners(self) -> torch.Tensor:
+        """(8, 3) the grid's corners in the spline's units: the fixed anchors."""
+        spacing = [s / self.unit_mm for s in self.spacing]
+        return lw.corner_anchors(self.input_shape, spacing).to(self.half_extent)
+
+    def unit_spacing(self) -> tuple[float, float, float]:
+        return tuple(s / self.unit_mm for s in self.spacing)
+
+
+def pair_targets(n: int) -> torch.Tensor:
+    """Index of each image's partner in a batch of n: the next one, the last with the first."""
+    return torch.roll(torch.arange(n), -1)
+
+
+class LandmarksMethod(Method):
+    summary = ("Self-supervised landmarks (Bhalodia et al., MedIA 2021) in 3D: landmarks learnt from pairs of "
+               "images by registering one onto the other through a thin-plate spline; no particles needed.")
+    Settings = LandmarkSettings
+    needs = frozenset({TRAINING_IMAGES})
+    capabilities = frozenset({LANDMARKS})
+    schema = {
+        "n_landmarks": {"description": "Landmarks learnt per image, besides the 8 fixed corners (paper: 72-92).",
+                        "type": "integer", "minimum": 1, "default": 32},
+        "epochs": {"description": "Training epochs (each pairs every training image once).", "type": "integer",
+                   "minimum": 2, "default": 30},
+        "lr": {"description": "Adam learning rate, fixed (paper 1e-4).", "type": "number", "exclusiveMinimum": 0,
+               "default": 1.0e-4},
+        "weight_decay": {"description": "Adam weight decay (paper 0).", "type": "number", "minimum": 0, "default": 0.0},
+        "match_loss": {"description": "Image match after the warp: l2, local NCC or MIND-SSC (paper: l2 for metopic "
+                                      "and femur, MIND for the left atrium).", "enum": list(MATCH_LOSSES),
+                       "default": "l2"},
+        "condition_weight": {"description": "lambda: weight of the spline system's condition number (paper: 1e-5 "
+                                            "metopic, 1e-6 femur, 1e-7 left atrium).", "type": "number",
+                             "minimum": 0, "default": 1.0e-6},
+        "tikhonov": {"description": "Tikhonov term on the spline kernel's diagonal at the first step, decaying "
+                                    "linearly to 0 over the first epoch (paper 1e-5).", "type": "number",
+                     "minimum": 0, "default": 1.0e-5},
+        "warp_step": {"description": "The spline is evaluated on every step-th voxel and interpolated in between "
+                                     "(1: on every voxel).", "type": "integer", "minimum": 1, "default": 2},
+        "ncc_window": {"description": "Local NCC window (voxels, odd).", "type": "integer", "minimum": 3,
+                       "default": 3},
+        "mind_dilation": {"description": "MIND-SSC neighbour distance (voxels).", "type": "integer", "minimum": 1,
+                          "default": 2},
+        "network": {"description": "Encoder size: channels of the 4 blocks and the hidden fully connected width.",
+                    "type": "object", "additionalProperties": False, "default": {},
+                    "properties": {"channels": {"type": "array", "items": {"type": "integer", "minimum": 1},
+                                                "minItems": 4, "maxItems": 4},
+                                   "fc_size": {"type": "integer", "minimum": 1}}},
+    }
+    smoke = {"n_landmarks": 6, "epochs": 2, "lr": 1.0e-3, "network": {"channels": [2, 2, 4, 4], "fc_size": 8}}
+    validation_measure = "match loss after warp"
+
+    # -- network
+
+    def build(self, settings, spec: DataSpec) -> nn.Module:
+        network = {"channels": [8, 16, 32, 64], "fc_size": 128, **settings.network}
+        return LandmarkEncoder(spec.input_shape, spec.spacing, settings.n_landmarks, **network)
+
+    def network_config(self, model) -> dict:
+        return {"input_shape": list(model.input_shape), "spacing": list(model.spacing),
+                "n_landmarks": model.n_landmarks, "channels": model.channels, "fc_size": model.fc_size}
+
+    def rebuild(self, network, state) -> nn.Module:
+        return LandmarkEncoder(**network)
+
+    # -- training
+
+    def phases(self, settings):
+        return [Phase("train", settings.epochs, settings.lr, settings.weight_decay, schedule="constant")]
+
+    def prepare(self, model, settings, data) -> dict:
+        return {"steps_per_epoch": -(-len(data.train_idx) // data.batch_size), "step": 0}
+
+    def register_pairs(self, model, settings, images: torch.Tensor, regularization: float = 0.0) -> dict:
+        """Each image of the batch warped onto its partner (`pair_targets`): the warped images, the partners,
+        the match loss per pair and the condition number of each pair's spline system."""
+        landmarks = model(images)
+        partner = pair_targets(len(images)).to(images.device)
+        corners = model.corners().expand(len(images), -1, -1)
+        source = torch.cat([landmarks, corners], 1)
+        target = source[partner]
+        # the map target -> source: each target voxel looks up where its anatomy is in the source
+        spline = lw.fit_spline(target, source, regularization)
+        warped = lw.warp(images, spline, model.unit_spacing(), step=settings.warp_step)
+        fixed = images[partner]
+        return {"warped": warped, "fixed": fixed, "match": self.match(settings, warped, fixed),
+                "condition": lw.condition_number(spline.system)}
+
+    def match(self, settings, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """(B,) the settings' match loss of each moving image against its fixed one (lower: more alike)."""
+        options = {"ncc": {"window": settings.ncc_window}, "mind": {"dilation": settings.mind_dilation}}
+        return lw.match_loss(settings.match_loss, moving, fixed, **options.get(settings.match_loss, {}))
+
+    def loss(self, model, settings, phase, batch: Batch, state) -> torch.Tensor:
+        # the paper's Tikhonov warm-up: from `tikhonov` at the first step to 0 at the end of the first epoch
+        warmup = max(0.0, 1.0 - state["step"] / max(1, state["steps_per_epoch"]))
+        state["step"] += 1
+        pairs = self.register_pairs(model, settings, batch.images, settings.tikhonov * warmup)
+        return pairs["match"].mean() + settings.condition_weight * pairs["condition"].mean()
+
+    def validation_errors(self, model, settings, phase, batch: Batch) -> np.ndarray:
+        return self.register_pairs(model, settings, batch.images)["match"].double().cpu().numpy()
+
+    def check(self, settings) -> list[str]:
+        problems = super().check(settings)
+        if settings.ncc_window % 2 == 0:
+            problems.append(f"ncc_window must be odd, got {settings.ncc_window}")
+        return problems
+
+    # -- inference
+
+    def predict(self, model, images) -> torch.Tensor:
+        """(B, L, 3) landmarks in mm from the grid's first voxel centre, x, y, z."""
+        return model(images) * model.unit_mm
+
+
+register("landmarks", LandmarksMethod(), default=False)
