@@ -85,14 +85,22 @@ def _one_source(args, *crops: str) -> bool:
 
 
 def _train(args) -> None:
-    from .train import train_from_artifacts, train_from_scans
+    from .methods import TRAINING_IMAGES
+    from .train import train_from_artifacts, train_from_images, train_from_scans
 
     settings = json.loads(args.settings)
     if args.init_seed is not None:  # into the engine's settings; the sidecar then records it with them
         settings["training"] = {**settings.get("training", {}), "init_seed": args.init_seed}
         args.settings = json.dumps(settings, sort_keys=True)
     options = {"threads": args.threads, "device": args.device, "checkpoint_seconds": args.checkpoint_seconds}
-    if _one_source(args, "preprocess_dir"):
+    if methods.get(args.method).method.needs == {TRAINING_IMAGES}:  # the training images alone (landmarks)
+        if args.preprocess_dir is None or args.scans_dir or args.augmentation_dir:
+            raise ValueError(f"method {args.method} learns from the training images alone: give --preprocess-dir "
+                             f"and neither --scans-dir nor --augmentation-dir")
+        card = train_from_images(args.preprocess_dir, args.method, settings, args.out_dir, **options)
+    elif args.cohort is None:
+        raise ValueError(f"method {args.method} learns from the cohort's shapes: give --cohort")
+    elif _one_source(args, "preprocess_dir"):
         card = train_from_scans(args.cohort, args.scans_dir, args.method, settings, args.out_dir,
                                 augmentation_dir=args.augmentation_dir, **options)
     elif args.augmentation_dir is None:
@@ -121,6 +129,20 @@ def _predict_image(args) -> None:
     else:
         result = predict_image(args.model_dir, args.preprocess_dir, args.image, args.out_prefix)
     print(json.dumps(result, indent=2))
+
+
+def _predict_landmarks(args) -> None:
+    from .landmark_results import predict_landmarks
+
+    table = predict_landmarks(args.model_dir, args.preprocess_dir, args.out_dir, threads=args.threads)
+    print(f"{table['id'].nunique()} subjects, {table['landmark'].nunique()} landmarks each")
+
+
+def _evaluate_landmarks(args) -> None:
+    from .landmark_results import evaluate_landmarks
+
+    print(json.dumps(evaluate_landmarks(args.landmarks, args.model_dir, args.preprocess_dir, args.cohort,
+                                        args.out_dir), indent=2))
 
 
 def _augment_scans(args) -> None:
@@ -166,7 +188,8 @@ def _study(args) -> None:
 def _report(args) -> None:
     from .report import build_report
 
-    build_report(args.dataset_dir, args.dataset, json.loads(args.settings), args.methods, args.out)
+    build_report(args.dataset_dir, args.dataset, json.loads(args.settings), args.methods, args.out,
+                 landmark_methods=args.landmark_methods)
     print(f"wrote {args.out}")
 
 
@@ -283,8 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_augment_segmentations)
 
     p = steps.add_parser("train", help="train one registered method (CUDA when visible, else CPU)")
-    p.add_argument("--cohort", required=True)
-    p.add_argument("--preprocess-dir", help="registered crops: with --augmentation-dir")
+    p.add_argument("--cohort", help="the ingested cohort (its shapes); not for a method that learns from the "
+                   "training images alone (landmarks)")
+    p.add_argument("--preprocess-dir", help="registered crops: with --augmentation-dir (alone for landmarks)")
     p.add_argument("--augmentation-dir", help="the augmentation: of the crops, or with --scans-dir of the scans "
                    "(augment-scans; optional there)")
     p.add_argument("--scans-dir", help="uncropped scans (preprocess-scans), for a method that localizes itself")
@@ -311,6 +335,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1)
     _artifact_flags(p)
     p.set_defaults(run=_predict)
+
+    p = steps.add_parser("predict-landmarks", help="a landmarks model's landmarks of every preprocessed subject, "
+                         "train and test (landmarks.npz, landmarks.csv)")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--preprocess-dir", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    _artifact_flags(p)
+    p.set_defaults(run=_predict_landmarks)
+
+    p = steps.add_parser("evaluate-landmarks", help="landmarks against the exact ground truth: registration gain, "
+                         "consistency through the true correspondences, shape prediction")
+    p.add_argument("--landmarks", required=True, help="predict-landmarks' landmarks.npz")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--preprocess-dir", required=True)
+    p.add_argument("--cohort", required=True, help="the ingested cohort (the true particles)")
+    p.add_argument("--out-dir", required=True)
+    _artifact_flags(p)
+    p.set_defaults(run=_evaluate_landmarks)
 
     p = steps.add_parser("predict-image", help="correspondences for one new, unsegmented image")
     p.add_argument("--model-dir", required=True, help="results/{dataset}/models/{method}")
@@ -355,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="the dataset's name in the config")
     p.add_argument("--settings", required=True, help="JSON of the dataset's config block")
     p.add_argument("--methods", nargs="+", default=methods.names(default_only=True), choices=methods.names())
+    p.add_argument("--landmark-methods", nargs="*", default=[], choices=methods.names(),
+                   help="landmark methods, reported in their own section (landmarks/{method}/evaluation)")
     p.add_argument("--out", required=True, help="report.html to write")
     p.set_defaults(run=_report)
 

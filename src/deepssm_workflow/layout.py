@@ -36,6 +36,10 @@ Snakemake rules (through `patterns`) and by the library (through `DatasetLayout`
             particles/                  predicted_particles(method)
             alignment.npz               predictions_alignment(method): a method that localizes itself
             provenance.json             provenance("predictions", method)
+        landmarks/{method}/             landmarks_dir(method): a LANDMARKS method (learns from images alone)
+            landmarks.npz, landmarks.csv  landmarks_npz(method), landmarks_csv(method): every subject's
+            evaluation/                 landmark_evaluation_dir(method)
+                landmark_evaluation.json, landmark_pairs.csv  landmark_evaluation(name, method)
         evaluation/                     evaluation_dir
             summary.json                evaluation_summary
             figures.json                evaluation_figures_json
@@ -227,6 +231,24 @@ class DatasetLayout:
     def predictions_alignment(self, method: str) -> Path:
         """A method that localizes itself: its own alignment of each test scan (ids, image_to_world)."""
         return self.predictions_dir(method) / "alignment.npz"
+
+    # -- landmarks/{method}/: a LANDMARKS method's landmarks of every subject and their evaluation
+
+    def landmarks_dir(self, method: str) -> Path:
+        return self.root / "landmarks" / _part(method)
+
+    def landmarks_npz(self, method: str) -> Path:
+        return self.landmarks_dir(method) / "landmarks.npz"
+
+    def landmarks_csv(self, method: str) -> Path:
+        return self.landmarks_dir(method) / "landmarks.csv"
+
+    def landmark_evaluation_dir(self, method: str) -> Path:
+        return self.landmarks_dir(method) / "evaluation"
+
+    def landmark_evaluation(self, name: str, method: str) -> Path:
+        """landmark_evaluation.json or landmark_pairs.csv of `method`'s evaluation."""
+        return self.landmark_evaluation_dir(method) / _part(name)
 
     # -- provenance sidecars of the expensive steps
 

@@ -35,8 +35,9 @@ from .studies.registry import STUDIES
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ANSWER = "The answer"
+LANDMARKS_SECTION = "Self-supervised landmarks"
 SECTIONS = (ANSWER, "What was run", "Quality control", "Augmentation", "Training", "Evaluation", "Clinical study",
-            "Provenance")
+            LANDMARKS_SECTION, "Provenance")
 
 # Tables that come without a tables.json entry (the studies'), titled and explained in words.
 TABLE_TITLES = {
@@ -533,8 +534,10 @@ def _inputs(layout: DatasetLayout, methods) -> list[Path]:
 
 # -- the page
 
-def build_report(dataset_dir, dataset: str, settings: dict, methods, out_path, study_dir=None) -> None:
-    """Write results/{dataset}/report.html from the dataset's artifacts (every one must exist)."""
+def build_report(dataset_dir, dataset: str, settings: dict, methods, out_path, study_dir=None,
+                 landmark_methods=()) -> None:
+    """Write results/{dataset}/report.html from the dataset's artifacts (every one must exist); the shape
+    methods' (`methods`) and, in their own section, the landmark methods' (`landmark_methods`)."""
     layout = DatasetLayout(dataset_dir)
     study_dir = Path(study_dir) if study_dir else layout.study_dir
     cohort = _read_json(layout.cohort_report)
@@ -554,6 +557,8 @@ def build_report(dataset_dir, dataset: str, settings: dict, methods, out_path, s
     }
     if study != "none":
         sections["Clinical study"] = artifact_section(study_dir, show_summary=True)
+    if landmark_methods:
+        sections[LANDMARKS_SECTION] = _landmarks(layout, landmark_methods)
     names = [name for name in SECTIONS if name in sections]
     nav = "".join(f'<li><a href="#{_anchor(name)}">{_esc(name)}</a></li>' for name in names)
     section = {name: f'<section id="{_anchor(name)}"><h2>{_esc(name)}</h2>\n{sections[name]}</section>'
@@ -660,6 +665,43 @@ def _training(layout: DatasetLayout, methods, cards: dict) -> str:
         parts.append(_figure(layout.loss_curve(v), f"Training curve: {v}",
                              "Training loss and validation RMSE per epoch; look for a validation curve that "
                              "flattens rather than rises after the marked (kept) epoch.", "the report"))
+    return "\n".join(parts)
+
+
+def _landmarks(layout: DatasetLayout, methods) -> str:
+    """Each landmark method's evaluation against the exact ground truth (`landmark_results`), its training curve."""
+    rows = []
+    for m in methods:
+        result = _read_json(layout.landmark_evaluation("landmark_evaluation.json", m))
+        registration, consistency = result["registration"], result["consistency_mm"]
+        shape = result["shape_prediction"]
+        rows.append({
+            "method": m, "landmarks": result["n_landmarks"], "match loss": result["match_loss"],
+            "test pairs (n)": registration["after_warp"]["n"],
+            "match, no warp": _ci(registration["no_warp"]["mean"], registration["no_warp"]["ci_low"],
+                                  registration["no_warp"]["ci_high"], digits=3),
+            "match, after warp": _ci(registration["after_warp"]["mean"], registration["after_warp"]["ci_low"],
+                                     registration["after_warp"]["ci_high"], digits=3),
+            "after / no warp": f"{registration['ratio_of_means']:.2f}",
+            "consistency, landmarks (mm)": _ci(consistency["landmarks"]["mean"], consistency["landmarks"]["ci_low"],
+                                               consistency["landmarks"]["ci_high"]),
+            "consistency, fixed random points (mm)": _ci(consistency["random_points"]["mean"],
+                                                         consistency["random_points"]["ci_low"],
+                                                         consistency["random_points"]["ci_high"]),
+            "shape scores R² (variance-weighted)": f"{shape['r2_weighted']:.2f} (n = {shape['n_test']})"})
+    parts = [_table(pd.DataFrame(rows)),
+             '<p class="caption">Landmarks learnt from pairs of training images alone (no particles, no '
+             "segmentations), judged against the synthetic cohort's exact ground truth on the test subjects: the "
+             "match loss of each test image warped onto the next by the spline through their landmarks, against no "
+             "warp; consistency, the mean distance between a subject's landmarks carried to the next subject "
+             "through the true correspondences (a spline through both subjects' true particles, scan frames) and "
+             "the landmarks predicted there, beside the same for fixed random points of the network grid (what a "
+             "network that learnt nothing gives, the registration still doing its part; lower is better); and the "
+             "R² on the test subjects of a linear model from the landmarks to the true shapes' leading PCA scores. "
+             "Intervals: 95 % bootstrap over the pairs.</p>"]
+    for m in methods:
+        parts.append(_figure(layout.loss_curve(m), f"Training curve: {m}",
+                             "Training loss and validation match loss (held-out pairs) per epoch.", "the report"))
     return "\n".join(parts)
 
 

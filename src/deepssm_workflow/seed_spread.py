@@ -50,6 +50,11 @@ def plan(dataset: dict, name: str = "dataset") -> tuple[list[str], list[int]]:
     if unknown:
         raise ValueError(f"datasets.{name}.seed_spread.methods: unknown method(s) {', '.join(unknown)}; the "
                          f"registered methods are {', '.join(registry.names())}")
+    landmarks = [m for m in chosen if registry.get(m).has(registry.LANDMARKS)]
+    if landmarks and block.get("methods"):
+        raise ValueError(f"datasets.{name}.seed_spread.methods: {', '.join(landmarks)} learn landmarks, not shapes: "
+                         f"the seed spread compares test RMSE (eq. 12); list shape methods only")
+    chosen = [m for m in chosen if m not in landmarks]  # a dataset's landmark methods are not spread by default
     on_scans = [m for m in chosen if registry.SCANS in registry.get(m).method.needs]
     if on_scans:  # their seeds/ rules do not exist yet: say so when the DAG is built, not as a missing rule
         raise ValueError(f"datasets.{name}.seed_spread.methods: {', '.join(on_scans)} train on the uncropped scans; "

@@ -18,7 +18,10 @@ DATASETS = load_config(config, workflow.source_path("../schemas/config.schema.ya
 # the registered crops and their augmentation: each kind has its own train and predict rules.
 METHODS = registry.names()
 SCAN_METHODS = [m for m in METHODS if registry.SCANS in registry.get(m).method.needs]
-CROP_METHODS = [m for m in METHODS if m not in SCAN_METHODS]
+# those that learn landmarks from the training images alone (no shapes): their own train, predict and evaluate
+# rules (landmarks.smk), and no eq. 12 evaluation
+LANDMARK_METHODS = [m for m in METHODS if registry.get(m).has(registry.LANDMARKS)]
+CROP_METHODS = [m for m in METHODS if m not in SCAN_METHODS and m not in LANDMARK_METHODS]
 SYNTHETIC = [name for name, ds in DATASETS.items() if ds.source == "synthetic"]
 # datasets with a clinical study (config `study`, default the anatomy's own; none: no study rule)
 WITH_STUDY = [name for name, ds in DATASETS.items() if ds.study != "none"]
@@ -88,8 +91,15 @@ def synthetic_settings(wildcards):
 
 
 def dataset_methods(wildcards):
-    """The methods a dataset trains, evaluates, studies and reports: the keys of its `methods` block."""
-    return list(config["datasets"][wildcards.dataset]["methods"])
+    """The shape methods a dataset trains, evaluates, studies and reports: the keys of its `methods` block, less
+    the landmark methods (`dataset_landmark_methods`)."""
+    return [m for m in config["datasets"][wildcards.dataset]["methods"] if m not in LANDMARK_METHODS]
+
+
+def dataset_landmark_methods(wildcards):
+    """The landmark methods a dataset lists in its `methods` block: trained, predicted, evaluated and reported
+    apart from the shape methods (landmarks.smk)."""
+    return [m for m in config["datasets"][wildcards.dataset]["methods"] if m in LANDMARK_METHODS]
 
 
 def training_settings(wildcards):
@@ -98,9 +108,10 @@ def training_settings(wildcards):
     these are in the rule's params, so changing one method's settings retrains that method alone."""
     entry = config["datasets"][wildcards.dataset]
     block = entry["methods"].get(wildcards.method, {})
-    return json.dumps(
-        {"shape_space": entry["shape_space"], "training": entry["training"], "method": block}, sort_keys=True
-    )
+    settings = {"shape_space": entry["shape_space"], "training": entry["training"], "method": block}
+    if wildcards.method in LANDMARK_METHODS:  # no shapes: a new shape space must not retrain it
+        del settings["shape_space"]
+    return json.dumps(settings, sort_keys=True)
 
 
 def method_needs_inputs(wildcards):
@@ -186,6 +197,9 @@ def report_inputs(wildcards):
     }
     if wildcards.dataset in WITH_STUDY:
         inputs["study"] = d.study_dir
+    inputs["landmark_evaluations"] = [
+        d.landmark_evaluation("landmark_evaluation.json", m) for m in dataset_landmark_methods(wildcards)
+    ]
     return inputs
 
 

@@ -40,7 +40,9 @@ rule report_html:
     params:
         settings=lambda wildcards: json.dumps(config["datasets"][wildcards.dataset], sort_keys=True),
         methods=lambda wildcards: " ".join(dataset_methods(wildcards)),
+        landmark_methods=lambda wildcards: " ".join(dataset_landmark_methods(wildcards)),
         dataset_dir=RESULTS.root,
     shell:
         "deepssm-wf report --dataset-dir {params.dataset_dir} --dataset {wildcards.dataset}"
-        " --settings {params.settings:q} --methods {params.methods} --out {output} > {log} 2>&1"
+        " --settings {params.settings:q} --methods {params.methods}"
+        " --landmark-methods {params.landmark_methods} --out {output} > {log} 2>&1"

@@ -1,0 +1,142 @@
+"""Self-supervised landmarks (methods.landmarks): trained on a small femur cohort's training images alone, then
+judged against the cohort's exact ground truth (landmark_results); the workflow's landmark rules and report
+section on the tiny preset; refusals of the wrong training path."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from conftest import TINY, run_snakemake, tiny_settings
+from deepssm_workflow import methods
+from deepssm_workflow import preprocess as pp
+from deepssm_workflow.cli import main
+from deepssm_workflow.ingest import ingest_cohort
+from deepssm_workflow.landmark_results import evaluate_landmarks, predict_landmarks
+from deepssm_workflow.methods.landmarks import pair_targets
+from deepssm_workflow.synthetic.cohort import generate_cohort
+from deepssm_workflow.train import train_from_artifacts, train_from_images
+
+SUBJECTS = {"train": {"control": 10, "cam": 2}, "test": {"control": 3, "cam": 1}}
+SETTINGS = {"epochs": 20, "lr": 1.0e-3, "n_landmarks": 24, "network": {"channels": [4, 8, 8, 16], "fc_size": 32}}
+TRAINING = {"batch_size": 4, "val_fraction": 0.2, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small femur cohort (12 training, 4 test subjects), preprocessed, a landmarks model trained on its
+    training images alone, its landmarks and their evaluation. Returns the folder."""
+    root = tmp_path_factory.mktemp("landmarks")
+    generate_cohort("femur", tiny_settings("femur", subjects=SUBJECTS), root / "generated", workers=2)
+    ingest_cohort({"source": "synthetic", "manifest": str(root / "generated" / "subjects.csv")}, "femur",
+                  root / "cohort")
+    pp.preprocess_training(root / "cohort", pp.PreprocessSettings(1.0, 5.0), root / "preprocess")
+    pp.preprocess_unseen(root / "cohort", root / "preprocess", "test", root / "preprocess" / "test.npz")
+    threads = torch.get_num_threads()
+    try:
+        train_from_images(root / "preprocess", "landmarks", {"training": TRAINING, "method": SETTINGS}, root / "model",
+                          threads=2, log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    predict_landmarks(root / "model", root / "preprocess", root / "landmarks")
+    evaluate_landmarks(root / "landmarks" / "landmarks.npz", root / "model", root / "preprocess", root / "cohort",
+                       root / "evaluation")
+    return root
+
+
+def test_pairs_are_each_image_with_the_next():
+    assert pair_targets(4).tolist() == [1, 2, 3, 0]
+    assert pair_targets(2).tolist() == [1, 0]
+
+
+def test_learnt_landmarks_register_held_out_pairs_and_correspond(trained):
+    result = json.loads((trained / "evaluation" / "landmark_evaluation.json").read_text())
+    registration, consistency = result["registration"], result["consistency_mm"]
+    assert registration["after_warp"]["n"] == 4 and result["n_landmarks"] == SETTINGS["n_landmarks"]
+    # the test pairs (never seen in training) match better after the learnt warp than without it
+    assert registration["after_warp"]["mean"] < 0.7 * registration["no_warp"]["mean"]
+    # the landmarks carry through the true correspondences better than fixed points of the grid do
+    assert consistency["landmarks"]["mean"] < consistency["random_points"]["mean"]
+    pairs = pd.read_csv(trained / "evaluation" / "landmark_pairs.csv")
+    assert len(pairs) == 4 and np.isclose(pairs["match_after_warp"].mean(), registration["after_warp"]["mean"])
+    card = json.loads((trained / "model" / "model_card.json").read_text())
+    assert card["validation_measure"] == "match loss after warp" and card["n_val"] >= 2
+
+
+def test_landmarks_of_every_subject_in_both_frames(trained):
+    stored = np.load(trained / "landmarks" / "landmarks.npz")
+    train, test = (np.load(trained / "preprocess" / f"{s}.npz") for s in ("train", "test"))
+    assert list(stored["ids"]) == [*map(str, train["ids"]), *map(str, test["ids"])]
+    assert list(stored["split"]) == ["train"] * len(train["ids"]) + ["test"] * len(test["ids"])
+    assert stored["world"].shape == (16, SETTINGS["n_landmarks"], 3) and np.isfinite(stored["world"]).all()
+    # the scan frame is the world frame through each subject's own image_to_world
+    k = len(train["ids"])
+    transform = test["image_to_world"][0]
+    homogeneous = np.c_[stored["local"][k], np.ones(SETTINGS["n_landmarks"])]
+    np.testing.assert_allclose((homogeneous @ transform.T)[:, :3], stored["world"][k], atol=1e-6)
+    table = pd.read_csv(trained / "landmarks" / "landmarks.csv", dtype={"id": str})
+    assert len(table) == 16 * SETTINGS["n_landmarks"]
+    np.testing.assert_allclose(table[["world_x", "world_y", "world_z"]].to_numpy(), stored["world"].reshape(-1, 3))
+
+
+def test_the_wrong_training_path_is_refused(trained, tmp_path):
+    with pytest.raises(ValueError, match="learns from the training images alone.*train_from_images"):
+        train_from_artifacts(trained / "cohort", trained / "preprocess", tmp_path, "landmarks",
+                             {"training": TRAINING, "method": {}, "shape_space": {"n_modes": 2}}, tmp_path / "m")
+    with pytest.raises(ValueError, match="learns from .*shapes.*not from the training images alone"):
+        train_from_images(trained / "preprocess", "base", {"training": TRAINING, "method": {}}, tmp_path / "m")
+    code = main(["train", "--preprocess-dir", str(trained / "preprocess"), "--augmentation-dir", str(tmp_path),
+                 "--method", "landmarks", "--settings", json.dumps({"training": TRAINING, "method": {}}),
+                 "--out-dir", str(tmp_path / "m")])
+    assert code == 1 and not (tmp_path / "m").exists()
+    shape_model = _shape_model(trained, tmp_path)
+    with pytest.raises(ValueError, match="predicts no landmarks"):
+        predict_landmarks(shape_model, trained / "preprocess", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def _shape_model(trained, tmp_path):
+    """A base model card and weights in a folder (a tiny one, trained for one epoch on the real shapes)."""
+    from deepssm_workflow.engine import EngineSettings, train
+    from deepssm_workflow.shape_space import ShapeSpace
+
+    real, shapes = np.load(trained / "preprocess" / "train.npz"), np.load(trained / "cohort" / "shapes_train.npz")
+    n = len(real["ids"])
+    train("base", methods.get("base").settings({"epochs": 1, "network": {"channels": [2, 2, 2, 2, 2],
+                                                                         "fc_sizes": [4, 4]}}),
+          real["images"], shapes["world"], np.arange(n - 2), np.arange(n - 2, n),
+          ShapeSpace(n_modes=2).fit(shapes["world"]), tmp_path / "base", engine=EngineSettings(batch_size=4),
+          log=lambda _: None)
+    return tmp_path / "base"
+
+
+@pytest.mark.slow
+def test_landmarks_through_the_workflow_beside_base(tmp_path):
+    config = yaml.safe_load(TINY.read_text())
+    femur = config["datasets"]["femur"]
+    femur["methods"] = {"base": femur["methods"]["base"],
+                        "landmarks": {"epochs": 3, "n_landmarks": 8,
+                                      "network": {"channels": [4, 4, 8, 8], "fc_size": 16}}}
+    config["datasets"] = {"femur": femur}
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    work = tmp_path / "work"
+    result = run_snakemake(work, "results/femur/report.html", "--cores", "2", "--resources", "gpu=1",
+                           configfile=configfile)
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = work / "results" / "femur"
+    card = json.loads((results / "models" / "landmarks" / "model_card.json").read_text())
+    assert card["method"] == "landmarks" and card["validation_measure"] == "match loss after warp"
+    evaluation = json.loads((results / "landmarks" / "landmarks" / "evaluation" / "landmark_evaluation.json")
+                            .read_text())
+    assert evaluation["n_landmarks"] == 8 and evaluation["registration"]["after_warp"]["n"] == 3
+    # the shape evaluation is the shape methods' alone: no eq. 12 row for landmarks
+    accuracy = pd.read_csv(results / "evaluation" / "tables" / "accuracy_summary.csv")
+    assert "landmarks" not in set(accuracy.iloc[:, 0].astype(str))
+    report = (results / "report.html").read_text()
+    assert "Self-supervised landmarks" in report and "consistency, fixed random points (mm)" in report
