@@ -16,8 +16,15 @@ from conftest import TINY, run_snakemake, tiny_settings
 from deepssm_workflow import methods
 from deepssm_workflow import preprocess as pp
 from deepssm_workflow.cli import main
+from deepssm_workflow.inference import load_trained
 from deepssm_workflow.ingest import ingest_cohort
-from deepssm_workflow.landmark_results import evaluate_landmarks, predict_landmarks
+from deepssm_workflow.landmark_results import (
+    evaluate_landmarks,
+    mean_pair_match,
+    predict_landmarks,
+    select_landmarks,
+    spline_units,
+)
 from deepssm_workflow.methods.landmarks import pair_targets
 from deepssm_workflow.synthetic.cohort import generate_cohort
 from deepssm_workflow.train import train_from_artifacts, train_from_images
@@ -25,6 +32,7 @@ from deepssm_workflow.train import train_from_artifacts, train_from_images
 SUBJECTS = {"train": {"control": 10, "cam": 2}, "test": {"control": 3, "cam": 1}}
 SETTINGS = {"epochs": 20, "lr": 1.0e-3, "n_landmarks": 24, "network": {"channels": [4, 8, 8, 16], "fc_size": 32}}
 TRAINING = {"batch_size": 4, "val_fraction": 0.2, "seed": 0}
+KEEP = 12
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +51,9 @@ def trained(tmp_path_factory):
                           threads=2, log=lambda _: None)
     finally:
         torch.set_num_threads(threads)
-    predict_landmarks(root / "model", root / "preprocess", root / "landmarks")
+    select_landmarks(root / "model", root / "preprocess", root / "selection", keep=KEEP)
+    predict_landmarks(root / "model", root / "preprocess", root / "landmarks", selection=root / "selection" /
+                      "selection.json")
     evaluate_landmarks(root / "landmarks" / "landmarks.npz", root / "model", root / "preprocess", root / "cohort",
                        root / "evaluation")
     return root
@@ -68,6 +78,28 @@ def test_learnt_landmarks_register_held_out_pairs_and_correspond(trained):
     assert card["validation_measure"] == "match loss after warp" and card["n_val"] >= 2
 
 
+def test_redundancy_removal_is_greedy(trained):
+    selection = json.loads((trained / "selection" / "selection.json").read_text())
+    count = SETTINGS["n_landmarks"]
+    removed = selection["removal_order"][:count - KEEP]
+    assert len(selection["kept"]) == KEEP and not set(selection["kept"]) & set(removed)
+    curve = selection["curve"]
+    assert [c["landmarks"] for c in curve] == list(range(count, KEEP // 2 - 1, -1))
+    # the first landmark dropped is the one whose removal hurts the training pairs' registration least
+    model = load_trained(trained / "model")
+    settings = model.method.Settings(**model.card["settings"])
+    images = torch.as_tensor(np.load(trained / "preprocess" / "train.npz")["images"]).unsqueeze(1)
+    with torch.no_grad():
+        units = spline_units(model, images)
+        trials = [mean_pair_match(model, settings, images, units, [k for k in range(count) if k != drop])
+                  for drop in range(count)]
+        assert np.isclose(curve[0]["match"], mean_pair_match(model, settings, images, units, list(range(count))))
+    assert selection["removal_order"][0] == int(np.argmin(trials)) and np.isclose(curve[1]["match"], min(trials))
+    assert (trained / "selection" / "selection.png").stat().st_size > 10_000
+    result = json.loads((trained / "evaluation" / "landmark_evaluation.json").read_text())
+    assert result["n_kept"] == KEEP and result["registration"]["after_warp_kept"]["n"] == 4
+
+
 def test_landmarks_of_every_subject_in_both_frames(trained):
     stored = np.load(trained / "landmarks" / "landmarks.npz")
     train, test = (np.load(trained / "preprocess" / f"{s}.npz") for s in ("train", "test"))
@@ -80,7 +112,8 @@ def test_landmarks_of_every_subject_in_both_frames(trained):
     homogeneous = np.c_[stored["local"][k], np.ones(SETTINGS["n_landmarks"])]
     np.testing.assert_allclose((homogeneous @ transform.T)[:, :3], stored["world"][k], atol=1e-6)
     table = pd.read_csv(trained / "landmarks" / "landmarks.csv", dtype={"id": str})
-    assert len(table) == 16 * SETTINGS["n_landmarks"]
+    assert len(table) == 16 * SETTINGS["n_landmarks"] and table["kept"].sum() == 16 * KEEP
+    assert sorted(stored["kept"]) == sorted(json.loads((trained / "selection" / "selection.json").read_text())["kept"])
     np.testing.assert_allclose(table[["world_x", "world_y", "world_z"]].to_numpy(), stored["world"].reshape(-1, 3))
 
 
@@ -140,3 +173,5 @@ def test_landmarks_through_the_workflow_beside_base(tmp_path):
     assert "landmarks" not in set(accuracy.iloc[:, 0].astype(str))
     report = (results / "report.html").read_text()
     assert "Self-supervised landmarks" in report and "consistency, fixed random points (mm)" in report
+    assert "Redundancy removal: landmarks" in report
+    assert json.loads((results / "landmarks" / "landmarks" / "selection" / "selection.json").read_text())["kept"]

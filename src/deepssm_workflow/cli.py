@@ -131,10 +131,18 @@ def _predict_image(args) -> None:
     print(json.dumps(result, indent=2))
 
 
+def _select_landmarks(args) -> None:
+    from .landmark_results import select_landmarks
+
+    result = select_landmarks(args.model_dir, args.preprocess_dir, args.out_dir, keep=args.keep, threads=args.threads)
+    print(json.dumps({key: result[key] for key in ("n_landmarks", "kept", "no_warp")}, indent=2))
+
+
 def _predict_landmarks(args) -> None:
     from .landmark_results import predict_landmarks
 
-    table = predict_landmarks(args.model_dir, args.preprocess_dir, args.out_dir, threads=args.threads)
+    table = predict_landmarks(args.model_dir, args.preprocess_dir, args.out_dir, selection=args.selection,
+                              threads=args.threads)
     print(f"{table['id'].nunique()} subjects, {table['landmark'].nunique()} landmarks each")
 
 
@@ -336,10 +344,20 @@ def build_parser() -> argparse.ArgumentParser:
     _artifact_flags(p)
     p.set_defaults(run=_predict)
 
+    p = steps.add_parser("select-landmarks", help="redundancy removal: greedily drop the landmarks whose removal "
+                         "hurts the registration of training pairs least (selection.json, selection.png)")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--preprocess-dir", required=True)
+    p.add_argument("--keep", type=int, help="landmarks to keep (default: the method's kept_landmarks, else half)")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(run=_select_landmarks)
+
     p = steps.add_parser("predict-landmarks", help="a landmarks model's landmarks of every preprocessed subject, "
                          "train and test (landmarks.npz, landmarks.csv)")
     p.add_argument("--model-dir", required=True)
     p.add_argument("--preprocess-dir", required=True)
+    p.add_argument("--selection", help="select-landmarks' selection.json: which landmarks are kept (default: all)")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--threads", type=int, default=1)
     _artifact_flags(p)

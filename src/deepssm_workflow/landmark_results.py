@@ -2,6 +2,7 @@
 their evaluation against the cohort's exact ground truth (there is no correspondence to the shape model, so
 no eq. 12 RMSE).
 
+    select_landmarks(model_dir, preprocess_dir, out_dir)      redundancy removal: selection.json + selection.png
     predict_landmarks(model_dir, preprocess_dir, out_dir)     landmarks.npz + landmarks.csv, train and test
     evaluate_landmarks(landmarks_npz, model_dir, preprocess_dir, cohort_dir, out_dir)
         registration_gain      match loss of test pairs after the learnt warp vs no warp
@@ -28,6 +29,7 @@ from .inference import load_trained, predict
 from .intervals import mean_interval
 from .io import apply_transform
 from .methods import LANDMARKS
+from .plotting import figure, save_figure
 from .preprocess import load_grid
 from .shape_space import ShapeSpace
 from .tps import ThinPlateSpline
@@ -51,12 +53,17 @@ def grid_to_world(grid, points: np.ndarray) -> np.ndarray:
     return points + np.asarray(grid.origin, dtype=np.float64)
 
 
-def predict_landmarks(model_dir, preprocess_dir, out_dir, threads: int = 1) -> pd.DataFrame:
+def predict_landmarks(model_dir, preprocess_dir, out_dir, selection=None, threads: int = 1) -> pd.DataFrame:
     """Landmarks of every preprocessed subject, train and test: landmarks.npz (ids, split, world (n, L, 3),
-    local (n, L, 3): the scan's frame through the subject's image_to_world) and landmarks.csv (one row per
-    subject and landmark, both frames)."""
+    local (n, L, 3): the scan's frame through the subject's image_to_world; kept: the indices the redundancy
+    removal kept, from `selection` (its selection.json), else all) and landmarks.csv (one row per subject and
+    landmark, both frames, whether it is kept)."""
     torch.set_num_threads(max(1, threads))
     trained = _landmark_model(model_dir)
+    count = trained.model.n_landmarks
+    kept = np.arange(count) if selection is None else np.array(json.loads(Path(selection).read_text())["kept"])
+    if kept.size == 0 or kept.min() < 0 or kept.max() >= count or len(set(kept.tolist())) != kept.size:
+        raise ValueError(f"{selection}: kept landmarks {kept.tolist()} are not distinct indices of the model's {count}")
     grid = load_grid(preprocess_dir)[1]
     ids, splits, world, local = [], [], [], []
     for split in SPLITS:
@@ -73,15 +80,93 @@ def predict_landmarks(model_dir, preprocess_dir, out_dir, threads: int = 1) -> p
             local.append(np.stack([apply_transform(np.linalg.inv(t), p)
                                    for t, p in zip(data["image_to_world"], points)]))
     world, local = np.concatenate(world), np.concatenate(local)
-    n, count = world.shape[:2]
+    n = len(world)
     table = pd.DataFrame({"id": np.repeat(ids, count), "split": np.repeat(splits, count),
-                          "landmark": np.tile(np.arange(count), n),
+                          "landmark": np.tile(np.arange(count), n), "kept": np.tile(np.isin(np.arange(count), kept), n),
                           **{f"world_{a}": world[..., k].ravel() for k, a in enumerate("xyz")},
                           **{f"local_{a}": local[..., k].ravel() for k, a in enumerate("xyz")}})
     with staged(out_dir, ["landmarks.npz", "landmarks.csv"]) as staging:
-        np.savez(staging / "landmarks.npz", ids=np.array(ids), split=np.array(splits), world=world, local=local)
+        np.savez(staging / "landmarks.npz", ids=np.array(ids), split=np.array(splits), world=world, local=local,
+                 kept=kept)
         table.to_csv(staging / "landmarks.csv", index=False)
     return table
+
+
+PAIR_CHUNK = 8  # pairs warped at once (memory: a few images of the grid each)
+
+
+def _settings(trained):
+    return trained.method.Settings(**trained.card["settings"])
+
+
+def pair_matches(trained, settings, images: torch.Tensor, units: torch.Tensor, subset) -> np.ndarray:
+    """Match loss of every image warped onto the next (`pairs`) through the landmarks `subset` only, per pair."""
+    order = torch.as_tensor(pairs(len(images)))
+    values = []
+    for start in range(0, len(order), PAIR_CHUNK):
+        moving, fixed = order[start:start + PAIR_CHUNK].T
+        result = trained.method.warp_onto(trained.model, settings, images[moving], images[fixed],
+                                          units[moving][:, subset], units[fixed][:, subset])
+        values.append(result["match"].double().numpy())
+    return np.concatenate(values)
+
+
+def mean_pair_match(trained, settings, images: torch.Tensor, units: torch.Tensor, subset) -> float:
+    return float(pair_matches(trained, settings, images, units, subset).mean())
+
+
+def spline_units(trained, images: torch.Tensor) -> torch.Tensor:
+    """The model's landmarks of every image, in the spline's units."""
+    return torch.cat([trained.model(images[k:k + PAIR_CHUNK]) for k in range(0, len(images), PAIR_CHUNK)])
+
+
+def select_landmarks(model_dir, preprocess_dir, out_dir, keep: int | None = None, threads: int = 1) -> dict:
+    """Redundancy removal as the paper describes it (sec. 2.3), on the training images' pairs (each with the next;
+    the test pairs stay for the evaluation): repeatedly drop the landmark whose removal raises their mean match
+    loss least, down to `keep` (default: the method's kept_landmarks, else half, the paper's 100 -> 50 and
+    80 -> 40), and on to half of that for the
+    curve. Writes selection.json (kept indices, removal order, the curve, the no-warp loss) and selection.png
+    (match loss against landmark count)."""
+    torch.set_num_threads(max(1, threads))
+    trained = _landmark_model(model_dir)
+    settings = _settings(trained)
+    with np.load(Path(preprocess_dir) / "train.npz") as data:
+        images = torch.as_tensor(np.asarray(data["images"], dtype=np.float32)).unsqueeze(1)
+    count = trained.model.n_landmarks
+    keep = (settings.kept_landmarks or count // 2) if keep is None else int(keep)
+    if not 1 <= keep <= count:
+        raise ValueError(f"{model_dir}: cannot keep {keep} of its {count} landmarks")
+    with torch.no_grad():
+        units = spline_units(trained, images)
+        order = torch.as_tensor(pairs(len(images)))
+        no_warp = float(trained.method.match(settings, images[order[:, 0]], images[order[:, 1]]).double().mean())
+        current = list(range(count))
+        curve, removed, kept = [(count, mean_pair_match(trained, settings, images, units, current))], [], None
+        while len(current) > max(1, keep // 2):
+            trials = [mean_pair_match(trained, settings, images, units, current[:k] + current[k + 1:])
+                      for k in range(len(current))]
+            best = int(np.argmin(trials))
+            removed.append(current.pop(best))
+            curve.append((len(current), trials[best]))
+            if len(current) == keep:
+                kept = list(current)
+    kept = list(current) if kept is None else kept  # keep == count: nothing removed
+    result = {"n_landmarks": count, "kept": kept, "removal_order": removed, "no_warp": no_warp,
+              "curve": [{"landmarks": n, "match": loss} for n, loss in curve], "pairs": int(len(images)),
+              "match_loss": settings.match_loss}
+    fig, axes = figure(1, 1, cell=(4.5, 3.2))
+    ax = axes[0][0]
+    ax.plot([n for n, _ in curve], [loss for _, loss in curve], marker=".", label="after warp")
+    ax.axhline(no_warp, color="0.5", linestyle=":", label="no warp")
+    ax.axvline(keep, color="0.5", linestyle="--", linewidth=0.8, label=f"kept ({keep})")
+    ax.set(xlabel="landmarks (besides the 8 corners)", ylabel=f"match loss ({settings.match_loss})",
+           title=f"redundancy removal, {len(images)} training pairs")
+    ax.invert_xaxis()
+    ax.legend(frameon=False)
+    with staged(out_dir, ["selection.json", "selection.png"]) as staging:
+        (staging / "selection.json").write_text(json.dumps(result, indent=2) + "\n")
+        save_figure(fig, staging / "selection.png")
+    return result
 
 
 def pairs(n: int) -> np.ndarray:
@@ -112,7 +197,7 @@ def _summary(values) -> dict:
 def evaluate_landmarks(landmarks_npz, model_dir, preprocess_dir, cohort_dir, out_dir) -> dict:
     """landmark_evaluation.json and landmark_pairs.csv (per test pair: match losses, carried errors)."""
     trained = _landmark_model(model_dir)
-    settings = trained.method.Settings(**trained.card["settings"])
+    settings = _settings(trained)
     grid = load_grid(preprocess_dir)[1]
     stored = np.load(landmarks_npz)
     test = np.load(Path(preprocess_dir) / "test.npz")
@@ -125,34 +210,43 @@ def evaluate_landmarks(landmarks_npz, model_dir, preprocess_dir, cohort_dir, out
     if missing:
         raise ValueError(f"{landmarks_npz}: no landmarks for test subjects {', '.join(missing)}")
 
-    # registration of test pairs: the learnt warp against no warp, in the method's own match loss
+    # registration of test pairs: the learnt warp against no warp, in the method's own match loss, through all the
+    # landmarks and through those the redundancy removal kept
     images = torch.as_tensor(np.asarray(test["images"], dtype=np.float32)).unsqueeze(1)
+    order = pairs(len(test_ids))
+    subsets = {"all": np.arange(stored["world"].shape[1]), "kept": np.asarray(stored["kept"])}
     with torch.no_grad():
-        registered = trained.method.register_pairs(trained.model, settings, images)
-        unwarped = trained.method.match(settings, images, registered["fixed"])
-    after, before = registered["match"].double().numpy(), unwarped.double().numpy()
+        units = spline_units(trained, images)
+        before = trained.method.match(settings, images[order[:, 0]], images[order[:, 1]]).double().numpy()
+        after = {name: pair_matches(trained, settings, images, units, subset) for name, subset in subsets.items()}
 
     # consistency through the true correspondences, scan frames
     local = stored["local"][[rows[i] for i in test_ids]]
     fixed = random_grid_points(grid, local.shape[1])
     fixed_local = np.stack([apply_transform(np.linalg.inv(t), fixed) for t in test["image_to_world"]])
     true_local = truth["test"]["local"]
-    landmark_error, random_error = [], []
-    for i, j in pairs(len(test_ids)):
-        landmark_error.append(carried_error(local[i], local[j], true_local[i], true_local[j]))
-        random_error.append(carried_error(fixed_local[i], fixed_local[j], true_local[i], true_local[j]))
+    carried = {name: [] for name in ("all", "kept", "random_points")}
+    for i, j in order:
+        for name, subset in subsets.items():
+            carried[name].append(carried_error(local[i][subset], local[j][subset], true_local[i], true_local[j]))
+        carried["random_points"].append(carried_error(fixed_local[i], fixed_local[j], true_local[i], true_local[j]))
 
     prediction = shape_prediction(stored, rows, truth)
-    table = pd.DataFrame({"source": [test_ids[i] for i, _ in pairs(len(test_ids))],
-                          "target": [test_ids[j] for _, j in pairs(len(test_ids))],
-                          "match_no_warp": before, "match_after_warp": after,
-                          "landmark_error_mm": landmark_error, "random_points_error_mm": random_error})
+    table = pd.DataFrame({"source": [test_ids[i] for i, _ in order], "target": [test_ids[j] for _, j in order],
+                          "match_no_warp": before, "match_after_warp": after["all"],
+                          "match_after_warp_kept": after["kept"], "landmark_error_mm": carried["all"],
+                          "kept_landmark_error_mm": carried["kept"],
+                          "random_points_error_mm": carried["random_points"]})
     result = {
         "method": trained.entry.name, "match_loss": settings.match_loss, "n_landmarks": int(local.shape[1]),
-        "registration": {"no_warp": _summary(before), "after_warp": _summary(after),
-                         "ratio_of_means": float(after.mean() / before.mean())},
-        "consistency_mm": {"landmarks": _summary(landmark_error), "random_points": _summary(random_error),
-                           "ratio_of_means": float(np.mean(landmark_error) / np.mean(random_error))},
+        "n_kept": int(len(subsets["kept"])),
+        "registration": {"no_warp": _summary(before), "after_warp": _summary(after["all"]),
+                         "after_warp_kept": _summary(after["kept"]),
+                         "ratio_of_means": float(after["all"].mean() / before.mean()),
+                         "ratio_of_means_kept": float(after["kept"].mean() / before.mean())},
+        "consistency_mm": {"landmarks": _summary(carried["all"]), "kept_landmarks": _summary(carried["kept"]),
+                           "random_points": _summary(carried["random_points"]),
+                           "ratio_of_means": float(np.mean(carried["all"]) / np.mean(carried["random_points"]))},
         "shape_prediction": prediction,
     }
     with staged(out_dir, ["landmark_evaluation.json", "landmark_pairs.csv"]) as staging:

@@ -37,6 +37,7 @@ Snakemake rules (through `patterns`) and by the library (through `DatasetLayout`
             alignment.npz               predictions_alignment(method): a method that localizes itself
             provenance.json             provenance("predictions", method)
         landmarks/{method}/             landmarks_dir(method): a LANDMARKS method (learns from images alone)
+            selection/selection.json, selection.png  landmark_selection(name, method): redundancy removal
             landmarks.npz, landmarks.csv  landmarks_npz(method), landmarks_csv(method): every subject's
             evaluation/                 landmark_evaluation_dir(method)
                 landmark_evaluation.json, landmark_pairs.csv  landmark_evaluation(name, method)
@@ -236,6 +237,10 @@ class DatasetLayout:
 
     def landmarks_dir(self, method: str) -> Path:
         return self.root / "landmarks" / _part(method)
+
+    def landmark_selection(self, name: str, method: str) -> Path:
+        """selection.json or selection.png of `method`'s redundancy removal."""
+        return self.landmarks_dir(method) / "selection" / _part(name)
 
     def landmarks_npz(self, method: str) -> Path:
         return self.landmarks_dir(method) / "landmarks.npz"

@@ -197,9 +197,9 @@ def report_inputs(wildcards):
     }
     if wildcards.dataset in WITH_STUDY:
         inputs["study"] = d.study_dir
-    inputs["landmark_evaluations"] = [
-        d.landmark_evaluation("landmark_evaluation.json", m) for m in dataset_landmark_methods(wildcards)
-    ]
+    landmark_methods = dataset_landmark_methods(wildcards)
+    inputs["landmark_evaluations"] = [d.landmark_evaluation("landmark_evaluation.json", m) for m in landmark_methods]
+    inputs["landmark_selections"] = [d.landmark_selection("selection.png", m) for m in landmark_methods]
     return inputs
 
 

@@ -41,11 +41,41 @@ rule train_landmarks:
         " --inputs {input} --outputs {output} --provenance {output.provenance} > {log} 2>&1"
 
 
+rule select_landmarks:
+    input:
+        model=RESULTS.model_pt("{method}"),
+        card=RESULTS.model_card("{method}"),
+        train=RESULTS.preprocessed("train"),
+    output:
+        selection=RESULTS.landmark_selection("selection.json", "{method}"),
+        curve=report(
+            RESULTS.landmark_selection("selection.png", "{method}"),
+            caption="../report/landmark_selection.rst",
+            category="Landmarks",
+            subcategory="{dataset}",
+        ),
+    log:
+        "logs/{dataset}/select_{method}.log",
+    wildcard_constraints:
+        method="|".join(LANDMARK_METHODS) or "(?!)",
+    conda:
+        "../../envs/deepssm.yaml"
+    threads: 2
+    params:
+        model_dir=subpath(input.model, parent=True),
+        preprocess_dir=subpath(input.train, parent=True),
+        out_dir=subpath(output.selection, parent=True),
+    shell:
+        "deepssm-wf select-landmarks --model-dir {params.model_dir} --preprocess-dir {params.preprocess_dir}"
+        " --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
+
+
 rule predict_landmarks:
     input:
         model=RESULTS.model_pt("{method}"),
         card=RESULTS.model_card("{method}"),
         model_provenance=RESULTS.provenance("models", "{method}"),
+        selection=RESULTS.landmark_selection("selection.json", "{method}"),
         train=RESULTS.preprocessed("train"),
         test=RESULTS.preprocessed("test"),
     output:
@@ -64,7 +94,8 @@ rule predict_landmarks:
         out_dir=subpath(output.npz, parent=True),
     shell:
         "deepssm-wf predict-landmarks --model-dir {params.model_dir} --preprocess-dir {params.preprocess_dir}"
-        " --out-dir {params.out_dir} --threads {threads} --verify {input.model} {input.card} > {log} 2>&1"
+        " --selection {input.selection} --out-dir {params.out_dir} --threads {threads}"
+        " --verify {input.model} {input.card} > {log} 2>&1"
 
 
 rule evaluate_landmarks:

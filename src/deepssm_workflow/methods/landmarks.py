@@ -51,6 +51,7 @@ class LandmarkSettings:
     warp_step: int
     ncc_window: int
     mind_dilation: int
+    kept_landmarks: int
     network: dict
 
 
@@ -127,6 +128,9 @@ class LandmarksMethod(Method):
                        "default": 3},
         "mind_dilation": {"description": "MIND-SSC neighbour distance (voxels).", "type": "integer", "minimum": 1,
                           "default": 2},
+        "kept_landmarks": {"description": "Landmarks kept by the redundancy removal after training (0: half of "
+                                          "n_landmarks, the paper's ratio).", "type": "integer", "minimum": 0,
+                           "default": 0},
         "network": {"description": "Encoder size: channels of the 4 blocks and the hidden fully connected width.",
                     "type": "object", "additionalProperties": False, "default": {},
                     "properties": {"channels": {"type": "array", "items": {"type": "integer", "minimum": 1},
@@ -158,17 +162,24 @@ class LandmarksMethod(Method):
         return {"steps_per_epoch": -(-len(data.train_idx) // data.batch_size), "step": 0}
 
     def register_pairs(self, model, settings, images: torch.Tensor, regularization: float = 0.0) -> dict:
-        """Each image of the batch warped onto its partner (`pair_targets`): the warped images, the partners,
-        the match loss per pair and the condition number of each pair's spline system."""
+        """Each image of the batch warped onto its partner (`pair_targets`) through the landmarks the model puts
+        on both: see `warp_onto`."""
         landmarks = model(images)
         partner = pair_targets(len(images)).to(images.device)
-        corners = model.corners().expand(len(images), -1, -1)
-        source = torch.cat([landmarks, corners], 1)
-        target = source[partner]
-        # the map target -> source: each target voxel looks up where its anatomy is in the source
+        return self.warp_onto(model, settings, images, images[partner], landmarks, landmarks[partner],
+                              regularization)
+
+    def warp_onto(self, model, settings, moving: torch.Tensor, fixed: torch.Tensor, moving_landmarks: torch.Tensor,
+                  fixed_landmarks: torch.Tensor, regularization: float = 0.0) -> dict:
+        """Moving images (B, 1, Z, Y, X) warped onto fixed ones by the spline through their landmarks (B, L, 3, in
+        the spline's units: the model's own, or a subset of them) and the grid's corners: the warped images,
+        the fixed ones, the match loss per pair and the condition number of each pair's spline system."""
+        corners = model.corners().expand(len(moving), -1, -1)
+        source = torch.cat([moving_landmarks, corners], 1)
+        target = torch.cat([fixed_landmarks, corners], 1)
+        # the map target -> source: each fixed voxel looks up where its anatomy is in the moving image
         spline = lw.fit_spline(target, source, regularization)
-        warped = lw.warp(images, spline, model.unit_spacing(), step=settings.warp_step)
-        fixed = images[partner]
+        warped = lw.warp(moving, spline, model.unit_spacing(), step=settings.warp_step)
         return {"warped": warped, "fixed": fixed, "match": self.match(settings, warped, fixed),
                 "condition": lw.condition_number(spline.system)}
 
@@ -191,6 +202,8 @@ class LandmarksMethod(Method):
         problems = super().check(settings)
         if settings.ncc_window % 2 == 0:
             problems.append(f"ncc_window must be odd, got {settings.ncc_window}")
+        if settings.kept_landmarks > settings.n_landmarks:
+            problems.append(f"kept_landmarks ({settings.kept_landmarks}) exceeds n_landmarks ({settings.n_landmarks})")
         return problems
 
     # -- inference
