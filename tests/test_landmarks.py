@@ -174,4 +174,71 @@ def test_landmarks_through_the_workflow_beside_base(tmp_path):
     report = (results / "report.html").read_text()
     assert "Self-supervised landmarks" in report and "consistency, fixed random points (mm)" in report
     assert "Redundancy removal: landmarks" in report
+    assert "Clinical study on the landmarks of landmarks" in report and "Cam-FAI deviation" in report
     assert json.loads((results / "landmarks" / "landmarks" / "selection" / "selection.json").read_text())["kept"]
+
+
+# -- the studies on landmark descriptors
+
+
+def test_cam_fai_study_on_the_landmarks(trained, tmp_path):
+    from deepssm_workflow.studies.landmark_descriptors import run_landmark_study
+
+    summary = run_landmark_study("cam_fai", trained, trained / "landmarks" / "landmarks.npz", tmp_path / "study")
+    femur = summary["femur"]["landmarks"]
+    assert femur["n_landmarks"] == KEEP and femur["n_cam"] == 3 and femur["n_control"] == 13
+    table = pd.read_csv(tmp_path / "study" / "tables" / "landmark_femur_group_difference.csv")
+    assert len(table) == KEEP and table["q"].between(0, 1).all() and (table["q"] >= table["p"] - 1e-12).all()
+    assert np.isclose(table["difference_mm"].max(), femur["peak_difference_mm"])
+    assert "distance_to_lesion_mm" in table  # the generator's lesion is known for this cohort
+    listing = json.loads((tmp_path / "study" / "figures.json").read_text())
+    assert [(tmp_path / "study" / entry["file"]).stat().st_size > 10_000 for entry in listing] == [True]
+
+
+def _cohort(tmp_path, ids_train, ids_test, columns: dict, world_train, world_test):
+    from deepssm_workflow.studies.data import Cohort, Shapes
+
+    subjects = pd.DataFrame({"id": [*ids_train, *ids_test], **columns}).set_index("id")
+    return Cohort(tmp_path, subjects, Shapes(np.array(ids_train), world_train), Shapes(np.array(ids_test), world_test),
+                  np.tile(np.eye(4), (len(ids_train), 1, 1)))
+
+
+def test_metopic_severity_from_landmarks_separates_the_groups(tmp_path):
+    """Metopic landmark configurations pulled along one direction: the severity from a model of controls alone
+    must rank them above the controls and follow the PDM's severity."""
+    from deepssm_workflow.studies.data import Shapes
+    from deepssm_workflow.studies.landmark_descriptors import metopic
+
+    rng = np.random.default_rng(0)
+    n_train, n_test = 30, 20
+    group = np.array(["control", "metopic"] * ((n_train + n_test) // 2))
+    amount = np.where(group == "metopic", rng.uniform(2, 4, len(group)), 0.0)
+    base = rng.normal(0, 10, (6, 3))
+    shapes = base + rng.normal(0, 0.3, (len(group), 6, 3))
+    shapes[:, 0, 0] += amount  # the "frontal ridge"
+    ids = [f"s{i:02d}" for i in range(len(group))]
+    cohort = _cohort(tmp_path, ids[:n_train], ids[n_train:], {"group": group}, shapes[:n_train], shapes[n_train:])
+    out = metopic(cohort, Shapes(np.array(ids[:n_train]), shapes[:n_train]),
+                  Shapes(np.array(ids[n_train:]), shapes[n_train:]), tmp_path)
+    row = out.summary["landmarks"]
+    assert row["auc"] > 0.9 and row["auc_low"] <= row["auc"] <= row["auc_high"] and row["n_scored"] == n_test
+    assert row["pearson_with_pdm"] > 0.9  # here the PDM is the same configurations
+    assert (tmp_path / "landmark_metopic_severity.png").stat().st_size > 10_000
+
+
+def test_af_recurrence_from_landmarks_beats_the_majority_rate(tmp_path):
+    from deepssm_workflow.studies.data import Shapes
+    from deepssm_workflow.studies.landmark_descriptors import left_atrium
+
+    rng = np.random.default_rng(1)
+    n = 120
+    size = rng.normal(0, 1, n)
+    recurrence = (size + rng.normal(0, 0.3, n) > 0.3).astype(int)
+    shapes = rng.normal(0, 5, (8, 3)) * (1 + 0.1 * size)[:, None, None] + rng.normal(0, 0.05, (n, 8, 3))
+    ids = [f"s{i:03d}" for i in range(n)]
+    cohort = _cohort(tmp_path, ids[:80], ids[80:], {"af_recurrence": recurrence}, shapes[:80], shapes[80:])
+    out = left_atrium(cohort, Shapes(np.array(ids[:80]), shapes[:80]), Shapes(np.array(ids[80:]), shapes[80:]),
+                      tmp_path)
+    row = out.summary["landmarks"]
+    assert row["n_test"] == 40 and row["mlp_accuracy_mean"] > row["majority_accuracy"] + 0.1
+    assert out.tables["landmark_left_atrium_recurrence"]["source"].tolist() == ["ground_truth", "landmarks"]

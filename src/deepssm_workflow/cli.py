@@ -153,6 +153,13 @@ def _evaluate_landmarks(args) -> None:
                                         args.out_dir), indent=2))
 
 
+def _landmark_study(args) -> None:
+    from .studies.landmark_descriptors import run_landmark_study
+
+    print(json.dumps(run_landmark_study(args.study, args.dataset_dir, args.landmarks, args.out_dir,
+                                        args.resources_dir), indent=2))
+
+
 def _augment_scans(args) -> None:
     from .full_field import augment_scans
 
@@ -372,6 +379,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True)
     _artifact_flags(p)
     p.set_defaults(run=_evaluate_landmarks)
+
+    p = steps.add_parser("landmark-study", help="the dataset's clinical study on landmark descriptors, beside the "
+                         "ground-truth PDM")
+    p.add_argument("--study", required=True, choices=list(STUDIES))
+    p.add_argument("--dataset-dir", required=True, help="results/{dataset} (cohort/)")
+    p.add_argument("--landmarks", required=True, help="predict-landmarks' landmarks.npz")
+    p.add_argument("--resources-dir", help="the synthetic cohort's resources (metopic expert ratings)")
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(run=_landmark_study)
 
     p = steps.add_parser("predict-image", help="correspondences for one new, unsegmented image")
     p.add_argument("--model-dir", required=True, help="results/{dataset}/models/{method}")

@@ -41,6 +41,7 @@ Snakemake rules (through `patterns`) and by the library (through `DatasetLayout`
             landmarks.npz, landmarks.csv  landmarks_npz(method), landmarks_csv(method): every subject's
             evaluation/                 landmark_evaluation_dir(method)
                 landmark_evaluation.json, landmark_pairs.csv  landmark_evaluation(name, method)
+            study/                      landmark_study_dir(method): the dataset's study on the landmarks
         evaluation/                     evaluation_dir
             summary.json                evaluation_summary
             figures.json                evaluation_figures_json
@@ -254,6 +255,10 @@ class DatasetLayout:
     def landmark_evaluation(self, name: str, method: str) -> Path:
         """landmark_evaluation.json or landmark_pairs.csv of `method`'s evaluation."""
         return self.landmark_evaluation_dir(method) / _part(name)
+
+    def landmark_study_dir(self, method: str) -> Path:
+        """The dataset's clinical study on `method`'s landmarks, beside the PDM (studies.landmark_descriptors)."""
+        return self.landmarks_dir(method) / "study"
 
     # -- provenance sidecars of the expensive steps
 

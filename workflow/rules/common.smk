@@ -200,6 +200,8 @@ def report_inputs(wildcards):
     landmark_methods = dataset_landmark_methods(wildcards)
     inputs["landmark_evaluations"] = [d.landmark_evaluation("landmark_evaluation.json", m) for m in landmark_methods]
     inputs["landmark_selections"] = [d.landmark_selection("selection.png", m) for m in landmark_methods]
+    if wildcards.dataset in WITH_STUDY:
+        inputs["landmark_studies"] = [d.landmark_study_dir(m) for m in landmark_methods]
     return inputs
 
 

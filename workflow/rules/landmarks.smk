@@ -123,3 +123,28 @@ rule evaluate_landmarks:
     shell:
         "deepssm-wf evaluate-landmarks --landmarks {input.landmarks} --model-dir {params.model_dir}"
         " --preprocess-dir {params.preprocess_dir} --cohort {params.cohort} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule study_landmarks:
+    input:
+        landmarks=RESULTS.landmarks_npz("{method}"),
+        subjects=RESULTS.subjects_csv,
+        shapes_train=RESULTS.shapes("train"),
+        shapes_test=RESULTS.shapes("test"),
+        cohort_report=RESULTS.cohort_report,
+    output:
+        directory(RESULTS.landmark_study_dir("{method}")),
+    log:
+        "logs/{dataset}/study_{method}.log",
+    wildcard_constraints:
+        method="|".join(LANDMARK_METHODS) or "(?!)",
+        dataset="|".join(WITH_STUDY) or "(?!)",
+    conda:
+        "../../envs/deepssm.yaml"
+    params:
+        study=lambda wildcards: DATASETS[wildcards.dataset].study,
+        dataset_dir=RESULTS.root,
+        resources=study_resources,
+    shell:
+        "deepssm-wf landmark-study --study {params.study} --dataset-dir {params.dataset_dir} {params.resources}"
+        " --landmarks {input.landmarks} --out-dir {output} > {log} 2>&1"
