@@ -54,7 +54,8 @@ BAD = {
                                   "datasets.metopic.shape_space: give exactly one of n_modes or variance (found both)"),
     "unknown method": (lambda c: c["datasets"]["femur"]["methods"].update(vae={}),
                        "datasets.femur.methods.vae: unknown key (allowed: base, base_focal, image2ssm, landmarks, "
-                       "progressive, progressive_focal, progressive_tl, progressive_tl_focal, tl, tl_focal)"),
+                       "landmarks_weak, progressive, progressive_focal, progressive_tl, progressive_tl_focal, tl, "
+                       "tl_focal)"),
     "a preset's fixed setting": (lambda c: c["datasets"]["femur"]["methods"]["base_focal"].update(loss="l2"),
                                  "datasets.femur.methods.base_focal.loss: unknown key"),
     "a method's own check": (lambda c: c["datasets"]["femur"]["methods"]["tl"].update(tflank_epochs=0, joint_epochs=0),

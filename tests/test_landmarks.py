@@ -242,3 +242,30 @@ def test_af_recurrence_from_landmarks_beats_the_majority_rate(tmp_path):
     row = out.summary["landmarks"]
     assert row["n_test"] == 40 and row["mlp_accuracy_mean"] > row["majority_accuracy"] + 0.1
     assert out.tables["landmark_left_atrium_recurrence"]["source"].tolist() == ["ground_truth", "landmarks"]
+
+
+def test_weak_and_localised_variant_reads_the_training_segmentations(trained, tmp_path):
+    """landmarks_weak: the distance maps of the training segmentations warped with the images, and the match
+    looking only inside a blurred box around the anatomy; trained on the same cohort, a few epochs."""
+    from deepssm_workflow.segmentations import TRAIN_FILE, preprocess_segmentations
+
+    preprocess = tmp_path / "preprocess"
+    preprocess.mkdir()
+    for name in ("train.npz", "grid.json", "reference.nrrd"):
+        (preprocess / name).symlink_to(trained / "preprocess" / name)
+    # the preprocess grid is the training shapes' box plus 5 mm: a mask of a smaller margin has an outside here
+    block = {**SETTINGS, "epochs": 3, "supervision": "distance", "localization": True, "mask_margin_mm": 1.0}
+    with pytest.raises(ValueError, match="preprocess_segmentations step first"):
+        train_from_images(preprocess, "landmarks_weak", {"training": TRAINING, "method": block}, tmp_path / "model")
+    preprocess_segmentations(trained / "cohort", preprocess, preprocess / TRAIN_FILE)
+    card = train_from_images(preprocess, "landmarks_weak", {"training": TRAINING, "method": block},
+                             tmp_path / "model", log=lambda _: None)
+    assert card["settings"]["supervision"] == "distance" and np.isfinite(card["val_rmse"])
+    model = load_trained(tmp_path / "model")
+    mask = model.model.mask[0, 0].numpy()
+    segmentations = np.load(preprocess / TRAIN_FILE)["segmentations"]
+    inside = (segmentations >= 128).any(0)
+    # the whole anatomy of every training subject lies in the mask's plateau, and the grid's edges fall outside it
+    assert mask.max() == pytest.approx(1.0) and mask[inside].min() > 0.9 and (mask < 0.1).any()
+    with pytest.raises(ValueError, match="neither supervision nor localization"):
+        methods.get("landmarks_weak").settings({"supervision": "none"})

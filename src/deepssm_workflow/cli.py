@@ -85,7 +85,6 @@ def _one_source(args, *crops: str) -> bool:
 
 
 def _train(args) -> None:
-    from .methods import TRAINING_IMAGES
     from .train import train_from_artifacts, train_from_images, train_from_scans
 
     settings = json.loads(args.settings)
@@ -93,7 +92,7 @@ def _train(args) -> None:
         settings["training"] = {**settings.get("training", {}), "init_seed": args.init_seed}
         args.settings = json.dumps(settings, sort_keys=True)
     options = {"threads": args.threads, "device": args.device, "checkpoint_seconds": args.checkpoint_seconds}
-    if methods.get(args.method).method.needs == {TRAINING_IMAGES}:  # the training images alone (landmarks)
+    if methods.learns_without_shapes(methods.get(args.method).method.needs):  # landmarks
         if args.preprocess_dir is None or args.scans_dir or args.augmentation_dir:
             raise ValueError(f"method {args.method} learns from the training images alone: give --preprocess-dir "
                              f"and neither --scans-dir nor --augmentation-dir")

@@ -111,6 +111,12 @@ def pair_matches(trained, settings, images: torch.Tensor, units: torch.Tensor, s
     return np.concatenate(values)
 
 
+def unwarped_matches(trained, settings, images: torch.Tensor) -> np.ndarray:
+    """Match loss of every image against the next (`pairs`) with no warp: what the learnt warp must beat."""
+    order = pairs(len(images))
+    return trained.method.match(trained.model, settings, images[order[:, 0]], images[order[:, 1]]).double().numpy()
+
+
 def mean_pair_match(trained, settings, images: torch.Tensor, units: torch.Tensor, subset) -> float:
     return float(pair_matches(trained, settings, images, units, subset).mean())
 
@@ -138,8 +144,7 @@ def select_landmarks(model_dir, preprocess_dir, out_dir, keep: int | None = None
         raise ValueError(f"{model_dir}: cannot keep {keep} of its {count} landmarks")
     with torch.no_grad():
         units = spline_units(trained, images)
-        order = torch.as_tensor(pairs(len(images)))
-        no_warp = float(trained.method.match(settings, images[order[:, 0]], images[order[:, 1]]).double().mean())
+        no_warp = float(unwarped_matches(trained, settings, images).mean())
         current = list(range(count))
         curve, removed, kept = [(count, mean_pair_match(trained, settings, images, units, current))], [], None
         while len(current) > max(1, keep // 2):
@@ -217,7 +222,7 @@ def evaluate_landmarks(landmarks_npz, model_dir, preprocess_dir, cohort_dir, out
     subsets = {"all": np.arange(stored["world"].shape[1]), "kept": np.asarray(stored["kept"])}
     with torch.no_grad():
         units = spline_units(trained, images)
-        before = trained.method.match(settings, images[order[:, 0]], images[order[:, 1]]).double().numpy()
+        before = unwarped_matches(trained, settings, images)
         after = {name: pair_matches(trained, settings, images, units, subset) for name, subset in subsets.items()}
 
     # consistency through the true correspondences, scan frames

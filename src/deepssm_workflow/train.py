@@ -11,7 +11,7 @@ import torch
 
 from .engine import EngineSettings, train
 from .holdout import split_by_source
-from .methods import LANDMARKS, SCANS, SEGMENTATIONS, TRAINING_IMAGES, get
+from .methods import LANDMARKS, SCANS, SEGMENTATIONS, get, learns_without_shapes
 from .preprocess import load_grid
 from .provenance import combined_sha256
 from .rows import NpyRows, ScaledRows, StackedRows
@@ -32,7 +32,7 @@ def train_from_artifacts(cohort_dir, preprocess_dir, augmentation_dir, method: s
     if SCANS in get(method).method.needs:
         raise ValueError(f"method {method} trains on uncropped scans (full_field.py), not on the registered crops and "
                          f"their augmentation: train it with train_from_scans")
-    if get(method).method.needs == {TRAINING_IMAGES}:
+    if learns_without_shapes(get(method).method.needs):
         raise ValueError(f"method {method} learns from the training images alone, not from shapes and their "
                          f"augmentation: train it with train_from_images")
     cohort_dir, preprocess_dir, augmentation_dir = Path(cohort_dir), Path(preprocess_dir), Path(augmentation_dir)
@@ -105,28 +105,35 @@ def train_from_scans(cohort_dir, scans_dir, method: str, settings: dict, out_dir
 
 def train_from_images(preprocess_dir, method: str, settings: dict, out_dir, threads: int = 1, log=print,
                       device: str | None = None, checkpoint_seconds: float = 0.0) -> dict:
-    """Train a method that learns from the training images alone (its `needs` are TRAINING_IMAGES only: the
-    self-supervised landmarks) on the preprocessed training images, no particle read. The validation images
-    are held out by `settings["training"]` as for the other methods; a method that pairs images needs two."""
+    """Train a method that learns without shapes (`learns_without_shapes`: the self-supervised landmarks) on the
+    preprocessed training images and, for one that needs SEGMENTATIONS (weak supervision), their segmentations
+    (preprocess_segmentations); no particle is read. The validation images are held out by
+    `settings["training"]` as for the other methods; a method that pairs images needs two."""
     needs = get(method).method.needs
-    if needs != {TRAINING_IMAGES}:
+    if not learns_without_shapes(needs):
         raise ValueError(f"method {method} learns from {', '.join(sorted(needs))}, not from the training images "
                          f"alone: train it with train_from_artifacts or train_from_scans")
-    path = Path(preprocess_dir) / "train.npz"
-    with np.load(path) as stored:
+    preprocess_dir = Path(preprocess_dir)
+    paths = [preprocess_dir / "train.npz", preprocess_dir / "grid.json"]
+    with np.load(paths[0]) as stored:
         images, ids = stored["images"], stored["ids"]
     grid = load_grid(preprocess_dir)[1]
     engine = EngineSettings(**settings["training"])
     train_idx, val_idx = split_by_source(len(ids), np.array([], dtype=np.int64), engine.val_fraction, engine.seed)
     if get(method).has(LANDMARKS) and len(val_idx) < 2:
-        raise ValueError(f"{path}: {len(val_idx)} validation image(s) from {len(ids)} training subjects at "
+        raise ValueError(f"{paths[0]}: {len(val_idx)} validation image(s) from {len(ids)} training subjects at "
                          f"training.val_fraction {engine.val_fraction}: pairs need at least 2")
+    segmentations = None
+    if SEGMENTATIONS in needs:
+        segmentations = _training_segmentations(preprocess_dir, ids, images)
+        paths.append(preprocess_dir / TRAIN_FILE)
     torch.set_num_threads(max(1, threads))
     log(f"{method}: {len(train_idx)} training / {len(val_idx)} validation images (no particles)")
-    no_points = np.zeros((len(ids), 0, 3), np.float32)  # this method learns from the images alone
+    no_points = np.zeros((len(ids), 0, 3), np.float32)  # this method learns without shapes
     return train(method, get(method).settings(settings["method"]), images, no_points, train_idx, val_idx, None,
-                 out_dir, engine=engine, log=log, data_hash=combined_sha256([path, Path(preprocess_dir) / "grid.json"]),
-                 device=device, checkpoint_seconds=checkpoint_seconds, spacing=tuple(float(s) for s in grid.spacing))
+                 out_dir, engine=engine, log=log, data_hash=combined_sha256(paths), device=device,
+                 checkpoint_seconds=checkpoint_seconds, segmentations=segmentations,
+                 spacing=tuple(float(s) for s in grid.spacing))
 
 
 def _check_hold_out(samples, path, ids, train_idx, val_idx, n_real: int, engine: EngineSettings, log) -> None:
@@ -142,20 +149,36 @@ def _check_hold_out(samples, path, ids, train_idx, val_idx, n_real: int, engine:
                          f"{engine.seed}); rerun the augmentation with this training block")
 
 
+def _real_segmentations(preprocess_dir: Path, ids) -> np.ndarray:
+    """The training subjects' stored segmentations (`segmentations`: round(fraction x SCALE)), checked against
+    the training images' subjects."""
+    path = preprocess_dir / TRAIN_FILE
+    if not path.is_file():
+        raise ValueError(f"{path}: missing; a method that needs segmentations needs the preprocess_segmentations "
+                         f"step first")
+    with np.load(path) as real:
+        if [str(i) for i in real["ids"]] != [str(i) for i in ids]:
+            raise ValueError(f"{path} and {preprocess_dir / 'train.npz'} list different training subjects")
+        return real["segmentations"]
+
+
+def _training_segmentations(preprocess_dir: Path, ids, images) -> ScaledRows:
+    """The training subjects' segmentations as fractions, indexed like `images`."""
+    stored = _real_segmentations(preprocess_dir, ids)
+    if stored.shape != tuple(images.shape):
+        raise ValueError(f"{preprocess_dir / TRAIN_FILE}: segmentations {stored.shape} do not match the images "
+                         f"{tuple(images.shape)}")
+    return ScaledRows(stored, 1.0 / SCALE)
+
+
 def _segmentations(preprocess_dir: Path, augmentation_dir: Path, ids, images) -> tuple[ScaledRows, list[Path]]:
     """The training subjects' and the augmented samples' segmentations (`segmentations`) as one row store of
     fractions, indexed like `images`, checked against them."""
-    real_path = preprocess_dir / TRAIN_FILE
     augmented_path = augmentation_dir / "segmentations" / "segmentations.npy"
-    for path in (real_path, augmented_path):
-        if not path.is_file():
-            raise ValueError(f"{path}: missing; a method that needs segmentations needs the preprocess_segmentations "
-                             f"and augment_segmentations steps first")
-    with np.load(real_path) as real:
-        if [str(i) for i in real["ids"]] != [str(i) for i in ids]:
-            raise ValueError(f"{real_path} and {preprocess_dir / 'train.npz'} list different training subjects")
-        stored = real["segmentations"]
-    store = StackedRows(stored, NpyRows(augmented_path))
+    if not augmented_path.is_file():
+        raise ValueError(f"{augmented_path}: missing; a method that needs segmentations needs the "
+                         f"augment_segmentations step first")
+    store = StackedRows(_real_segmentations(preprocess_dir, ids), NpyRows(augmented_path))
     if store.shape != tuple(images.shape):
         raise ValueError(f"{augmented_path}: segmentations {store.shape} do not match the images {tuple(images.shape)}")
-    return ScaledRows(store, 1.0 / SCALE), [real_path, augmented_path]
+    return ScaledRows(store, 1.0 / SCALE), [preprocess_dir / TRAIN_FILE, augmented_path]

@@ -129,6 +129,16 @@ def method_needs_inputs(wildcards):
     return inputs
 
 
+def landmark_needs_inputs(wildcards):
+    """The train_landmarks rule's inputs that only some landmark methods need, for `unpack`: the training
+    subjects' segmentations for the weak or localised variant (landmarks_weak)."""
+    from deepssm_workflow.methods.interface import SEGMENTATIONS
+
+    if SEGMENTATIONS in registry.get(wildcards.method).method.needs:
+        return {"train_segmentations": patterns(wildcards.dataset).train_segmentations}
+    return {}
+
+
 def augmentation_stores(wildcards, input):
     """The augmentation's stores a training reads, checked against their sidecars before it starts (a
     corrupted one is removed and rebuilt on the next run): the images, and the segmentations if it needs them."""

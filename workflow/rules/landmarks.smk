@@ -5,6 +5,8 @@
 
 rule train_landmarks:
     input:
+        # the training segmentations, for the weak or localised variant: see landmark_needs_inputs in common.smk
+        unpack(landmark_needs_inputs),
         train=RESULTS.preprocessed("train"),
         grid=RESULTS.grid_json,
     output:

@@ -40,6 +40,7 @@ from .interface import (  # noqa: F401 (the interface, re-exported)
     Method,
     Phase,
     TrainingData,
+    learns_without_shapes,
 )
 
 NAME_PATTERN = "^[a-z][a-z0-9_]*$"

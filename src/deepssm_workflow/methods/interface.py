@@ -54,6 +54,12 @@ SCANS = "scans"                      # scans/train.npz (deepssm_workflow.full_fi
 NEEDS = (TRAINING_IMAGES, SHAPES, AUGMENTATION, SEGMENTATIONS, SCANS)
 
 
+def learns_without_shapes(needs) -> bool:
+    """Whether a method with these `needs` learns from the preprocessed training images (and, weakly supervised,
+    their segmentations) with no shapes and no augmentation: `train.train_from_images` trains it."""
+    return TRAINING_IMAGES in needs and not needs & {SHAPES, AUGMENTATION, SCANS}
+
+
 @dataclass(frozen=True)
 class DataSpec:
     """What a network is built for: preprocessed image size (Z, Y, X), correspondences per

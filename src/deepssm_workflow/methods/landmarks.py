@@ -30,11 +30,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torch import nn
 
 from .. import landmark_warp as lw
 from . import register
-from .interface import LANDMARKS, TRAINING_IMAGES, Batch, DataSpec, Method, Phase
+from .interface import LANDMARKS, SEGMENTATIONS, TRAINING_IMAGES, Batch, DataSpec, Method, Phase
 
 MATCH_LOSSES = ("l2", "ncc", "mind")
 
@@ -52,6 +53,10 @@ class LandmarkSettings:
     ncc_window: int
     mind_dilation: int
     kept_landmarks: int
+    supervision: str
+    supervision_weight: float
+    localization: bool
+    mask_margin_mm: float
     network: dict
 
 
@@ -79,6 +84,8 @@ class LandmarkEncoder(nn.Module):
         extent = (np.array(self.input_shape[::-1]) - 1) * np.array(self.spacing)  # x, y, z mm
         self.unit_mm = float(extent.max() / 2)
         self.register_buffer("half_extent", torch.tensor(extent / 2 / self.unit_mm, dtype=torch.float32))
+        # where the match loss looks (the localised variant: set from the training segmentations by `prepare`)
+        self.register_buffer("mask", torch.ones((1, 1, *self.input_shape)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         hidden = F.leaky_relu(self.hidden(self.features(images).flatten(1)), 0.1)
@@ -92,6 +99,39 @@ class LandmarkEncoder(nn.Module):
 
     def unit_spacing(self) -> tuple[float, float, float]:
         return tuple(s / self.unit_mm for s in self.spacing)
+
+
+def supervision_maps(kind: str, segmentations: torch.Tensor, model: LandmarkEncoder) -> torch.Tensor:
+    """The weak variant's maps of a batch (B, 1, Z, Y, X) from its segmentations (B, Z, Y, X, fractions): the
+    fractions themselves, or the signed distance to the anatomy's surface (negative inside) in the spline's
+    units, so that a near miss costs less than a far one."""
+    if kind == "segmentation":
+        return segmentations.unsqueeze(1)
+    inside = segmentations.detach().cpu().numpy() >= 0.5
+    sampling = model.spacing[::-1]  # z, y, x
+    distance = np.stack([ndimage.distance_transform_edt(~mask, sampling=sampling)
+                         - ndimage.distance_transform_edt(mask, sampling=sampling) for mask in inside])
+    scaled = torch.as_tensor(distance / model.unit_mm, dtype=segmentations.dtype, device=segmentations.device)
+    return scaled.unsqueeze(1)
+
+
+def localization_mask(data, spacing, margin_mm: float) -> torch.Tensor:
+    """(1, 1, Z, Y, X) the localised variant's mask: the box around every training segmentation, grown by
+    `margin_mm` and blurred (Gaussian, sigma margin / 2), peak 1; the paper's blurred box on the femur."""
+    union = None
+    for batch in data.segmentation_batches():
+        found = (batch >= 0.5).any(0).cpu().numpy()
+        union = found if union is None else union | found
+    if union is None or not union.any():
+        raise ValueError("the localised variant needs training segmentations with some anatomy in them")
+    zyx_spacing = np.asarray(spacing[::-1], dtype=np.float64)
+    grow = np.ceil(margin_mm / zyx_spacing).astype(int)
+    box = np.zeros(union.shape, np.float64)
+    low = [max(0, int(i.min()) - g) for i, g in zip(np.nonzero(union), grow)]
+    high = [min(n, int(i.max()) + g + 1) for i, g, n in zip(np.nonzero(union), grow, union.shape)]
+    box[tuple(slice(a, b) for a, b in zip(low, high))] = 1.0
+    blurred = ndimage.gaussian_filter(box, sigma=margin_mm / 2 / zyx_spacing)
+    return torch.as_tensor(blurred / blurred.max(), dtype=torch.float32)[None, None]
 
 
 def pair_targets(n: int) -> torch.Tensor:
@@ -131,6 +171,20 @@ class LandmarksMethod(Method):
         "kept_landmarks": {"description": "Landmarks kept by the redundancy removal after training (0: half of "
                                           "n_landmarks, the paper's ratio).", "type": "integer", "minimum": 0,
                            "default": 0},
+        "supervision": {"description": "Weak supervision (landmarks_weak): the training segmentations (fractions) "
+                                       "or their signed distance transforms, warped with each image and matched "
+                                       "(l2) with the partner's; none for the images alone.",
+                        "enum": ["none", "segmentation", "distance"], "default": "distance"},
+        "supervision_weight": {"description": "beta: weight of the weak supervision's match loss.", "type": "number",
+                               "minimum": 0, "default": 1.0},
+        "localization": {"description": "The localised variant (landmarks_weak): the match losses only look inside a "
+                                        "blurred box around the training segmentations (the paper's femur mask).",
+                         "type": "boolean", "default": False},
+        "mask_margin_mm": {"description": "Localised variant: the box's margin around the training segmentations, "
+                                          "and twice its blur's sigma (mm). The preprocess grid is already the "
+                                          "training shapes' box plus preprocess.margin_mm: the mask only cuts "
+                                          "something off with a smaller margin than that.",
+                           "type": "number", "exclusiveMinimum": 0, "default": 5.0},
         "network": {"description": "Encoder size: channels of the 4 blocks and the hidden fully connected width.",
                     "type": "object", "additionalProperties": False, "default": {},
                     "properties": {"channels": {"type": "array", "items": {"type": "integer", "minimum": 1},
@@ -159,41 +213,62 @@ class LandmarksMethod(Method):
         return [Phase("train", settings.epochs, settings.lr, settings.weight_decay, schedule="constant")]
 
     def prepare(self, model, settings, data) -> dict:
+        if settings.localization:
+            model.mask.copy_(localization_mask(data, model.spacing, settings.mask_margin_mm).to(model.mask))
         return {"steps_per_epoch": -(-len(data.train_idx) // data.batch_size), "step": 0}
 
-    def register_pairs(self, model, settings, images: torch.Tensor, regularization: float = 0.0) -> dict:
+    def register_pairs(self, model, settings, images: torch.Tensor, regularization: float = 0.0,
+                       guides: torch.Tensor | None = None) -> dict:
         """Each image of the batch warped onto its partner (`pair_targets`) through the landmarks the model puts
         on both: see `warp_onto`."""
         landmarks = model(images)
         partner = pair_targets(len(images)).to(images.device)
         return self.warp_onto(model, settings, images, images[partner], landmarks, landmarks[partner],
-                              regularization)
+                              regularization, guides, None if guides is None else guides[partner])
 
     def warp_onto(self, model, settings, moving: torch.Tensor, fixed: torch.Tensor, moving_landmarks: torch.Tensor,
-                  fixed_landmarks: torch.Tensor, regularization: float = 0.0) -> dict:
+                  fixed_landmarks: torch.Tensor, regularization: float = 0.0, moving_guides=None,
+                  fixed_guides=None) -> dict:
         """Moving images (B, 1, Z, Y, X) warped onto fixed ones by the spline through their landmarks (B, L, 3, in
         the spline's units: the model's own, or a subset of them) and the grid's corners: the warped images,
-        the fixed ones, the match loss per pair and the condition number of each pair's spline system."""
+        the fixed ones, the match loss per pair and the condition number of each pair's spline system; with
+        guide maps (the weak variant's, B, 1, Z, Y, X), "guide_match": their l2 match after the same warp."""
         corners = model.corners().expand(len(moving), -1, -1)
         source = torch.cat([moving_landmarks, corners], 1)
         target = torch.cat([fixed_landmarks, corners], 1)
         # the map target -> source: each fixed voxel looks up where its anatomy is in the moving image
         spline = lw.fit_spline(target, source, regularization)
         warped = lw.warp(moving, spline, model.unit_spacing(), step=settings.warp_step)
-        return {"warped": warped, "fixed": fixed, "match": self.match(settings, warped, fixed),
-                "condition": lw.condition_number(spline.system)}
+        result = {"warped": warped, "fixed": fixed, "match": self.match(model, settings, warped, fixed),
+                  "condition": lw.condition_number(spline.system)}
+        if moving_guides is not None:
+            moved = lw.warp(moving_guides, spline, model.unit_spacing(), step=settings.warp_step)
+            result["guide_match"] = lw.match_loss("l2", moved, fixed_guides, self._mask(model, settings, len(moved)))
+        return result
 
-    def match(self, settings, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        """(B,) the settings' match loss of each moving image against its fixed one (lower: more alike)."""
+    def match(self, model, settings, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """(B,) the settings' match loss of each moving image against its fixed one (lower: more alike), inside
+        the model's localization mask for the localised variant."""
         options = {"ncc": {"window": settings.ncc_window}, "mind": {"dilation": settings.mind_dilation}}
-        return lw.match_loss(settings.match_loss, moving, fixed, **options.get(settings.match_loss, {}))
+        return lw.match_loss(settings.match_loss, moving, fixed, self._mask(model, settings, len(moving)),
+                             **options.get(settings.match_loss, {}))
+
+    @staticmethod
+    def _mask(model, settings, batch: int):
+        return model.mask.expand(batch, -1, -1, -1, -1) if settings.localization else None
 
     def loss(self, model, settings, phase, batch: Batch, state) -> torch.Tensor:
         # the paper's Tikhonov warm-up: from `tikhonov` at the first step to 0 at the end of the first epoch
         warmup = max(0.0, 1.0 - state["step"] / max(1, state["steps_per_epoch"]))
         state["step"] += 1
-        pairs = self.register_pairs(model, settings, batch.images, settings.tikhonov * warmup)
-        return pairs["match"].mean() + settings.condition_weight * pairs["condition"].mean()
+        guides = None
+        if settings.supervision != "none":
+            guides = supervision_maps(settings.supervision, batch.segmentations, model)
+        pairs = self.register_pairs(model, settings, batch.images, settings.tikhonov * warmup, guides)
+        loss = pairs["match"].mean() + settings.condition_weight * pairs["condition"].mean()
+        if guides is not None:  # the weak variant: the anatomy's maps must match too
+            loss = loss + settings.supervision_weight * pairs["guide_match"].mean()
+        return loss
 
     def validation_errors(self, model, settings, phase, batch: Batch) -> np.ndarray:
         return self.register_pairs(model, settings, batch.images)["match"].double().cpu().numpy()
@@ -213,4 +288,23 @@ class LandmarksMethod(Method):
         return model(images) * model.unit_mm
 
 
-register("landmarks", LandmarksMethod(), default=False)
+
+class WeakLandmarksMethod(LandmarksMethod):
+    """The paper's variants that use the training segmentations: weak supervision (their maps warped and matched
+    with the images'), the localization mask (the match looks only near the anatomy), or both."""
+
+    summary = ("Self-supervised landmarks with the paper's weak supervision and/or localization mask, from the "
+               "training segmentations (not needed at prediction).")
+    needs = frozenset({TRAINING_IMAGES, SEGMENTATIONS})
+    smoke = {**LandmarksMethod.smoke, "localization": True}  # the distance maps and the mask, both
+
+    def check(self, settings) -> list[str]:
+        problems = super().check(settings)
+        if settings.supervision == "none" and not settings.localization:
+            problems.append("neither supervision nor localization: that is the plain `landmarks` method")
+        return problems
+
+
+# the images alone; the variants that read the training segmentations
+register("landmarks", LandmarksMethod(), fixed={"supervision": "none", "localization": False}, default=False)
+register("landmarks_weak", WeakLandmarksMethod(), default=False)
