@@ -133,7 +133,8 @@ def _predict_image(args) -> None:
 def _select_landmarks(args) -> None:
     from .landmark_results import select_landmarks
 
-    result = select_landmarks(args.model_dir, args.preprocess_dir, args.out_dir, keep=args.keep, threads=args.threads)
+    result = select_landmarks(args.model_dir, args.preprocess_dir, args.out_dir, keep=args.keep, threads=args.threads,
+                              max_pairs=args.max_pairs)
     print(json.dumps({key: result[key] for key in ("n_landmarks", "kept", "no_warp")}, indent=2))
 
 
@@ -355,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", required=True)
     p.add_argument("--preprocess-dir", required=True)
     p.add_argument("--keep", type=int, help="landmarks to keep (default: the method's kept_landmarks, else half)")
+    p.add_argument("--max-pairs", type=int, default=24, help="training pairs judged on (the cost grows with them)")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(run=_select_landmarks)
