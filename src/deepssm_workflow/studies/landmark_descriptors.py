@@ -58,6 +58,11 @@ def landmark_shapes(landmarks_npz, cohort: Cohort) -> tuple[Shapes, Shapes]:
     return out[0], out[1]
 
 
+def _add_figure(out: StudyOutput, figure, path: Path, title: str, caption: str) -> None:
+    fig.save_figure(figure, path)
+    out.figures.append({"file": path.name, "title": title, "caption": caption})
+
+
 def _with_interval(row: dict, name: str, statistic, *samples) -> None:
     row[f"{name}_low"], row[f"{name}_high"] = bootstrap_interval(statistic, *map(np.asarray, samples))
 
@@ -110,12 +115,10 @@ def metopic(cohort: Cohort, train: Shapes, test: Shapes, out_dir: Path, resource
     axes[0][1].scatter(expert if rated.any() else label, severity[SOURCE], c=color, s=18)
     axes[0][1].set(xlabel="expert severity" if rated.any() else "diagnosis (0 control, 1 metopic)",
                    ylabel="landmark severity", title="landmarks vs experts")
-    fig.save_figure(figure, out_dir / "landmark_metopic_severity.png")
-    out.figures.append({"file": "landmark_metopic_severity.png",
-                        "title": "Metopic severity from landmarks (paper Fig. 10 analogue)",
-                        "caption": "Each dot a test subject (orange metopic, blue control): the landmark severity "
-                                   "should rise with the PDM's and with the experts' severity, and separate the "
-                                   "groups."})
+    _add_figure(out, figure, out_dir / "landmark_metopic_severity.png",
+                "Metopic severity from landmarks (paper Fig. 10 analogue)",
+                "Each dot a test subject (orange metopic, blue control): the landmark severity should rise with the "
+                "PDM's and with the experts' severity, and separate the groups.")
     return out
 
 
@@ -206,12 +209,10 @@ def left_atrium(cohort: Cohort, train: Shapes, test: Shapes, out_dir: Path) -> S
     ax.axhline(table["majority_accuracy"].iloc[0], color="0.4", linestyle="--", label="majority class")
     ax.set(ylabel="test accuracy (MLP)", ylim=(0, 1), title=f"AF recurrence, n = {len(test_y)} test subjects")
     ax.legend(frameon=False)
-    fig.save_figure(figure, out_dir / "landmark_af_recurrence.png")
-    out.figures.append({"file": "landmark_af_recurrence.png",
-                        "title": "AF recurrence from landmarks beside the PDM (paper Table 4 analogue)",
-                        "caption": "MLP test accuracy (mean over seeds, 95 % bootstrap interval over the test "
-                                   "subjects) on the PDM's and on the landmarks' PCA scores; dashed: the majority "
-                                   "rate a useless classifier gets."})
+    _add_figure(out, figure, out_dir / "landmark_af_recurrence.png",
+                "AF recurrence from landmarks beside the PDM (paper Table 4 analogue)",
+                "MLP test accuracy (mean over seeds, 95 % bootstrap interval over the test subjects) on the PDM's and "
+                "on the landmarks' PCA scores; dashed: the majority rate a useless classifier gets.")
     return out
 
 
