@@ -3,7 +3,7 @@
 The tiny preset is too small for that (7 training femurs, 2 epochs), so this test scales
 the tiny femur up just enough: 16 training femurs, 60 generated samples, 8 epochs of the
 small network (TL: 300 autoencoder epochs at lr 1e-3, 8 T-flank epochs, 1 joint; Progressive
-DeepSSM: scales of 32 and 64 of the 128 points, 2 epochs per coarse stage, 8 for the last). It
+DeepSSM: scales of 32 and 64 of the 128 points, 2 epochs per coarse stage, 16 for the last). It
 runs the real DAG from the synthetic cohort to predictions, the segmentation steps included.
 """
 
@@ -32,7 +32,9 @@ def accuracy_config() -> dict:
         block.update(tl if "ae_epochs" in block else {"epochs": 8})
         if method.endswith("focal"):
             block["focal_percentile"] = 25
-    femur["methods"]["progressive"] = {"scales": [32, 64], "stage_epochs": 2, "final_epochs": 8, "head_hidden": 32,
+    # 16 final epochs: with 8 it beat the mean shape on one CPU and not on another (1.69 against 1.46 mm on an
+    # AVX-512 one); with 16 it reaches 1.20 there
+    femur["methods"]["progressive"] = {"scales": [32, 64], "stage_epochs": 2, "final_epochs": 16, "head_hidden": 32,
                                        "network": femur["methods"]["base"]["network"]}
     return {"datasets": {"femur": femur}, "qc": {"subjects": 2}}
 

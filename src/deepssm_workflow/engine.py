@@ -381,7 +381,8 @@ def train(method: str, settings, images, points, train_idx, val_idx, shape_space
                 with torch.no_grad():
                     val_rmse = float(np.concatenate([
                         entry.method.validation_errors(model, settings, phase,
-                                                       _batch(images, points, rows, device, layout))
+                                                       _batch(images, points, rows, device, layout),
+                                                       np.asarray(points[rows], dtype=np.float64))
                         for rows in validation_batches(val_idx, engine.batch_size)]).mean())
                 if phase.selects_best and val_rmse < best["val_rmse"]:
                     best = {"epoch": epoch, "val_rmse": val_rmse, "state": _clone_state(model)}

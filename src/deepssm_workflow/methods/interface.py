@@ -189,10 +189,11 @@ class Method:
         """(B, M, 3) correspondences the phase is validated on (default: predicted from the images)."""
         return self.predict(model, batch.images)
 
-    def validation_errors(self, model: nn.Module, settings, phase: Phase, batch: Batch) -> np.ndarray:
+    def validation_errors(self, model: nn.Module, settings, phase: Phase, batch: Batch,
+                          targets: np.ndarray) -> np.ndarray:
         """(B,) error of each validation sample, in `validation_measure` (lower is better); default: eq. 12
-        RMSE of `validation_points` against the batch's points."""
-        return rmse(self.validation_points(model, phase, batch).cpu().numpy(), batch.points.cpu().numpy())
+        RMSE of `validation_points` against `targets`, the batch's points as stored (float64)."""
+        return rmse(self.validation_points(model, phase, batch).cpu().numpy(), targets)
 
     # -- inference and descriptors
     def predict(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -270,7 +270,7 @@ class LandmarksMethod(Method):
             loss = loss + settings.supervision_weight * pairs["guide_match"].mean()
         return loss
 
-    def validation_errors(self, model, settings, phase, batch: Batch) -> np.ndarray:
+    def validation_errors(self, model, settings, phase, batch: Batch, targets) -> np.ndarray:
         return self.register_pairs(model, settings, batch.images)["match"].double().cpu().numpy()
 
     def check(self, settings) -> list[str]:
