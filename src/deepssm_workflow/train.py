@@ -174,11 +174,12 @@ def _training_segmentations(preprocess_dir: Path, ids, images) -> ScaledRows:
 def _segmentations(preprocess_dir: Path, augmentation_dir: Path, ids, images) -> tuple[ScaledRows, list[Path]]:
     """The training subjects' and the augmented samples' segmentations (`segmentations`) as one row store of
     fractions, indexed like `images`, checked against them."""
+    real = _real_segmentations(preprocess_dir, ids)
     augmented_path = augmentation_dir / "segmentations" / "segmentations.npy"
     if not augmented_path.is_file():
         raise ValueError(f"{augmented_path}: missing; a method that needs segmentations needs the "
                          f"augment_segmentations step first")
-    store = StackedRows(_real_segmentations(preprocess_dir, ids), NpyRows(augmented_path))
+    store = StackedRows(real, NpyRows(augmented_path))
     if store.shape != tuple(images.shape):
         raise ValueError(f"{augmented_path}: segmentations {store.shape} do not match the images {tuple(images.shape)}")
     return ScaledRows(store, 1.0 / SCALE), [preprocess_dir / TRAIN_FILE, augmented_path]

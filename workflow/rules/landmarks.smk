@@ -145,7 +145,7 @@ rule study_landmarks:
         "../../envs/deepssm.yaml"
     params:
         study=lambda wildcards: DATASETS[wildcards.dataset].study,
-        dataset_dir=subpath(input.subjects, ancestor=2),  # results/{dataset}
+        dataset_dir=subpath(input.subjects, ancestor=2),  # the dataset folder, above cohort/
         resources=study_resources,
     shell:
         "deepssm-wf landmark-study --study {params.study} --dataset-dir {params.dataset_dir} {params.resources}"
