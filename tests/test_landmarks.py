@@ -149,7 +149,7 @@ def _shape_model(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_landmarks_through_the_workflow_beside_base(tmp_path):
+def test_landmarks_through_the_workflow_beside_base(tmp_path, chromium):
     config = yaml.safe_load(TINY.read_text())
     femur = config["datasets"]["femur"]
     femur["methods"] = {"base": femur["methods"]["base"],
@@ -176,6 +176,12 @@ def test_landmarks_through_the_workflow_beside_base(tmp_path):
     assert "Redundancy removal: landmarks" in report
     assert "Clinical study on the landmarks of landmarks" in report and "Cam-FAI deviation" in report
     assert json.loads((results / "landmarks" / "landmarks" / "selection" / "selection.json").read_text())["kept"]
+    # in a real headless browser: every figure loads, and the landmarks have their own section
+    from test_report import inspect_in_chromium
+
+    page = inspect_in_chromium(chromium, results / "report.html", tmp_path)
+    assert not page["broken"] and "Self-supervised landmarks" in page["sections"]
+    assert any(h.startswith("Clinical study on the landmarks of landmarks") for h in page["headings"])
 
 
 # -- the studies on landmark descriptors
