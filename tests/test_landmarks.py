@@ -133,6 +133,36 @@ def test_the_wrong_training_path_is_refused(trained, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_bad_selection_and_missing_landmarks_are_refused_by_name(trained, tmp_path):
+    with pytest.raises(ValueError, match=f"cannot keep 0 of its {SETTINGS['n_landmarks']} landmarks"):
+        select_landmarks(trained / "model", trained / "preprocess", tmp_path / "selection", keep=0)
+    assert not (tmp_path / "selection").exists()
+    selection = tmp_path / "selection.json"
+    for kept in ([], [0, 0], [SETTINGS["n_landmarks"]]):
+        selection.write_text(json.dumps({"kept": kept}))
+        with pytest.raises(ValueError, match="selection.json: kept landmarks .* not distinct indices"):
+            predict_landmarks(trained / "model", trained / "preprocess", tmp_path / "landmarks", selection=selection)
+        assert not (tmp_path / "landmarks").exists()
+    # landmarks without one training subject: the evaluation names it and writes nothing
+    with np.load(trained / "landmarks" / "landmarks.npz") as stored:
+        arrays = {key: stored[key] for key in stored.files}
+    dropped = str(arrays["ids"][1])
+    keep = np.arange(len(arrays["ids"])) != 1
+    np.savez(tmp_path / "landmarks.npz", **{k: v[keep] if k != "kept" else v for k, v in arrays.items()})
+    with pytest.raises(ValueError, match=f"landmarks.npz: no landmarks for train subjects {dropped}$"):
+        evaluate_landmarks(tmp_path / "landmarks.npz", trained / "model", trained / "preprocess",
+                           trained / "cohort", tmp_path / "evaluation")
+    assert not (tmp_path / "evaluation").exists()
+
+
+def test_pairs_need_two_validation_images(trained, tmp_path):
+    training = {**TRAINING, "val_fraction": 0.05}
+    with pytest.raises(ValueError, match=r"train.npz: 1 validation image\(s\) from 12 training subjects.*at least 2"):
+        train_from_images(trained / "preprocess", "landmarks", {"training": training, "method": SETTINGS},
+                          tmp_path / "model", log=lambda _: None)
+    assert not (tmp_path / "model").exists()
+
+
 def _shape_model(trained, tmp_path):
     """A base model card and weights in a folder (a tiny one, trained for one epoch on the real shapes)."""
     from deepssm_workflow.engine import EngineSettings, train

@@ -203,21 +203,28 @@ def _summary(values) -> dict:
     return {"mean": float(values.mean()), "ci_low": low, "ci_high": high, "n": int(len(values))}
 
 
+def _read_npz(path) -> dict:
+    """Every array of an npz, read at once and the file closed."""
+    with np.load(path) as data:
+        return {key: data[key] for key in data.files}
+
+
 def evaluate_landmarks(landmarks_npz, model_dir, preprocess_dir, cohort_dir, out_dir) -> dict:
     """landmark_evaluation.json and landmark_pairs.csv (per test pair: match losses, carried errors)."""
     trained = _landmark_model(model_dir)
     settings = _settings(trained)
     grid = load_grid(preprocess_dir)[1]
-    stored = np.load(landmarks_npz)
-    test = np.load(Path(preprocess_dir) / "test.npz")
-    truth = {split: np.load(Path(cohort_dir) / f"shapes_{split}.npz") for split in SPLITS}
+    stored = _read_npz(landmarks_npz)
+    test = _read_npz(Path(preprocess_dir) / "test.npz")
+    truth = {split: _read_npz(Path(cohort_dir) / f"shapes_{split}.npz") for split in SPLITS}
     rows = {str(i): k for k, i in enumerate(stored["ids"])}
     test_ids = [str(i) for i in test["ids"]]
     if [str(i) for i in truth["test"]["ids"]] != test_ids:
         raise ValueError(f"{cohort_dir}/shapes_test.npz and {preprocess_dir}/test.npz list different test subjects")
-    missing = [i for i in test_ids if i not in rows]
-    if missing:
-        raise ValueError(f"{landmarks_npz}: no landmarks for test subjects {', '.join(missing)}")
+    for split in SPLITS:  # the shape prediction reads the training subjects' landmarks too
+        missing = [str(i) for i in truth[split]["ids"] if str(i) not in rows]
+        if missing:
+            raise ValueError(f"{landmarks_npz}: no landmarks for {split} subjects {', '.join(missing)}")
 
     # registration of test pairs: the learnt warp against no warp, in the method's own match loss, through all the
     # landmarks and through those the redundancy removal kept
