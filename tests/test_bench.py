@@ -21,7 +21,9 @@ def test_quick_benchmark_writes_its_table(tmp_path):
     table = (tmp_path / "bench.md").read_text()
     assert "| measure | baseline | this workflow | ratio | target | met |" in table
     for measure in ("inference base femur", "inference tl left_atrium", "training epoch", "augmentation, femur size",
-                    "5000 femur-size samples", "coarse-lattice warp position error", "training peak RSS"):
+                    "5000 femur-size samples", "coarse-lattice warp position error", "training peak RSS",
+                    "uncropped scan (180 mm at 3 mm", "image2ssm, gzip NRRD file to particles",
+                    "image2ssm, uncompressed NRRD file to particles"):
         assert measure in table, measure
 
     # what the timings stand on must hold: same outputs, same warp, both memory runs done
@@ -38,6 +40,10 @@ def test_quick_benchmark_writes_its_table(tmp_path):
     assert augmentation["max_abs_difference_exact_vs_baseline"] < 1e-3
     assert [row["samples"] for row in result["memory"]] == list(bench.QUICK.memory_counts)
     assert all(row["peak_rss_kib"] >= row["peak_anon_kib"] > 0 for row in result["memory"])
+    # the fast scan resampling gives what the Gaussian of the whole scan gives, on a real generated scan
+    scans = result["scans"]
+    assert scans["scan_voxels"] == [60, 60, 60] and scans["grid"] == [15, 15, 15]
+    assert scans["rms_difference_over_std"] < 0.01
 
 
 def test_unknown_section_is_named(tmp_path):

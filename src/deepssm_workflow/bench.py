@@ -14,7 +14,12 @@
    position error of the coarse-lattice warp against the exact one.
 4. memory: peak RSS of `train.train_from_artifacts` (in a subprocess) with 500 vs 5000
    augmented samples at femur size.
-5. end to end (--end-to-end, opt-in): wall time of `results/femur/report.html` from a
+5. scans: one uncropped scan as the demo's full-field femur option makes it (220 mm box at 1 mm,
+   compressed NRRD), from its file onto the 4 mm scan grid: `full_field.preprocess_scan` vs reading it
+   and resampling it with `preprocess.resample_to_world` (the Gaussian of the whole scan); and the
+   localization-aware image2ssm network (default settings, random weights) on it, for the per-scan
+   time from file to particles.
+6. end to end (--end-to-end, opt-in): wall time of `results/femur/report.html` from a
    clean results/ in a scratch copy of the repository.
 
 Inputs are generated here (the synthetic femur anatomy deformed per subject, images
@@ -68,7 +73,7 @@ PAPER_POINTS = {"femur": 1024, "metopic": 2048, "left_atrium": 1024}
 PAPER_MODES = 20
 VAL_FRACTION = 0.1  # the memory benchmark's training hold-out (the engine's default)
 N_CONTROL = 256  # the augmentation's default thin-plate-spline control points
-SECTIONS = ("inference", "training", "augmentation", "memory", "checkpoint")
+SECTIONS = ("inference", "training", "augmentation", "memory", "checkpoint", "scans")
 TARGETS = {
     "inference_seconds": 0.15,      # per scan, femur, batch 1
     "training_speedup": 1.5,        # vs the straightforward loop
@@ -76,7 +81,10 @@ TARGETS = {
     "augment_5000_seconds": 600.0,
     "memory_growth": 0.10,          # peak RSS, 5000 vs 500 samples
     "end_to_end_seconds": 900.0,
+    "scan_to_particles_seconds": 0.2,  # image2ssm, one uncropped femur scan, file to particles
 }
+# (box mm, scan voxel mm, scan grid mm): the full-field femur demo (the config's scan_grid default); a coarse one
+SCAN_SIZES = {"full": (220.0, 1.0, 4.0), "quick": (180.0, 3.0, 12.0)}
 
 
 @dataclass(frozen=True)
@@ -533,6 +541,70 @@ def bench_end_to_end(repo: Path, target: str, threads: int, log) -> dict:
 # -- report
 
 
+# -- 5. uncropped scans
+
+
+def bench_scans(quick: bool, work: Path, log, repeats: int = 3) -> dict:
+    """Seconds per scan of the full-field preprocessing and the image2ssm network (see the module doc)."""
+    import SimpleITK as sitk
+
+    from .full_field import preprocess_scan, scan_grid
+    from .inference import localize
+    from .io import read_particles
+    from .preprocess import read_image, resample_to_world
+    from .synthetic.cohort import SyntheticSettings, generate_cohort
+
+    box, voxel, step = SCAN_SIZES["quick" if quick else "full"]
+    settings = SyntheticSettings.from_config({
+        "seed": 1, "subjects": {"train": {"control": 2}, "test": {"control": 1}}, "n_particles": 64 if quick else 512,
+        "spacing_mm": voxel, "mesh_resolution_mm": 6.0 if quick else 2.0, "max_rotation_deg": 15,
+        "fov_margin_mm": [8, 30], "full_field": {"size_mm": box}})
+    table = generate_cohort("femur", settings, work / "cohort")
+    path = work / "cohort" / table.loc[table["split"] == "test", "image"].iloc[0]
+    image = read_image(path)
+    size = [int(np.ceil(box / step))] * 3
+    meta = {"spacing_mm": step, "size": size, "normalization": {"mean": 0.0, "std": 1.0}}
+    grid = scan_grid(image, step, size)
+    raw = work / "uncompressed.nrrd"  # the same scan without gzip: how much of the time is the file's format
+    sitk.WriteImage(sitk.ReadImage(str(path)), str(raw), useCompression=False)
+    timings = dict.fromkeys(("read", "baseline", "optimized", "read_raw", "optimized_raw"), float("inf"))
+
+    def timed(key, step):
+        start = time.perf_counter()
+        value = step()
+        timings[key] = min(timings[key], time.perf_counter() - start)
+        return value
+
+    for _ in range(repeats):  # interleaved, so that a burst of load hits all alike
+        timed("read", lambda: read_image(path))
+        exact = timed("baseline", lambda: resample_to_world(read_image(path), sitk.Transform(), grid))
+        fast = timed("optimized", lambda: preprocess_scan(path, meta)[0])
+        timed("read_raw", lambda: read_image(raw))
+        timed("optimized_raw", lambda: preprocess_scan(raw, meta)[0])
+    deviation = float(np.sqrt(((fast - exact) ** 2).mean()) / exact.std())
+
+    shapes = np.stack([read_particles(work / "cohort" / name) for name in table["world_particles"]])
+    space = ShapeSpace(n_modes=1).fit(shapes)
+    entry = methods.get("image2ssm")
+    torch.manual_seed(0)
+    model = entry.method.build(entry.settings({}), DataSpec(tuple(fast.shape), shapes.shape[1], space,
+                                                            spacing=(step,) * 3))
+    model = inference_model(model.eval())
+    localize(entry.method, model, fast[None])  # warm-up
+    network = min(localize(entry.method, model, fast[None])[1] for _ in range(repeats))
+    row = {"box_mm": box, "scan_voxels": list(image.GetSize()), "scan_spacing_mm": list(image.GetSpacing()),
+           "file_bytes": path.stat().st_size, "grid": size, "crop": list(model.crop_shape),
+           "read_seconds": timings["read"], "baseline_seconds": timings["baseline"],
+           "optimized_seconds": timings["optimized"], "speedup": timings["baseline"] / timings["optimized"],
+           "network_seconds": network, "scan_to_particles_seconds": timings["optimized"] + network,
+           "uncompressed_read_seconds": timings["read_raw"],
+           "uncompressed_scan_to_particles_seconds": timings["optimized_raw"] + network,
+           "rms_difference_over_std": deviation}
+    log(f"scans: {timings['baseline']:.3f} -> {timings['optimized']:.3f} s/scan (reading {timings['read']:.3f}); "
+        f"image2ssm network {network:.3f} s")
+    return row
+
+
 def _machine(threads: int) -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
             "torch_threads": threads, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -616,6 +688,23 @@ def markdown(result: dict) -> str:
             label = "anonymous" if kind == "anon" else "file-backed (libraries, memory-mapped store)"
             lines.append(f"| of which peak {label} (MiB) | {small[f'peak_{kind}_kib'] / 1024:.0f} | "
                          f"{large[f'peak_{kind}_kib'] / 1024:.0f} | | | |")
+    scans = result.get("scans")
+    if scans:
+        grid = "x".join(map(str, scans["grid"]))
+        lines.append(f"| uncropped scan ({scans['box_mm']:.0f} mm at {scans['scan_spacing_mm'][0]:g} mm, "
+                     f"{scans['file_bytes'] / 1e6:.1f} MB file) onto the {grid} scan grid, read + resample (s/scan; "
+                     f"reading alone {scans['read_seconds']:.3f}) | {scans['baseline_seconds']:.3f} | "
+                     f"{scans['optimized_seconds']:.3f} | {scans['speedup']:.1f}x | | |")
+        lines.append(f"| of which the difference, rms over the scan's sd | | "
+                     f"{scans['rms_difference_over_std']:.4f} | | | |")
+        for kind, key, read in (("gzip NRRD", "scan_to_particles_seconds", scans["read_seconds"]),
+                                ("uncompressed NRRD", "uncompressed_scan_to_particles_seconds",
+                                 scans["uncompressed_read_seconds"])):
+            total = scans[key]
+            lines.append(f"| image2ssm, {kind} file to particles, one scan (s; reading {read:.3f}, network "
+                         f"{scans['network_seconds']:.3f}, crop {'x'.join(map(str, scans['crop']))}) | | "
+                         f"{total:.3f} | | <= {TARGETS['scan_to_particles_seconds']} s | "
+                         f"{_met(total, TARGETS['scan_to_particles_seconds'], False)} |")
     e2e = result.get("end_to_end")
     if e2e:
         value = e2e["seconds"] if e2e["returncode"] == 0 else None
@@ -647,7 +736,7 @@ def run(sections, quick: bool, out_dir, threads: int, end_to_end: str | None = N
     with tempfile.TemporaryDirectory(prefix="deepssm-bench-") as scratch:
         work = Path(scratch)
         cohort = None
-        if set(sections) - {"inference"}:
+        if set(sections) - {"inference", "scans"}:
             shape = scale.inputs["femur"]
             cohort = femur_cohort(scale.subjects, shape, scale.points["femur"], scale.mesh_mm)
         if "inference" in sections:
@@ -665,6 +754,10 @@ def run(sections, quick: bool, out_dir, threads: int, end_to_end: str | None = N
             result["memory"] = bench_memory(scale, cohort, work / "memory", threads, log)
         if "checkpoint" in sections:
             result["checkpoint"] = bench_checkpoint(scale, work, log)
+            _write(result, out_dir)
+        if "scans" in sections:
+            (work / "scans").mkdir()
+            result["scans"] = bench_scans(quick, work / "scans", log)
             _write(result, out_dir)
     if end_to_end:
         result["end_to_end"] = bench_end_to_end(Path(__file__).resolve().parents[2], end_to_end, threads, log)

@@ -46,7 +46,7 @@ import SimpleITK as sitk
 
 from .atomic import staged
 from .io import apply_transform
-from .preprocess import MIN_GRID_VOXELS, WorldGrid, read_image, resample_to_world
+from .preprocess import MIN_GRID_VOXELS, WorldGrid, antialias_sigma, read_image, resample_to_world
 from .segmentations import fractions, quantize, segmentation_on_grid, segmentation_path, segmentation_table
 from .tps import warp_image
 
@@ -94,6 +94,61 @@ def field_kept(image: sitk.Image, grid: WorldGrid) -> float:
     return float(np.prod(overlap) / np.prod(np.maximum(high - low, 1e-9)))
 
 
+GAUSSIAN_TRUNCATE = 4.0  # kernel half-width in sigmas
+
+
+def _axis_resampling(n_in: int, spacing: float, origin: float, positions: np.ndarray,
+                     sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """(n_out, n_in) float32 matrix taking a scan's voxel values along one axis to the Gaussian-smoothed
+    (sampled kernel, edge values extended as ITK's recursive Gaussian does), linearly interpolated values at
+    `positions` (mm), and (n_out,) whether each position is inside the field (ITK's: within half a voxel of
+    the outer voxel centres; beyond the last centre, the edge value)."""
+    if sigma > 0:
+        half = int(np.ceil(GAUSSIAN_TRUNCATE * sigma / spacing))
+        offsets = np.arange(-half, half + 1)
+        kernel = np.exp(-0.5 * (offsets * spacing / sigma) ** 2)
+        smoothing = np.zeros((n_in, n_in))
+        columns = np.clip(np.arange(n_in)[:, None] + offsets, 0, n_in - 1)
+        np.add.at(smoothing, (np.repeat(np.arange(n_in), len(offsets)), columns.ravel()),
+                  np.tile(kernel / kernel.sum(), n_in))
+    else:
+        smoothing = np.eye(n_in)
+    index = (positions - origin) / spacing
+    inside = (index >= -0.5) & (index < n_in - 0.5)
+    index = np.clip(index, 0, n_in - 1)
+    low = np.minimum(np.floor(index).astype(int), max(n_in - 2, 0))
+    weight = index - low
+    interpolation = np.zeros((len(positions), n_in))
+    rows = np.arange(len(positions))
+    interpolation[rows, low] = 1 - weight
+    interpolation[rows, np.minimum(low + 1, n_in - 1)] += weight
+    return (interpolation @ smoothing).astype(np.float32), inside
+
+
+def downsample_scan(image: sitk.Image, grid: WorldGrid) -> np.ndarray:
+    """The scan's values on the (coarser, axis-aligned) scan grid, (z, y, x), as `preprocess.resample_to_world`
+    gives them (Gaussian anti-aliasing of `antialias_sigma`, then linear interpolation), computed as one
+    matrix per axis applied in turn: the smoothing is only evaluated where the grid samples it. Outside the
+    scan's field: the median of every second voxel along each axis (the full median alone costs more than the
+    rest). A 220 mm scan at 1 mm onto 4 mm: about 14 times faster than the Gaussian of the whole scan, and
+    closer to it than ITK's discrete Gaussian is (tests/test_full_field.py; `python -m deepssm_workflow.bench
+    --sections scans` times both). An oblique scan (direction not the identity) takes resample_to_world."""
+    if not np.allclose(np.asarray(image.GetDirection()), np.eye(3).ravel()):
+        return resample_to_world(image, sitk.Transform(), grid)
+    sigma = antialias_sigma(image.GetSpacing(), grid.spacing[0])
+    axes = [_axis_resampling(image.GetSize()[a], image.GetSpacing()[a], image.GetOrigin()[a],
+                             grid.origin[a] + grid.spacing[a] * np.arange(grid.size[a]), sigma) for a in range(3)]
+    voxels = sitk.GetArrayViewFromImage(image)  # (z, y, x)
+    values = np.tensordot(voxels, axes[0][0], axes=([2], [1]))  # (z, y, X)
+    values = np.tensordot(values, axes[1][0], axes=([1], [1]))  # (z, X, Y)
+    values = np.tensordot(values, axes[2][0], axes=([0], [1]))  # (X, Y, Z)
+    values = np.ascontiguousarray(values.transpose(2, 1, 0), dtype=np.float32)
+    inside = axes[2][1][:, None, None] & axes[1][1][None, :, None] & axes[0][1][None, None, :]
+    if not inside.all():
+        values[~inside] = float(np.median(voxels[::2, ::2, ::2]))
+    return values
+
+
 def _size_for(extents: np.ndarray, spacing: float) -> tuple[int, int, int]:
     return tuple(int(n) for n in np.ceil(extents.max(0) / spacing - 1e-6).astype(int) + 1)
 
@@ -134,7 +189,7 @@ def preprocess_scans(cohort_dir, settings: ScanGridSettings, out_dir) -> dict:
         if record["mask_volume_mm3"] < 0.999 * record["mask_total_mm3"]:
             raise ValueError(f"{seg_what}: {100 * (1 - record['mask_volume_mm3'] / record['mask_total_mm3']):.1f} % "
                              f"of the anatomy lies outside the scan grid: raise scan_grid.size")
-        images.append(resample_to_world(scans[subject], sitk.Transform(), grid))
+        images.append(downsample_scan(scans[subject], grid))
         origins.append(grid.origin)
         fractions.append(quantize(fraction))
         local.append(points)
@@ -176,7 +231,7 @@ def preprocess_scan(path, meta: dict, what: str | None = None) -> tuple[np.ndarr
     image = read_image(path, what)
     grid = scan_grid(image, meta["spacing_mm"], meta["size"])
     norm = meta["normalization"]
-    array = (resample_to_world(image, sitk.Transform(), grid) - norm["mean"]) / norm["std"]
+    array = (downsample_scan(image, grid) - norm["mean"]) / norm["std"]
     return array.astype(np.float32), np.array(grid.origin), field_kept(image, grid)
 
 
