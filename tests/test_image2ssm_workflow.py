@@ -1,6 +1,7 @@
 """image2ssm through the real workflow on a tiny full-field cohort: uncropped scans preprocessed without
-registration, trained and predicted beside Base-DeepSSM (which registers the same scans), evaluated with
-its own alignment, and a new scan through `predict-image --scans-dir`."""
+registration, trained and predicted beside Base-DeepSSM (which registers the same scans) and the baseline
+of Base-DeepSSM given the whole uncropped scan (base_uncropped), evaluated with its own alignment, and a new
+scan through `predict-image --scans-dir`."""
 
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ import pytest
 import yaml
 
 from conftest import run_snakemake
+from deepssm_workflow.holdout import split_by_source
+from deepssm_workflow.inference import load_trained
 
 NETWORK = {"channels": [4, 8, 8, 16, 16], "fc_sizes": [32, 16]}
 CONFIG = {"datasets": {"hips": {
     "anatomy": "femur", "source": "synthetic",
     "shape_space": {"n_modes": 4},
     "training": {"batch_size": 4, "val_fraction": 0.3, "seed": 0},
-    "methods": {"base": {"epochs": 2, "network": NETWORK},
+    "methods": {"base": {"epochs": 2, "network": NETWORK}, "base_uncropped": {"epochs": 2, "network": NETWORK},
                 "image2ssm": {"segmentation_epochs": 2, "alignment_epochs": 2, "shape_epochs": 2,
                               "seg_channels": [4, 8], "crop_spacing_mm": 6.0, "network": NETWORK}},
     "preprocess": {"downsample": 1, "margin_mm": 5, "registration": "auto"},
@@ -51,6 +54,17 @@ def test_image2ssm_runs_beside_base_on_uncropped_scans(tmp_path):
     scans = json.loads((results / "scans" / "grid.json").read_text())
     assert scans["size"] == [26, 26, 26]  # 150 mm scans of 3 mm voxels span 147 mm: 24.5 steps of 6 mm, rounded up
 
+    # the uncropped baseline: its PCA layer is of the training scans' grid-frame particles (the real training
+    # subjects'), and its predictions are fitted onto the mean world shape of every training row
+    train_scans = np.load(results / "scans" / "train.npz")
+    samples = np.load(results / "scans" / "augmentation" / "samples.npz")
+    train_idx, _ = split_by_source(8, samples["source_index"], 0.3, 0)
+    baseline = load_trained(results / "models" / "base_uncropped")
+    pca_mean = baseline.model.pca_bias.numpy().reshape(-1, 3)
+    np.testing.assert_allclose(pca_mean, train_scans["local"][train_idx[train_idx < 8]].mean(0), atol=1e-3)
+    world = np.concatenate([train_scans["world"], samples["world"]])[train_idx].mean(0)
+    np.testing.assert_allclose(baseline.method.training_mean(baseline.model), world, atol=1e-3)
+
     # predicted with no registration: no time spent registering, its own alignment kept
     test_ids = list(np.load(results / "scans" / "test.npz")["ids"])
     table = pd.read_csv(results / "predictions" / "image2ssm" / "predictions.csv", dtype={"id": str})
@@ -62,15 +76,17 @@ def test_image2ssm_runs_beside_base_on_uncropped_scans(tmp_path):
 
     # evaluated in the scans' frame with its own alignment: floors of its own beside base's
     decomposition = pd.read_csv(results / "evaluation" / "tables" / "error_decomposition.csv").set_index("method")
-    assert {"base", "image2ssm"} <= set(decomposition.index)
-    for column in ("scan_rmse_mm", "alignment_floor_mm", "mean_shape_aligned_mm"):
-        assert np.isfinite(decomposition.loc["image2ssm", column])
+    assert {"base", "image2ssm", "base_uncropped"} <= set(decomposition.index)
+    for method in ("image2ssm", "base_uncropped"):
+        for column in ("scan_rmse_mm", "alignment_floor_mm", "mean_shape_aligned_mm"):
+            assert np.isfinite(decomposition.loc[method, column])
     assert decomposition.loc["image2ssm", "alignment_floor_mm"] != decomposition.loc["base", "alignment_floor_mm"]
     aligned = pd.read_csv(results / "evaluation" / "tables" / "alignment_accuracy.csv").set_index("method")
-    assert aligned.loc["image2ssm", "aligned_by"] == "its own pose"
+    assert aligned.loc["image2ssm", "aligned_by"] == aligned.loc["base_uncropped", "aligned_by"] == "its own pose"
     assert aligned.loc["base", "aligned_by"] == "registration"
     dice = pd.read_csv(results / "evaluation" / "tables" / "scan_segmentation_dice.csv").set_index("method")
     assert 0 <= dice.loc["image2ssm", "dice"] <= 1 and dice.loc["image2ssm", "n"] == 3
+    assert "base_uncropped" not in dice.index  # it segments nothing
     report = (results / "report.html").read_text()
     assert "image2ssm" in report and "mean shape through the method" in report
 

@@ -16,6 +16,7 @@ from deepssm_workflow.localize import (
     crop_offsets,
     crop_points,
     local_from_world,
+    rigid_fit,
     rotation_angle_deg,
     rotation_from_vector,
     sample_physical,
@@ -198,3 +199,28 @@ def test_the_spatial_transformer_recovers_a_known_rotation():
           f"{np.median(unmoved):.1f}); shift error median {np.median(shift_error):.2f} mm")
     assert np.median(error) < MEDIAN_BOUND_DEG and np.median(error) < 0.5 * np.median(unmoved)
     assert np.median(shift_error) < 1.5
+
+
+def test_rigid_fit_recovers_a_known_transform_and_never_reflects():
+    rng = np.random.default_rng(3)
+    source = torch.as_tensor(rng.normal(0, 20, (4, 50, 3)))
+    rotations = torch.as_tensor(Rotation.random(4, random_state=5).as_matrix())
+    shifts = torch.as_tensor(rng.normal(0, 30, (4, 3)))
+    target = torch.einsum("bij,bmj->bmi", rotations, source) + shifts[:, None]
+    rotation, shift = rigid_fit(source.float(), target)
+    torch.testing.assert_close(rotation, rotations, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shift, shifts, atol=1e-3, rtol=0)
+    # with noise on the target: the least-squares fit leaves less residual than the true transform does
+    noisy = target[0] + torch.as_tensor(rng.normal(0, 0.5, (50, 3)))
+    rotation, shift = rigid_fit(source[:1], noisy)
+
+    def residual(r, t):
+        return (torch.einsum("ij,mj->mi", r, source[0]) + t - noisy).square().sum(-1).mean()
+
+    assert residual(rotation[0], shift[0]) <= residual(rotations[0], shifts[0])
+    assert torch.linalg.norm(rotation[0] - rotations[0]) < 0.01
+    # a mirrored target: the best orthogonal map would reflect; the fit stays a proper rotation
+    mirrored = source[:1] * torch.tensor([-1.0, 1.0, 1.0], dtype=source.dtype)
+    rotation, _ = rigid_fit(source[:1], mirrored)
+    assert torch.linalg.det(rotation[0]) == pytest.approx(1.0, abs=1e-9)
+    torch.testing.assert_close(rotation[0] @ rotation[0].T, torch.eye(3, dtype=rotation.dtype), atol=1e-9, rtol=0)

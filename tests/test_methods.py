@@ -111,6 +111,11 @@ def data():
     return images, points, train_idx, val_idx, ShapeSpace(n_modes=3).fit(points[train_idx]), masks.astype(np.float32)
 
 
+def spec(space) -> methods.DataSpec:
+    """What the engine builds a network for; the toy images are their own world frame (as in `run`)."""
+    return methods.DataSpec(SHAPE, M, space, world_mean=space.mean)
+
+
 def smoke(name: str):
     return methods.get(name).smoke_settings()
 
@@ -165,7 +170,7 @@ def test_outputs_and_capabilities(name, data):
     images, points, _, _, space, _ = data
     entry = methods.get(name)
     torch.manual_seed(0)
-    model = entry.method.build(smoke(name), methods.DataSpec(SHAPE, M, space)).eval()
+    model = entry.method.build(smoke(name), spec(space)).eval()
     batch = torch.as_tensor(images[:3]).unsqueeze(1)
     with torch.no_grad():
         predicted = entry.method.predict(model, batch)
@@ -221,7 +226,7 @@ def test_state_dict_round_trip_through_the_card(name, data, tmp_path):
             load_trained(tmp_path / "old")
     images = data[0]
     torch.manual_seed(0)
-    again = methods.get(name).method.build(smoke(name), methods.DataSpec(SHAPE, M, data[4]))
+    again = methods.get(name).method.build(smoke(name), spec(data[4]))
     again.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
     with torch.no_grad():
         expected = methods.get(name).method.predict(again.eval(), torch.as_tensor(images[:4]).unsqueeze(1))
@@ -251,7 +256,7 @@ def test_each_phase_trains_only_its_parameters(name, data):
     images, points, train_idx, _, space, masks = data
     entry, settings = methods.get(name), smoke(name)
     torch.manual_seed(0)
-    model = entry.method.build(settings, methods.DataSpec(SHAPE, M, space))
+    model = entry.method.build(settings, spec(space))
     training = methods.TrainingData(points, train_idx, 4, torch.device("cpu"), masks)
     state = entry.method.prepare(model, settings, training)
     rows = train_idx[:4]

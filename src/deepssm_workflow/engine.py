@@ -308,8 +308,10 @@ def train(method: str, settings, images, points, train_idx, val_idx, shape_space
 
     torch.manual_seed(engine.effective_init_seed)
     layout = memory_format(device)
+    world_mean = (np.asarray(extras["world"][train_idx], dtype=np.float64).mean(0)
+                  if extras and "world" in extras else None)
     spec = DataSpec(tuple(images.shape[1:]), points.shape[1], shape_space, engine.precision,
-                    tuple(float(s) for s in spacing))
+                    tuple(float(s) for s in spacing), world_mean)
     model = entry.method.build(settings, spec).to(device, memory_format=layout)
     network = entry.method.network_config(model)
     data = TrainingData(points, train_idx, engine.batch_size, device, segmentations)

@@ -124,7 +124,10 @@ def scan_segmentation_dice(trained, method: str, layout: DatasetLayout, ids, tru
     with np.load(layout.scans("test")) as data:
         order = {str(i): k for k, i in enumerate(data["ids"])}
         scans = torch.as_tensor(data["images"][[order[i] for i in ids]]).unsqueeze(1)
-    probability = trained.method.localize(trained.model, scans)["probability"].numpy()
+    found = trained.method.localize(trained.model, scans)
+    if "probability" not in found:  # it localizes without segmenting (the uncropped DeepSSM baseline)
+        return []
+    probability = found["probability"].numpy()
     return _dice_rows(method, {subject: probability[k] > 0.5 for k, subject in enumerate(ids)}, truths)
 
 

@@ -96,6 +96,22 @@ def world_from_local(local: torch.Tensor, rotation: torch.Tensor, centre: torch.
     return torch.einsum("bji,bmj->bmi", rotation, local - centre[:, None, :]) + world_centre
 
 
+def rigid_fit(source: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The least-squares rigid map target ~ R source + t (Kabsch) of each (B, M, 3) `source` onto `target`
+    ((B, M, 3) or one (M, 3) for all): (R (B, 3, 3), t (B, 3)). R is a proper rotation (det +1) even where
+    the best orthogonal map would reflect. Computed in float64."""
+    source = source.double()
+    target = target.double().expand_as(source)
+    source_centre, target_centre = source.mean(1, keepdim=True), target.mean(1, keepdim=True)
+    covariance = (target - target_centre).transpose(1, 2) @ (source - source_centre)  # sum of t s^T
+    u, _, vh = torch.linalg.svd(covariance)
+    sign = torch.ones(len(source), 3, dtype=source.dtype, device=source.device)
+    sign[:, 2] = torch.sign(torch.linalg.det(u @ vh))
+    rotation = u @ torch.diag_embed(sign) @ vh
+    shift = target_centre[:, 0] - torch.einsum("bij,bj->bi", rotation, source_centre[:, 0])
+    return rotation, shift
+
+
 def true_pose(local: np.ndarray, world: np.ndarray, world_centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The rigid pose (R, c) of one subject from its own local and world particles (M, 3): the least-
     squares fit local ~ c + R (world - world_centre). Every cohort with a shape model has it (a

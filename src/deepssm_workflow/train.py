@@ -94,9 +94,12 @@ def train_from_scans(cohort_dir, scans_dir, method: str, settings: dict, out_dir
     train_idx, val_idx = split_by_source(n, source, engine.val_fraction, engine.seed)
     if augmentation_dir is not None:
         _check_hold_out(samples, generated[0], scans["ids"], train_idx, val_idx, n, engine, log)
-    space = ShapeSpace(**settings["shape_space"]).fit(shapes["world"][train_idx[train_idx < n]])
+    frame = get(method).method.shape_frame
+    real = train_idx[train_idx < n]
+    space = ShapeSpace(**settings["shape_space"]).fit((shapes["world"] if frame == "world" else scans["local"])[real])
     torch.set_num_threads(max(1, threads))
-    log(f"{method}: {len(train_idx)} training / {len(val_idx)} validation scans, {space.n_modes} PCA modes")
+    log(f"{method}: {len(train_idx)} training / {len(val_idx)} validation scans, {space.n_modes} PCA modes "
+        f"({frame} frame)")
     return train(method, get(method).settings(settings["method"]), images, points, train_idx, val_idx, space,
                  out_dir, engine=engine, log=log, data_hash=combined_sha256(paths), device=device,
                  checkpoint_seconds=checkpoint_seconds, segmentations=ScaledRows(stored, 1.0 / SCALE),

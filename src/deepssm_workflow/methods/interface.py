@@ -72,6 +72,9 @@ class DataSpec:
     shape_space: ShapeSpace
     precision: str = "fp32"
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    # (M, 3) mean world shape of the training rows, when the engine has their world particles (SCANS: the
+    # points are then scan-frame ones)
+    world_mean: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,9 @@ class Method:
     smoke: dict = {}
     # what `validation_errors` measures: the engine's per-epoch validation figure and the kept model's
     validation_measure: str = "RMSE (eq. 12)"
+    # the frame of the shapes its fixed PCA layer is fitted on (a SCANS method): "world", or "scan" for one that
+    # predicts scan-frame particles without any alignment (the uncropped DeepSSM baseline)
+    shape_frame: str = "world"
 
     # -- network
     def build(self, settings, spec: DataSpec) -> nn.Module:
@@ -204,7 +210,8 @@ class Method:
         """(B, 1, Z, Y, X) uncropped scans on their grids (LOCALIZES) -> "local" (B, M, 3) correspondences in
         each grid's frame (mm from its first voxel), "world" (B, M, 3), "image_to_world" (B, 4, 4) the rigid
         transform it found from the grid's frame to the world frame, "found" (B,) whether it found the
-        anatomy at all, "probability" (B, Z, Y, X) its mask of the anatomy on the scan's grid."""
+        anatomy at all and, for a method that segments it, "probability" (B, Z, Y, X) its mask of the anatomy
+        on the scan's grid."""
         raise NotImplementedError
 
     def training_mean(self, model: nn.Module) -> np.ndarray:
