@@ -28,6 +28,7 @@ CONFIG = {"datasets": {"hips": {
                               "seg_channels": [4, 8], "crop_spacing_mm": 6.0, "network": NETWORK}},
     "preprocess": {"downsample": 1, "margin_mm": 5, "registration": "auto"},
     "scan_grid": {"spacing_mm": 6.0},
+    "seed_spread": {"seeds": [1], "methods": ["base_uncropped"]},
     "augmentation": {"n_samples": 8, "sampler": "kde", "n_control": 64, "seed": 0},
     "synthetic": {"seed": 21, "subjects": {"train": {"control": 6, "cam": 2}, "test": {"control": 2, "cam": 1}},
                   "n_particles": 128, "spacing_mm": 3.0, "mesh_resolution_mm": 3.0,
@@ -107,3 +108,14 @@ def test_image2ssm_runs_beside_base_on_uncropped_scans(tmp_path):
                             subject["image"], "--out-prefix", str(tmp_path / "wrong" / "scan")],
                            capture_output=True, text=True)
     assert wrong.returncode != 0 and "does not find the anatomy in an uncropped scan itself" in wrong.stderr
+
+    # the seed spread of a method trained on the scans: the extra seed trained and predicted on the scans
+    spread = run_snakemake(work, "results/hips/seeds/spread.csv", "--cores", "2", "--resources", "gpu=1",
+                           configfile=configfile)
+    assert spread.returncode == 0, spread.stderr[-4000:]
+    rows = pd.read_csv(results / "seeds" / "spread.csv")
+    assert rows["method"].tolist() == ["base_uncropped"] * 2 and rows["init_seed"].tolist() == [0, 1]
+    assert np.isfinite(rows["rmse_mm"]).all() and rows["rmse_mm"].nunique() == 2
+    assert (results / "seeds" / "1" / "predictions" / "base_uncropped" / "alignment.npz").is_file()
+    default = pd.read_csv(results / "evaluation" / "tables" / "error_decomposition.csv").set_index("method")
+    assert rows["rmse_mm"].iloc[0] == pytest.approx(default.loc["base_uncropped", "scan_rmse_mm"], rel=1e-6)

@@ -144,6 +144,9 @@ def test_plan_puts_the_training_seed_first_and_defaults_to_every_method_of_the_d
     assert plan({**dataset, "seed_spread": {"seeds": [2], "methods": ["tl_focal"]}}) == (["tl_focal"], [4, 2])
     with pytest.raises(ValueError, match="datasets.femur.seed_spread.methods: unknown method"):
         plan({**dataset, "seed_spread": {"methods": ["nope"]}}, "femur")
+    # the methods trained on the uncropped scans are spread too (seeds.smk's _on_scans rules)
+    full_field = {**dataset, "methods": {"base": {}, "image2ssm": {}, "base_uncropped": {}}}
+    assert plan(full_field) == (["base", "image2ssm", "base_uncropped"], [4, *DEFAULT_SEEDS])
 
 
 def test_the_config_takes_a_seed_spread_block_and_the_presets_have_none():

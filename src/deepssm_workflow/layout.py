@@ -355,6 +355,9 @@ class DatasetLayout:
     def seed_predicted_particles(self, seed, method: str) -> Path:
         return self._seed_run(seed).predicted_particles(method)
 
+    def seed_predictions_alignment(self, seed, method: str) -> Path:
+        return self._seed_run(seed).predictions_alignment(method)
+
     @property
     def spread_csv(self) -> Path:
         """One row per method and init seed: the test RMSE and the best epoch."""

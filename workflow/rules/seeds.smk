@@ -77,6 +77,78 @@ rule predict_seed:
         " --inputs {input} --outputs {output} --provenance {output.provenance} > {log} 2>&1"
 
 
+# The same for a method that finds the anatomy in the uncropped scan itself (train_on_scans, predict_from_scans).
+rule train_seed_on_scans:
+    input:
+        shapes_train=RESULTS.shapes("train"),
+        train=RESULTS.scans("train"),
+        grid=RESULTS.scans_grid_json,
+        samples=RESULTS.scans_augmentation("samples.npz"),
+        images=RESULTS.scans_augmentation("images.npy"),
+        segmentations=RESULTS.scans_augmentation("segmentations.npy"),
+        augmentation_provenance=RESULTS.scans_augmentation("provenance.json"),
+    output:
+        model=RESULTS.seed_model_pt("{seed}", "{method}"),
+        card=RESULTS.seed_model_card("{seed}", "{method}"),
+        log_csv=RESULTS.seed_training_log("{seed}", "{method}"),
+        curve=RESULTS.seed_loss_curve("{seed}", "{method}"),
+        provenance=RESULTS.provenance("models", "{method}", "{seed}"),
+    log:
+        "logs/{dataset}/seeds/{seed}/train_{method}.log",
+    wildcard_constraints:
+        method="|".join(SCAN_METHODS),
+        seed="0|[1-9][0-9]*",
+    cache: True
+    conda:
+        "../../envs/deepssm.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+        checkpoint_seconds=60,
+    params:
+        settings=training_settings,
+        software=SOFTWARE,
+        cohort=subpath(input.shapes_train, parent=True),
+        scans_dir=subpath(input.train, parent=True),
+        augmentation_dir=subpath(input.samples, parent=True),
+        out_dir=subpath(output.model, parent=True),
+    shell:
+        "deepssm-wf train --cohort {params.cohort} --scans-dir {params.scans_dir}"
+        " --augmentation-dir {params.augmentation_dir} --method {wildcards.method} --init-seed {wildcards.seed}"
+        " --settings {params.settings:q} --out-dir {params.out_dir} --threads {threads}"
+        " --checkpoint-seconds {resources.checkpoint_seconds}"
+        " --inputs {input} --outputs {output} --provenance {output.provenance} > {log} 2>&1"
+
+
+rule predict_seed_from_scans:
+    input:
+        model=RESULTS.seed_model_pt("{seed}", "{method}"),
+        card=RESULTS.seed_model_card("{seed}", "{method}"),
+        model_provenance=RESULTS.provenance("models", "{method}", "{seed}"),
+        test=RESULTS.scans("test"),
+    output:
+        table=RESULTS.seed_predictions_csv("{seed}", "{method}"),
+        particles=directory(RESULTS.seed_predicted_particles("{seed}", "{method}")),
+        alignment=RESULTS.seed_predictions_alignment("{seed}", "{method}"),
+        provenance=RESULTS.provenance("predictions", "{method}", "{seed}"),
+    log:
+        "logs/{dataset}/seeds/{seed}/predict_{method}.log",
+    wildcard_constraints:
+        method="|".join(SCAN_METHODS),
+        seed="0|[1-9][0-9]*",
+    conda:
+        "../../envs/deepssm.yaml"
+    threads: 1
+    params:
+        model_dir=subpath(input.model, parent=True),
+        scans_dir=subpath(input.test, parent=True),
+        out_dir=subpath(output.table, parent=True),
+    shell:
+        "deepssm-wf predict --model-dir {params.model_dir} --scans-dir {params.scans_dir}"
+        " --split test --out-dir {params.out_dir} --threads {threads} --verify {input.model} {input.card}"
+        " --inputs {input} --outputs {output} --provenance {output.provenance} > {log} 2>&1"
+
+
 rule seed_spread:
     input:
         unpack(seed_spread_inputs),
