@@ -306,3 +306,9 @@ def test_the_registry_refuses_a_bad_registration():
         methods.register("drifted", Drifted())
     with pytest.raises(ValueError, match="unknown method 'nope'; registered: base"):
         methods.get("nope")
+
+
+def test_the_uncropped_baseline_refuses_a_spec_without_world_shapes(data):
+    entry = methods.get("base_uncropped")
+    with pytest.raises(ValueError, match="base_uncropped needs the training subjects' world particles"):
+        entry.method.build(smoke("base_uncropped"), methods.DataSpec(SHAPE, M, data[4]))
