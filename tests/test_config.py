@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from conftest import REPO, SCHEMA, run_snakemake
+from deepssm_workflow import methods as registry
 from deepssm_workflow.config import ConfigError, load
 
 
@@ -53,9 +54,8 @@ BAD = {
     "both n_modes and variance": (lambda c: c["datasets"]["metopic"]["shape_space"].update(variance=0.9),
                                   "datasets.metopic.shape_space: give exactly one of n_modes or variance (found both)"),
     "unknown method": (lambda c: c["datasets"]["femur"]["methods"].update(vae={}),
-                       "datasets.femur.methods.vae: unknown key (allowed: base, base_focal, image2ssm, landmarks, "
-                       "landmarks_weak, progressive, progressive_focal, progressive_tl, progressive_tl_focal, tl, "
-                       "tl_focal)"),
+                       "datasets.femur.methods.vae: unknown key (allowed: "
+                       + ", ".join(sorted(registry.names())) + ")"),
     "a preset's fixed setting": (lambda c: c["datasets"]["femur"]["methods"]["base_focal"].update(loss="l2"),
                                  "datasets.femur.methods.base_focal.loss: unknown key"),
     "a method's own check": (lambda c: c["datasets"]["femur"]["methods"]["tl"].update(tflank_epochs=0, joint_epochs=0),
