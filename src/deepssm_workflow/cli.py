@@ -27,6 +27,15 @@ def _synthesize(args) -> None:
     print(f"generated {len(subjects)} {args.anatomy} subjects in {time.perf_counter() - start:.1f}s")
 
 
+def _synthesize_multi(args) -> None:
+    from .synthetic.multi_anatomy import MultiAnatomySettings, generate_multi_anatomy_cohort
+
+    settings = MultiAnatomySettings.from_config(json.loads(args.settings))
+    start = time.perf_counter()
+    subjects = generate_multi_anatomy_cohort(settings, args.out_dir, prefix=args.prefix, workers=args.workers)
+    print(f"generated {len(subjects)} multi-anatomy subjects in {time.perf_counter() - start:.1f}s")
+
+
 def _ingest(args) -> None:
     from .ingest import ingest_cohort
 
@@ -252,6 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", help="subject id prefix (default: the anatomy)")
     p.add_argument("--workers", type=int, default=1)
     p.set_defaults(run=_synthesize)
+
+    p = steps.add_parser("synthesize-multi", help="generate a synthetic cohort of several anatomies per scan")
+    p.add_argument("--settings", required=True,
+                   help="JSON of the `multi_anatomy` settings (see synthetic/multi_anatomy.py)")
+    p.add_argument("--out-dir", required=True, help="cohort folder (subjects.csv, ground_truth.csv, data/)")
+    p.add_argument("--prefix", default="hip", help="subject id prefix")
+    p.add_argument("--workers", type=int, default=1)
+    p.set_defaults(run=_synthesize_multi)
 
     p = steps.add_parser("ingest", help="validate a cohort source and normalize it")
     p.add_argument("--anatomy", required=True, help="what the shapes are (any name; reported)")

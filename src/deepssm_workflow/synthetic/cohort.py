@@ -244,6 +244,17 @@ def _rotation_vector_deg(rotation: np.ndarray) -> np.ndarray:
     return np.rad2deg(angle) * axis
 
 
+def run_subjects(synthesize, jobs: list[tuple], plan: pd.DataFrame, workers: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Run `synthesize(*job)` for every subject (on `workers` processes) and gather its (files, truth)
+    rows: the subjects table (the plan's columns first) and the ground-truth table."""
+    if workers > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(synthesize, *zip(*jobs)))
+    else:
+        results = [synthesize(*job) for job in jobs]
+    return pd.concat([plan, pd.DataFrame([r[0] for r in results])], axis=1), pd.DataFrame([r[1] for r in results])
+
+
 def generate_cohort(anatomy_name: str, settings: SyntheticSettings, out_dir: Path, prefix: str | None = None,
                     workers: int = 1) -> pd.DataFrame:
     """Generate the cohort into out_dir (subjects.csv, ground_truth.csv, data/).
@@ -262,14 +273,7 @@ def generate_cohort(anatomy_name: str, settings: SyntheticSettings, out_dir: Pat
             (staging / "data" / sub).mkdir(parents=True)
         jobs = [(anatomy, settings, point_ids, i, row.id, row.group, staging)
                 for i, row in enumerate(plan.itertuples())]
-        if workers > 1:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                results = list(pool.map(synthesize_subject, *zip(*jobs)))
-        else:
-            results = [synthesize_subject(*job) for job in jobs]
-
-        subjects = pd.concat([plan, pd.DataFrame([r[0] for r in results])], axis=1)
-        ground_truth = pd.DataFrame([r[1] for r in results])
+        subjects, ground_truth = run_subjects(synthesize_subject, jobs, plan, workers)
         subjects.to_csv(staging / "subjects.csv", index=False)
         ground_truth.to_csv(staging / "ground_truth.csv", index=False)
 
