@@ -43,6 +43,12 @@ def _ingest(args) -> None:
     print(json.dumps(report, indent=2))
 
 
+def _ingest_multi(args) -> None:
+    from .ingest_multi import ingest_multi_anatomy
+
+    print(json.dumps(ingest_multi_anatomy(json.loads(args.source), args.out_dir), indent=2))
+
+
 def _preprocess_train(args) -> None:
     from .preprocess import PreprocessSettings, preprocess_training
 
@@ -279,6 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
                         '{"source": "shapeworks", "project": "p.swproj"}')
     p.add_argument("--out-dir", required=True, help="normalized cohort folder")
     p.set_defaults(run=_ingest)
+
+    p = steps.add_parser("ingest-multi", help="validate a multi-anatomy cohort (several anatomies per scan) "
+                         "and normalize it")
+    p.add_argument("--source", required=True, help='JSON, e.g. {"source": "csv", "manifest": "subjects.csv"} '
+                   "(long form with an `anatomy` column, or wide form with per-anatomy columns)")
+    p.add_argument("--out-dir", required=True, help="normalized cohort folder")
+    p.set_defaults(run=_ingest_multi)
 
     p = steps.add_parser("preprocess-train", help="reference, world grid, normalization, training images")
     p.add_argument("--cohort", required=True, help="ingested cohort folder")

@@ -12,7 +12,8 @@ flag. Parts never share a voxel (a placement that would is drawn again).
 Layout written under the cohort folder (paths in subjects.csv are relative to it):
 
     subjects.csv            id, split, group, image, labels, and per part P:
-                            present_P (0/1), mesh_P, local_particles_P,
+                            present_P (0/1), label_P (its value in the label
+                            map), mesh_P, local_particles_P,
                             world_particles_P, transform_P (empty when absent);
                             the ShapeWorks multi-domain column names
     ground_truth.csv        per part P: P.present, P.<shape parameter>, the
@@ -238,7 +239,7 @@ def synthesize_subject(models: list[PartModel], settings: MultiAnatomySettings, 
                       "local_particles": f"data/particles/{subject_id}_{name}_local.particles",
                       "world_particles": f"data/particles/{subject_id}_{name}_world.particles",
                       "transform": f"data/transforms/{subject_id}_{name}.txt"}
-        files[f"present_{name}"] = int(present[k])
+        files[f"present_{name}"], files[f"label_{name}"] = int(present[k]), k + 1
         files.update({f"{kind}_{name}": (path if present[k] else "") for kind, path in part_files.items()})
         if not present[k]:
             continue

@@ -1,0 +1,160 @@
+"""Multi-anatomy ingestion: the synthetic hip cohort's wide manifest and a long manifest written here
+ingest to the same per-anatomy shapes; bad input is refused naming subject, anatomy and file, with
+nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+from deepssm_workflow.ingest import CohortError
+from deepssm_workflow.ingest_multi import ingest_multi_anatomy
+from deepssm_workflow.io import read_particles
+from deepssm_workflow.synthetic.multi_anatomy import MultiAnatomySettings, generate_multi_anatomy_cohort
+
+SETTINGS = {"seed": 11, "subjects": {"train": {"control": 6}, "test": {"control": 2}}, "n_particles": 40,
+            "spacing_mm": 4, "mesh_resolution_mm": 3, "size_mm": [360, 170, 180], "missing_fraction": 0.3}
+PARTS = ("femur_right", "femur_left", "bladder")
+
+
+@pytest.fixture(scope="module")
+def hip(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hip")
+    generate_multi_anatomy_cohort(MultiAnatomySettings.from_config(SETTINGS), root, prefix="hip")
+    return root
+
+
+@pytest.fixture
+def cohort(hip, tmp_path):
+    """A private copy of the cohort (tests break files in it)."""
+    shutil.copytree(hip, tmp_path / "c")
+    return tmp_path / "c"
+
+
+def _long_manifest(root, path):
+    """The wide manifest rewritten in the long form (one row per subject and anatomy), as another tool
+    would export it: absolute paths, no presence columns."""
+    wide = pd.read_csv(root / "subjects.csv", keep_default_na=False)
+    rows = []
+    for _, row in wide.iterrows():
+        for part in PARTS:
+            if row[f"present_{part}"]:
+                rows.append({"id": row["id"], "split": row["split"], "anatomy": part,
+                             "image": str(root / row["image"]), "labels": str(root / row["labels"]),
+                             "label": row[f"label_{part}"],
+                             **{k: str(root / row[f"{k}_{part}"])
+                                for k in ("local_particles", "world_particles", "transform", "mesh")}})
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def test_wide_and_long_manifests_ingest_to_the_same_shapes(hip, tmp_path):
+    wide = pd.read_csv(hip / "subjects.csv", keep_default_na=False)
+    report = ingest_multi_anatomy({"source": "csv", "manifest": str(hip / "subjects.csv")}, tmp_path / "wide")
+    assert report["anatomies"] == list(PARTS) and report["n_subjects"] == len(wide)
+    assert any(not wide[f"present_{p}"].all() for p in PARTS)  # the seed gives absent parts
+    subjects = pd.read_csv(tmp_path / "wide/subjects.csv", keep_default_na=False)
+    for part in PARTS:
+        assert subjects[f"present_{part}"].tolist() == wide[f"present_{part}"].tolist()
+        for split in ("train", "test"):
+            data = np.load(tmp_path / f"wide/shapes_{split}_{part}.npz")
+            expected = wide[(wide["split"] == split) & (wide[f"present_{part}"] == 1)]
+            assert data["ids"].tolist() == expected["id"].tolist()
+            assert report["parts"][part]["counts"][split] == len(expected)
+            for i, (_, row) in enumerate(expected.iterrows()):
+                np.testing.assert_allclose(data["world"][i], read_particles(hip / row[f"world_particles_{part}"]))
+                np.testing.assert_allclose(data["local"][i], read_particles(hip / row[f"local_particles_{part}"]))
+            assert data["residual_mm"].max() < 1e-4
+        assert report["parts"][part]["transforms"] == "given" and report["parts"][part]["label"] >= 1
+
+    ingest_multi_anatomy({"source": "csv", "manifest": str(_long_manifest(hip, tmp_path / "long.csv"))},
+                         tmp_path / "long")
+    for part in PARTS:
+        for split in ("train", "test"):
+            a, b = (np.load(tmp_path / f"{form}/shapes_{split}_{part}.npz") for form in ("wide", "long"))
+            assert a["ids"].tolist() == b["ids"].tolist()
+            np.testing.assert_array_equal(a["world"], b["world"])
+            np.testing.assert_array_equal(a["image_to_world"], b["image_to_world"])
+    assert json.loads((tmp_path / "long/report.json").read_text())["parts"].keys() == set(PARTS)
+
+
+def _refused(cohort, tmp_path, message, manifest=None):
+    with pytest.raises(CohortError) as error:
+        ingest_multi_anatomy({"source": "csv", "manifest": str(manifest or cohort / "subjects.csv")},
+                             tmp_path / "out")
+    assert message in str(error.value), str(error.value)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    return str(error.value)
+
+
+def _first(table, part, present=1):
+    return table.index[table[f"present_{part}"] == present][0]
+
+
+def test_a_bad_file_is_named_by_subject_anatomy_and_file(cohort, tmp_path):
+    table = pd.read_csv(cohort / "subjects.csv", keep_default_na=False)
+    i = _first(table, "bladder")
+    file = cohort / table.loc[i, "world_particles_bladder"]
+    file.write_text("")
+    _refused(cohort, tmp_path, f"subject {table.loc[i, 'id']}, anatomy bladder: {file}: particles file is empty")
+
+    np.savetxt(file, np.zeros((7, 3)))
+    _refused(cohort, tmp_path, f"subject {table.loc[i, 'id']}, anatomy bladder: {file}: 7 points, expected 40")
+
+
+def test_presence_must_match_the_files_and_the_label_map(cohort, tmp_path):
+    table = pd.read_csv(cohort / "subjects.csv", keep_default_na=False)
+    absent = _first(table, "femur_left", present=0)
+    sid = table.loc[absent, "id"]
+    # a voxel of the absent left femur's label in the subject's label map
+    labels_file = cohort / table.loc[absent, "labels"]
+    image = sitk.ReadImage(str(labels_file))
+    array = sitk.GetArrayFromImage(image)
+    array[0, 0, 0] = table.loc[absent, "label_femur_left"]
+    painted = sitk.GetImageFromArray(array)
+    painted.CopyInformation(image)
+    sitk.WriteImage(painted, str(labels_file))
+    _refused(cohort, tmp_path, f"subject {sid}, anatomy femur_left: {labels_file}: voxels of its label")
+
+    table.loc[absent, "present_femur_left"] = 1
+    table.to_csv(cohort / "subjects.csv", index=False)
+    _refused(cohort, tmp_path, f"subject {sid}: {cohort / 'subjects.csv'}: present_femur_left is 1 but its "
+                               f"particle cells are empty")
+
+
+def test_long_form_rows_of_a_subject_must_agree_and_each_anatomy_needs_enough_subjects(hip, cohort, tmp_path):
+    manifest = _long_manifest(hip, tmp_path / "long.csv")
+    rows = pd.read_csv(manifest, keep_default_na=False)
+    sid = rows["id"].iloc[0]
+    changed = rows.copy()
+    changed.loc[changed.index[(changed["id"] == sid)][-1], "split"] = "test" if rows["split"].iloc[0] == "train" \
+        else "train"
+    changed.to_csv(manifest, index=False)
+    _refused(cohort, tmp_path, f"subject {sid}: {manifest}: its anatomies' rows disagree on `split`", manifest)
+
+    few = rows[~((rows["anatomy"] == "bladder") & (rows["split"] == "train"))
+               | rows.index.isin(rows.index[(rows["anatomy"] == "bladder") & (rows["split"] == "train")][:2])]
+    few.to_csv(manifest, index=False)
+    _refused(cohort, tmp_path, f"{manifest}: anatomy bladder: 2 train subjects; at least 3 needed", manifest)
+
+    twice = pd.concat([rows, rows.iloc[[0]]])
+    twice.to_csv(manifest, index=False)
+    _refused(cohort, tmp_path, f"subject {sid}: {manifest}: anatomy {rows['anatomy'].iloc[0]} has two rows", manifest)
+
+
+def test_the_command_line_ingests_and_refuses(hip, tmp_path, capsys):
+    from deepssm_workflow.cli import main
+
+    source = json.dumps({"source": "csv", "manifest": str(hip / "subjects.csv")})
+    assert main(["ingest-multi", "--source", source, "--out-dir", str(tmp_path / "ok")]) == 0
+    assert json.loads((tmp_path / "ok/report.json").read_text())["kind"] == "multi_anatomy"
+    capsys.readouterr()
+    missing = json.dumps({"source": "csv", "manifest": str(tmp_path / "none.csv")})
+    assert main(["ingest-multi", "--source", missing, "--out-dir", str(tmp_path / "bad")]) == 1
+    assert f"{tmp_path / 'none.csv'}: manifest file not found" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
