@@ -96,18 +96,56 @@ def world_from_local(local: torch.Tensor, rotation: torch.Tensor, centre: torch.
     return torch.einsum("bji,bmj->bmi", rotation, local - centre[:, None, :]) + world_centre
 
 
+class _TopEigenvector(torch.autograd.Function):
+    """The unit eigenvector of the largest eigenvalue of symmetric (B, 4, 4) matrices, with the exact
+    first-order gradient dv = (lambda I - N)^+ dN v. It is computed from the eigenvalue gaps to the top
+    one only (torch's eigh backward also divides by the gaps between the other eigenvalues, which are
+    zero for symmetric point sets and turn the gradient into nan), each gap kept above GAP_FLOOR times
+    the spread of the eigenvalues: where the fit is truly ambiguous the gradient stays finite."""
+
+    GAP_FLOOR = 1e-9
+
+    @staticmethod
+    def forward(ctx, matrix):
+        values, vectors = torch.linalg.eigh(matrix)
+        ctx.save_for_backward(values, vectors)
+        return vectors[..., -1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        values, vectors = ctx.saved_tensors
+        floor = _TopEigenvector.GAP_FLOOR * (values[..., -1:] - values[..., :1]).clamp_min(1e-30)
+        gaps = (values[..., -1:] - values[..., :-1]).clamp_min(floor)  # (B, 3): to each lower eigenvalue
+        others, top = vectors[..., :-1], vectors[..., -1]
+        # (lambda I - N)^+ g restricted to the other eigenvectors, then the outer product with v
+        solved = torch.einsum("bij,bj->bi", others, torch.einsum("bij,bi->bj", others, grad) / gaps)
+        outer = solved[..., :, None] * top[..., None, :]
+        return 0.5 * (outer + outer.transpose(-1, -2))
+
+
 def rigid_fit(source: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The least-squares rigid map target ~ R source + t (Kabsch) of each (B, M, 3) `source` onto `target`
-    ((B, M, 3) or one (M, 3) for all): (R (B, 3, 3), t (B, 3)). R is a proper rotation (det +1) even where
-    the best orthogonal map would reflect. Computed in float64."""
+    """The least-squares rigid map target ~ R source + t of each (B, M, 3) `source` onto `target`
+    ((B, M, 3) or one (M, 3) for all): (R (B, 3, 3), t (B, 3)). Horn's unit-quaternion solution (1987):
+    R is a proper rotation by construction (det +1, even where the best orthogonal map would reflect),
+    and its gradient is finite wherever the rotation is determined: unlike an SVD's, which is infinite
+    for a point set with two equal principal spreads (a round or symmetric shape). Computed in float64."""
     source = source.double()
     target = target.double().expand_as(source)
     source_centre, target_centre = source.mean(1, keepdim=True), target.mean(1, keepdim=True)
-    covariance = (target - target_centre).transpose(1, 2) @ (source - source_centre)  # sum of t s^T
-    u, _, vh = torch.linalg.svd(covariance)
-    sign = torch.ones(len(source), 3, dtype=source.dtype, device=source.device)
-    sign[:, 2] = torch.sign(torch.linalg.det(u @ vh))
-    rotation = u @ torch.diag_embed(sign) @ vh
+    s = (source - source_centre).transpose(1, 2) @ (target - target_centre)  # s[a, b] = sum source_a target_b
+    xx, xy, xz, yx, yy, yz, zx, zy, zz = s.reshape(-1, 9).unbind(-1)
+    quaternion_matrix = torch.stack([
+        torch.stack([xx + yy + zz, yz - zy, zx - xz, xy - yx], -1),
+        torch.stack([yz - zy, xx - yy - zz, xy + yx, zx + xz], -1),
+        torch.stack([zx - xz, xy + yx, yy - xx - zz, yz + zy], -1),
+        torch.stack([xy - yx, zx + xz, yz + zy, zz - xx - yy], -1),
+    ], -2)
+    w, x, y, z = _TopEigenvector.apply(quaternion_matrix).unbind(-1)
+    rotation = torch.stack([
+        torch.stack([w * w + x * x - y * y - z * z, 2 * (x * y - w * z), 2 * (x * z + w * y)], -1),
+        torch.stack([2 * (x * y + w * z), w * w - x * x + y * y - z * z, 2 * (y * z - w * x)], -1),
+        torch.stack([2 * (x * z - w * y), 2 * (y * z + w * x), w * w - x * x - y * y + z * z], -1),
+    ], -2)
     shift = target_centre[:, 0] - torch.einsum("bij,bj->bi", rotation, source_centre[:, 0])
     return rotation, shift
 
