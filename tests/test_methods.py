@@ -257,7 +257,7 @@ def test_each_phase_trains_only_its_parameters(name, data):
     entry, settings = methods.get(name), smoke(name)
     torch.manual_seed(0)
     model = entry.method.build(settings, spec(space))
-    training = methods.TrainingData(points, train_idx, 4, torch.device("cpu"), masks)
+    training = methods.TrainingData(points, train_idx, 4, torch.device("cpu"), masks, {"world": points})
     state = entry.method.prepare(model, settings, training)
     rows = train_idx[:4]
     for phase in entry.method.phases(settings):

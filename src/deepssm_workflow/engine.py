@@ -264,7 +264,7 @@ def train(method: str, settings, images, points, train_idx, val_idx, shape_space
           engine: EngineSettings = EngineSettings(), device=None, log=print, data_hash: str | None = None,
           stop_after_epochs: int | None = None, checkpoint_seconds: float = 0.0,
           read_ahead: bool | None = None, segmentations=None, extras: dict | None = None,
-          spacing=(1.0, 1.0, 1.0)) -> dict | None:
+          spacing=(1.0, 1.0, 1.0), n_anatomies: int = 1) -> dict | None:
     """Train the registered `method` (its Settings: `methods.get(method).settings(block)`) on
     images (n, Z, Y, X) and correspondences (n, M, 3).
 
@@ -279,7 +279,8 @@ def train(method: str, settings, images, points, train_idx, val_idx, shape_space
     only) reads the next batch in a thread. `segmentations` (n, Z, Y, X), the fraction of each
     voxel inside the anatomy, for a method that needs SEGMENTATIONS (indexed like the images).
     `extras`: further per-sample targets by name (indexed like the images; a method that needs SCANS
-    asks for "world"), and `spacing` the images' voxel size (x, y, z mm), for the method's DataSpec.
+    asks for "world"), and `spacing` the images' voxel size (x, y, z mm) and `n_anatomies` (the points'
+    blocks, one per anatomy: a multi-anatomy method's data) for the method's DataSpec.
     Returns the model card.
     """
     entry = get(method)
@@ -308,13 +309,13 @@ def train(method: str, settings, images, points, train_idx, val_idx, shape_space
 
     torch.manual_seed(engine.effective_init_seed)
     layout = memory_format(device)
-    world_mean = (np.asarray(extras["world"][train_idx], dtype=np.float64).mean(0)
+    world_mean = (np.nanmean(np.asarray(extras["world"][train_idx], dtype=np.float64), 0)  # nan: an absent anatomy
                   if extras and "world" in extras else None)
     spec = DataSpec(tuple(images.shape[1:]), points.shape[1], shape_space, engine.precision,
-                    tuple(float(s) for s in spacing), world_mean)
+                    tuple(float(s) for s in spacing), world_mean, n_anatomies)
     model = entry.method.build(settings, spec).to(device, memory_format=layout)
     network = entry.method.network_config(model)
-    data = TrainingData(points, train_idx, engine.batch_size, device, segmentations)
+    data = TrainingData(points, train_idx, engine.batch_size, device, segmentations, extras)
     phases = entry.method.phases(settings)
 
     signature = {"format": CHECKPOINT_FORMAT, "method": method, "settings": asdict(settings),

@@ -133,5 +133,5 @@ def config_schema() -> dict:
 
 
 # the method modules register their names (base, base_focal, tl, tl_focal; progressive, progressive_focal, ...;
-# image2ssm; landmarks)
-from . import deepssm, image2ssm, landmarks, progressive  # noqa: E402,F401
+# image2ssm; landmarks; massm)
+from . import deepssm, image2ssm, landmarks, massm, progressive  # noqa: E402,F401

@@ -75,6 +75,9 @@ class DataSpec:
     # (M, 3) mean world shape of the training rows, when the engine has their world particles (SCANS: the
     # points are then scan-frame ones)
     world_mean: np.ndarray | None = None
+    # anatomies per scan: the points are that many blocks of n_points / n_anatomies, one per anatomy, an
+    # anatomy a sample lacks being nan (a multi-anatomy method; every other method sees 1)
+    n_anatomies: int = 1
 
 
 @dataclass(frozen=True)
@@ -233,12 +236,13 @@ class Method:
 
 class TrainingData:
     """The training samples as a method's `prepare` / `begin_phase` sees them: the target shapes
-    of the training rows (and their segmentations, for a method that needs them), a batch at a
-    time, on the model's device."""
+    of the training rows (and their segmentations and further targets, for a method that needs them),
+    a batch at a time, on the model's device."""
 
-    def __init__(self, points, train_idx: np.ndarray, batch_size: int, device: torch.device, segmentations=None):
+    def __init__(self, points, train_idx: np.ndarray, batch_size: int, device: torch.device, segmentations=None,
+                 extras: dict | None = None):
         self.points, self.train_idx, self.batch_size, self.device = points, train_idx, batch_size, device
-        self.segmentations = segmentations
+        self.segmentations, self.extras = segmentations, dict(extras or {})
 
     def _batches(self, store):
         for start in range(0, len(self.train_idx), self.batch_size):
@@ -247,6 +251,12 @@ class TrainingData:
 
     def point_batches(self):
         return self._batches(self.points)
+
+    def extra_batches(self, name: str):
+        """The training rows of a further target the training was given (SCANS: "world")."""
+        if name not in self.extras:
+            raise ValueError(f"this training was given no {name!r} rows (given: {sorted(self.extras) or 'none'})")
+        return self._batches(self.extras[name])
 
     def segmentation_batches(self):
         if self.segmentations is None:
