@@ -1,7 +1,7 @@
 """image2ssm through the real workflow on a tiny full-field cohort: uncropped scans preprocessed without
 registration, trained and predicted beside Base-DeepSSM (which registers the same scans) and the baseline
-of Base-DeepSSM given the whole uncropped scan (base_uncropped), evaluated with its own alignment, and a new
-scan through `predict-image --scans-dir`."""
+of Base-DeepSSM given the whole uncropped scan (base_uncropped) and MASSM with one anatomy per scan, each
+evaluated with its own alignment, and a new scan through `predict-image --scans-dir`."""
 
 from __future__ import annotations
 
@@ -25,7 +25,10 @@ CONFIG = {"datasets": {"hips": {
     "training": {"batch_size": 4, "val_fraction": 0.3, "seed": 0},
     "methods": {"base": {"epochs": 2, "network": NETWORK}, "base_uncropped": {"epochs": 2, "network": NETWORK},
                 "image2ssm": {"segmentation_epochs": 2, "alignment_epochs": 2, "shape_epochs": 2,
-                              "seg_channels": [4, 8], "crop_spacing_mm": 6.0, "network": NETWORK}},
+                              "seg_channels": [4, 8], "crop_spacing_mm": 6.0, "network": NETWORK},
+                # MASSM with one anatomy per scan: a scan method like image2ssm, through the same rules
+                "massm": {"detect_epochs": 2, "local_epochs": 2, "joint_epochs": 2, "channels": 4,
+                          "fpn_channels": 4, "hidden": 16}},
     "preprocess": {"downsample": 1, "margin_mm": 5, "registration": "auto"},
     "scan_grid": {"spacing_mm": 6.0},
     "seed_spread": {"seeds": [1], "methods": ["base_uncropped"]},
@@ -77,17 +80,17 @@ def test_image2ssm_runs_beside_base_on_uncropped_scans(tmp_path):
 
     # evaluated in the scans' frame with its own alignment: floors of its own beside base's
     decomposition = pd.read_csv(results / "evaluation" / "tables" / "error_decomposition.csv").set_index("method")
-    assert {"base", "image2ssm", "base_uncropped"} <= set(decomposition.index)
-    for method in ("image2ssm", "base_uncropped"):
+    assert {"base", "image2ssm", "base_uncropped", "massm"} <= set(decomposition.index)
+    for method in ("image2ssm", "base_uncropped", "massm"):
         for column in ("scan_rmse_mm", "alignment_floor_mm", "mean_shape_aligned_mm"):
             assert np.isfinite(decomposition.loc[method, column])
     assert decomposition.loc["image2ssm", "alignment_floor_mm"] != decomposition.loc["base", "alignment_floor_mm"]
     aligned = pd.read_csv(results / "evaluation" / "tables" / "alignment_accuracy.csv").set_index("method")
-    assert aligned.loc["image2ssm", "aligned_by"] == aligned.loc["base_uncropped", "aligned_by"] == "its own pose"
+    assert (aligned.loc[["image2ssm", "base_uncropped", "massm"], "aligned_by"] == "its own pose").all()
     assert aligned.loc["base", "aligned_by"] == "registration"
     dice = pd.read_csv(results / "evaluation" / "tables" / "scan_segmentation_dice.csv").set_index("method")
     assert 0 <= dice.loc["image2ssm", "dice"] <= 1 and dice.loc["image2ssm", "n"] == 3
-    assert "base_uncropped" not in dice.index  # it segments nothing
+    assert "base_uncropped" not in dice.index and "massm" not in dice.index  # they segment nothing
     report = (results / "report.html").read_text()
     assert "image2ssm" in report and "mean shape through the method" in report
 
