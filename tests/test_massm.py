@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from deepssm_workflow.full_field import ScanGridSettings
+from deepssm_workflow.cli import main
 from deepssm_workflow.inference import load_trained
-from deepssm_workflow.ingest_multi import ingest_multi_anatomy
 from deepssm_workflow.methods.massm import DETECTION_STRIDE, boxes, decode_peaks, heatmap_targets, roi_features
-from deepssm_workflow.multi_scans import preprocess_multi_scans, train_multi
 from deepssm_workflow.synthetic.multi_anatomy import MultiAnatomySettings, generate_multi_anatomy_cohort
 
 
@@ -61,15 +60,20 @@ def test_a_tiny_hip_run_detects_every_anatomy_and_beats_the_template_at_its_dete
         "seed": 7, "subjects": {"train": {"control": 16}, "test": {"control": 6}}, "n_particles": 64,
         "spacing_mm": 3, "mesh_resolution_mm": 3, "size_mm": [360, 170, 180], "missing_fraction": 0.2}),
         tmp_path / "cohort", prefix="hip")
-    ingest_multi_anatomy({"source": "csv", "manifest": str(tmp_path / "cohort/subjects.csv")}, tmp_path / "ingested")
-    meta = preprocess_multi_scans(tmp_path / "ingested", ScanGridSettings(8.0), tmp_path / "scans")
+    # the steps a user runs by hand, through the command line
+    source = json.dumps({"source": "csv", "manifest": str(tmp_path / "cohort/subjects.csv")})
+    steps = [["ingest-multi", "--source", source, "--out-dir", str(tmp_path / "ingested")],
+             ["preprocess-multi-scans", "--cohort", str(tmp_path / "ingested"), "--settings", '{"spacing_mm": 8}',
+              "--out-dir", str(tmp_path / "scans")],
+             ["train-multi", "--scans-dir", str(tmp_path / "scans"), "--method", "massm", "--settings",
+              json.dumps({"method": {"detect_epochs": 20, "local_epochs": 20, "joint_epochs": 40},
+                          "training": {"batch_size": 4, "val_fraction": 0.2}}),
+              "--out-dir", str(tmp_path / "model"), "--threads", "2"]]
+    for step in steps:
+        assert main(step) == 0, step[0]
+    meta = json.loads((tmp_path / "scans/grid.json").read_text())
     assert meta["anatomies"] == ["femur_right", "femur_left", "bladder"]
-    torch.manual_seed(0)
-    card = train_multi(tmp_path / "scans", "massm",
-                       {"method": {"detect_epochs": 20, "local_epochs": 20, "joint_epochs": 40},
-                        "training": {"batch_size": 4, "val_fraction": 0.2}}, tmp_path / "model", threads=2,
-                       log=lambda _: None)
-    assert card["best_phase"] == "joint"
+    assert json.loads((tmp_path / "model/model_card.json").read_text())["best_phase"] == "joint"
     trained = load_trained(tmp_path / "model")
     test = np.load(tmp_path / "scans/test.npz")
     with torch.no_grad():
@@ -95,3 +99,18 @@ def test_a_tiny_hip_run_detects_every_anatomy_and_beats_the_template_at_its_dete
     for name, r in results.items():
         assert r["centre_error"] < 0.5 * r["half_extent"], (name, r)
         assert r["rmse"] < r["template_at_detection"], (name, r)
+
+    # the per-anatomy evaluation finds the same figures, each with its interval and n
+    assert main(["evaluate-multi", "--model-dir", str(tmp_path / "model"), "--scans-dir", str(tmp_path / "scans"),
+                 "--out-dir", str(tmp_path / "evaluation")]) == 0
+    summary = pd.read_csv(tmp_path / "evaluation/summary.csv").set_index("anatomy")
+    for a, name in enumerate(meta["anatomies"]):
+        row = summary.loc[name]
+        assert row["n_present"] == test["present"][:, a].sum() and row["n_absent"] == (~test["present"][:, a]).sum()
+        assert row["centre_error_mm"] == pytest.approx(results[name]["centre_error"], rel=1e-5)
+        assert row["local_rmse_mm"] == pytest.approx(results[name]["rmse"], rel=1e-5)
+        assert row["template_at_detection_mm"] == pytest.approx(results[name]["template_at_detection"], rel=1e-5)
+        assert row["local_rmse_mm_low"] <= row["local_rmse_mm"] <= row["local_rmse_mm_high"]
+        assert row["beats_template_at_detection"]
+    print(summary[["world_rmse_mm", "template_world_mm", "template_at_true_centre_mm"]])
+    assert (tmp_path / "evaluation" / "rmse_boxplots.png").stat().st_size > 10_000

@@ -49,6 +49,28 @@ def _ingest_multi(args) -> None:
     print(json.dumps(ingest_multi_anatomy(json.loads(args.source), args.out_dir), indent=2))
 
 
+def _preprocess_multi_scans(args) -> None:
+    from .full_field import ScanGridSettings
+    from .multi_scans import preprocess_multi_scans
+
+    meta = preprocess_multi_scans(args.cohort, ScanGridSettings.from_config(json.loads(args.settings)), args.out_dir)
+    print(json.dumps(meta, indent=2))
+
+
+def _train_multi(args) -> None:
+    from .multi_scans import train_multi
+
+    card = train_multi(args.scans_dir, args.method, json.loads(args.settings), args.out_dir, threads=args.threads,
+                       device=args.device)
+    print(json.dumps(card, indent=2, default=str))
+
+
+def _evaluate_multi(args) -> None:
+    from .evaluate_multi import evaluate_multi
+
+    print(evaluate_multi(args.model_dir, args.scans_dir, args.out_dir, threads=args.threads).to_string(index=False))
+
+
 def _preprocess_train(args) -> None:
     from .preprocess import PreprocessSettings, preprocess_training
 
@@ -292,6 +314,30 @@ def build_parser() -> argparse.ArgumentParser:
                    "(long form with an `anatomy` column, or wide form with per-anatomy columns)")
     p.add_argument("--out-dir", required=True, help="normalized cohort folder")
     p.set_defaults(run=_ingest_multi)
+
+    p = steps.add_parser("preprocess-multi-scans", help="a multi-anatomy cohort's scans on one network grid, "
+                         "every anatomy's particles packed")
+    p.add_argument("--cohort", required=True, help="the ingested multi-anatomy cohort (ingest-multi)")
+    p.add_argument("--settings", required=True, help='JSON: {"spacing_mm": ..., "size": [x, y, z] or absent}')
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(run=_preprocess_multi_scans)
+
+    p = steps.add_parser("train-multi", help="train a multi-anatomy method (massm) on preprocess-multi-scans")
+    p.add_argument("--scans-dir", required=True)
+    p.add_argument("--method", required=True, choices=["massm"])
+    p.add_argument("--settings", required=True, help='JSON: {"method": {...}, "training": {...}}')
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"))
+    p.set_defaults(run=_train_multi)
+
+    p = steps.add_parser("evaluate-multi", help="per-anatomy detection and RMSE of a multi-anatomy model on the "
+                         "test scans, beside the template baselines")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--scans-dir", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(run=_evaluate_multi)
 
     p = steps.add_parser("preprocess-train", help="reference, world grid, normalization, training images")
     p.add_argument("--cohort", required=True, help="ingested cohort folder")

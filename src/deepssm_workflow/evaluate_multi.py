@@ -1,0 +1,126 @@
+"""Evaluation of a multi-anatomy method (massm) per anatomy on `multi_scans`'s test scans, beside its
+baselines (the MASSM paper's Figs 2-3):
+
+* detection: of the scans that have the anatomy, the fraction where the heatmap's peak passed the
+  threshold; of those that lack it, the fraction falsely detected; the detected centre's error (mm)
+  against the particles' box centre;
+* local (scan-frame) RMSE (eq. 12) of the prediction, against the anatomy's template placed at the
+  detected centre (what the displacement head adds) and at the true centre (the template's floor with
+  a perfect detector);
+* world RMSE of the prediction against the template's world shape (the shape known without the scan).
+
+Every mean has its 95 % bootstrap interval and n. Writes per_scan.csv (one row per scan and anatomy),
+summary.csv and rmse_boxplots.png into `out_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .atomic import staged
+from .inference import load_trained
+from .intervals import bootstrap_interval, mean_interval
+from .shape_space import rmse
+
+LOCAL_COLUMNS = {"local_rmse_mm": "massm", "template_at_detection_mm": "template at detection",
+                 "template_at_true_centre_mm": "template at true centre"}
+WORLD_COLUMNS = {"world_rmse_mm": "massm", "template_world_mm": "template's world shape"}
+
+
+def evaluate_multi(model_dir, scans_dir, out_dir, threads: int = 1) -> pd.DataFrame:
+    """per_scan.csv, summary.csv and rmse_boxplots.png of the module's doc; returns the summary."""
+    torch.set_num_threads(max(1, threads))
+    scans_dir = Path(scans_dir)
+    meta = json.loads((scans_dir / "grid.json").read_text())
+    test = np.load(scans_dir / "test.npz")
+    trained = load_trained(model_dir)
+    model = trained.model.eval()
+    start = time.perf_counter()
+    with torch.no_grad():
+        found = [trained.method.detect(model, torch.as_tensor(test["images"][i:i + 1]).unsqueeze(1))
+                 for i in range(len(test["ids"]))]
+    network_seconds = (time.perf_counter() - start) / max(1, len(test["ids"]))
+    found = {key: torch.cat([f[key] for f in found]).numpy().astype(np.float64 if key != "present" else bool)
+             for key in found[0]}
+    anatomies, m = meta["anatomies"], meta["n_points"]
+    local = test["local"].reshape(len(test["ids"]), len(anatomies), m, 3).astype(np.float64)
+    world = test["world"].reshape(local.shape).astype(np.float64)
+    template_local = model.template_local.numpy().astype(np.float64)
+    template_world = model.template_world.numpy().astype(np.float64)
+
+    rows = []
+    for n, subject in enumerate(test["ids"]):
+        for k, anatomy in enumerate(anatomies):
+            row = {"id": str(subject), "anatomy": anatomy, "present": bool(test["present"][n, k]),
+                   "detected": bool(found["present"][n, k]), "peak": float(found["peak"][n, k]),
+                   "network_seconds": network_seconds}
+            if row["present"]:
+                truth = local[n, k]
+                true_centre = (truth.max(0) + truth.min(0)) / 2
+                centre = found["centre_mm"][n, k]
+                row.update({
+                    "centre_error_mm": float(np.linalg.norm(centre - true_centre)),
+                    "local_rmse_mm": float(rmse(found["local"][n, k], truth)),
+                    "template_at_detection_mm": float(rmse(template_local[k] + centre, truth)),
+                    "template_at_true_centre_mm": float(rmse(template_local[k] + true_centre, truth)),
+                    "world_rmse_mm": float(rmse(found["world"][n, k], world[n, k])),
+                    "template_world_mm": float(rmse(template_world[k], world[n, k])),
+                })
+            rows.append(row)
+    per_scan = pd.DataFrame(rows)
+    summary = pd.DataFrame([_summary(anatomy, per_scan[per_scan["anatomy"] == anatomy]) for anatomy in anatomies])
+    with staged(out_dir, ["per_scan.csv", "summary.csv", "rmse_boxplots.png"]) as staging:
+        per_scan.to_csv(staging / "per_scan.csv", index=False)
+        summary.to_csv(staging / "summary.csv", index=False)
+        _boxplots(per_scan, anatomies, staging / "rmse_boxplots.png")
+    return summary
+
+
+def _rate(flags: pd.Series) -> tuple[float, float, float]:
+    values = flags.to_numpy(dtype=np.float64)
+    if not len(values):
+        return float("nan"), float("nan"), float("nan")
+    return (float(values.mean()), *bootstrap_interval(np.mean, values))
+
+
+def _summary(anatomy: str, rows: pd.DataFrame) -> dict:
+    present = rows[rows["present"]]
+    absent = rows[~rows["present"]]
+    out = {"anatomy": anatomy, "n_present": len(present), "n_absent": len(absent)}
+    for name, values in (("detection_rate", present["detected"]), ("false_detection_rate", absent["detected"])):
+        out[name], out[f"{name}_low"], out[f"{name}_high"] = _rate(values)
+    for column in ("centre_error_mm", *LOCAL_COLUMNS, *WORLD_COLUMNS):
+        values = present[column].to_numpy(dtype=np.float64)
+        out[column] = float(values.mean()) if len(values) else float("nan")
+        out[f"{column}_low"], out[f"{column}_high"] = mean_interval(values)
+    out["beats_template_at_detection"] = bool(out["local_rmse_mm"] < out["template_at_detection_mm"])
+    out["beats_template_world"] = bool(out["world_rmse_mm"] < out["template_world_mm"])
+    return out
+
+
+def _boxplots(per_scan: pd.DataFrame, anatomies: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(anatomies), figsize=(3.6 * len(anatomies), 6.4), squeeze=False)
+    for k, anatomy in enumerate(anatomies):
+        present = per_scan[(per_scan["anatomy"] == anatomy) & per_scan["present"]]
+        for row, (columns, frame) in enumerate(((LOCAL_COLUMNS, "local (scan frame)"), (WORLD_COLUMNS, "world"))):
+            ax = axes[row, k]
+            ax.boxplot([present[c].to_numpy() for c in columns], showmeans=True)
+            ax.set_xticks(range(1, len(columns) + 1), [label.replace(" at ", "\nat ") for label in columns.values()],
+                          fontsize=7)
+            ax.set_title(f"{anatomy}: {frame}, n = {len(present)}", fontsize=9)
+            ax.set_ylabel("RMSE (eq. 12), mm")
+    fig.suptitle("Per-anatomy RMSE of the test scans (box: quartiles; triangle: mean)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
