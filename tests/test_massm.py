@@ -113,4 +113,19 @@ def test_a_tiny_hip_run_detects_every_anatomy_and_beats_the_template_at_its_dete
         assert row["local_rmse_mm_low"] <= row["local_rmse_mm"] <= row["local_rmse_mm_high"]
         assert row["beats_template_at_detection"]
     print(summary[["world_rmse_mm", "template_world_mm", "template_at_true_centre_mm"]])
+
+    # a new scan from its file alone: every anatomy the model detects, in the scan's frame
+    subjects = pd.read_csv(tmp_path / "ingested/subjects.csv", dtype={"id": str}).set_index("id")
+    n = 0
+    subject = str(test["ids"][n])
+    assert main(["predict-image", "--model-dir", str(tmp_path / "model"), "--scans-dir", str(tmp_path / "scans"),
+                 "--image", subjects.loc[subject, "image"], "--out-prefix", str(tmp_path / "new" / subject)]) == 0
+    detections = json.loads((tmp_path / "new" / f"{subject}_detections.json").read_text())
+    assert list(detections) == meta["anatomies"]
+    for a, name in enumerate(meta["anatomies"]):
+        file = tmp_path / "new" / f"{subject}_{name}_local.particles"
+        assert detections[name]["detected"] == bool(found["present"][n, a]) == file.exists()
+        if file.exists():
+            expected = found["local"][n, a].numpy() + test["origins"][n]
+            np.testing.assert_allclose(np.loadtxt(file), expected, atol=1e-3)
     assert (tmp_path / "evaluation" / "rmse_boxplots.png").stat().st_size > 10_000

@@ -193,6 +193,8 @@ def predict_scan_image(model_dir, scans_dir, image_path, out_prefix) -> dict:
     array, origin, kept = preprocess_scan(image_path, meta)
     trained = _scan_model(model_dir)
     model = inference_model(trained.model)
+    if len(meta.get("anatomies", [])) > 1:  # multi_scans' grid: several anatomies per scan
+        return _predict_anatomies(trained, model, meta["anatomies"], array, origin, image_path, out_prefix, start)
     found, _ = localize(trained.method, model, array[None], batch_size=1)
     problem = _scan_problem(found["found"][0], found["world"][0], trained.method.training_mean(model))
     if problem:
@@ -207,6 +209,39 @@ def predict_scan_image(model_dir, scans_dir, image_path, out_prefix) -> dict:
               f"was kept around its centre", file=sys.stderr, flush=True)
     return {"world": str(out_prefix.parent / names[0]), "local": str(out_prefix.parent / names[1]),
             "seconds": time.perf_counter() - start, "field_kept": kept}
+
+
+def _predict_anatomies(trained, model, anatomies: list[str], array, origin, image_path, out_prefix, start) -> dict:
+    """Every anatomy a multi-anatomy model (massm) detects in one scan: {out_prefix}_{anatomy}_world.particles and
+    _local.particles (in the scan's frame) of each detected one, and {out_prefix}_detections.json for all of them
+    (detected or not, the presence probability, the heatmap's peak, the box centre and half extent in the scan's
+    frame)."""
+    if getattr(model, "n_anatomies", 1) != len(anatomies):
+        raise ValueError(f"the model finds {getattr(model, 'n_anatomies', 1)} anatomies per scan, the scans' grid "
+                         f"lists {len(anatomies)} ({', '.join(anatomies)}): not the model of these scans")
+    with torch.no_grad():
+        found = trained.method.detect(model, torch.as_tensor(array[None, None]))
+    out_prefix = Path(out_prefix)
+    detections, files = {}, {}
+    for k, anatomy in enumerate(anatomies):
+        detected = bool(found["present"][0, k])
+        detections[anatomy] = {"detected": detected, "probability": float(found["probability"][0, k]),
+                               "peak": float(found["peak"][0, k]),
+                               "centre_mm": (found["centre_mm"][0, k].numpy() + origin).tolist(),
+                               "half_extent_mm": found["size_mm"][0, k].tolist()}
+        if detected:
+            files[anatomy] = {frame: f"{out_prefix.name}_{anatomy}_{frame}.particles" for frame in ("world", "local")}
+    names = [name for pair in files.values() for name in pair.values()] + [f"{out_prefix.name}_detections.json"]
+    with staged(out_prefix.parent, names) as staging:
+        for k, anatomy in enumerate(anatomies):
+            if anatomy in files:
+                write_particles(staging / files[anatomy]["world"], found["world"][0, k].numpy())
+                write_particles(staging / files[anatomy]["local"], found["local"][0, k].numpy() + origin)
+        (staging / names[-1]).write_text(json.dumps(detections, indent=2) + "\n")
+    return {"detections": str(out_prefix.parent / names[-1]),
+            "particles": {a: {frame: str(out_prefix.parent / name) for frame, name in pair.items()}
+                          for a, pair in files.items()},
+            "seconds": time.perf_counter() - start}
 
 
 def plausible_world_box(mean: np.ndarray) -> WorldGrid:
