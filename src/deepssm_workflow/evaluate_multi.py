@@ -58,8 +58,7 @@ def evaluate_multi(model_dir, scans_dir, out_dir, threads: int = 1) -> pd.DataFr
     for n, subject in enumerate(test["ids"]):
         for k, anatomy in enumerate(anatomies):
             row = {"id": str(subject), "anatomy": anatomy, "present": bool(test["present"][n, k]),
-                   "detected": bool(found["present"][n, k]), "probability": float(found["probability"][n, k]),
-                   "peak": float(found["peak"][n, k]),
+                   "detected": bool(found["present"][n, k]), "peak": float(found["peak"][n, k]),
                    "network_seconds": network_seconds}
             if row["present"]:
                 truth = local[n, k]

@@ -214,8 +214,7 @@ def predict_scan_image(model_dir, scans_dir, image_path, out_prefix) -> dict:
 def _predict_anatomies(trained, model, anatomies: list[str], array, origin, image_path, out_prefix, start) -> dict:
     """Every anatomy a multi-anatomy model (massm) detects in one scan: {out_prefix}_{anatomy}_world.particles and
     _local.particles (in the scan's frame) of each detected one, and {out_prefix}_detections.json for all of them
-    (detected or not, the presence probability, the heatmap's peak, the box centre and half extent in the scan's
-    frame)."""
+    (detected or not, the heatmap's peak, the box centre and half extent in the scan's frame)."""
     if getattr(model, "n_anatomies", 1) != len(anatomies):
         raise ValueError(f"the model finds {getattr(model, 'n_anatomies', 1)} anatomies per scan, the scans' grid "
                          f"lists {len(anatomies)} ({', '.join(anatomies)}): not the model of these scans")
@@ -225,8 +224,7 @@ def _predict_anatomies(trained, model, anatomies: list[str], array, origin, imag
     detections, files = {}, {}
     for k, anatomy in enumerate(anatomies):
         detected = bool(found["present"][0, k])
-        detections[anatomy] = {"detected": detected, "probability": float(found["probability"][0, k]),
-                               "peak": float(found["peak"][0, k]),
+        detections[anatomy] = {"detected": detected, "peak": float(found["peak"][0, k]),
                                "centre_mm": (found["centre_mm"][0, k].numpy() + origin).tolist(),
                                "half_extent_mm": found["size_mm"][0, k].tolist()}
         if detected:
