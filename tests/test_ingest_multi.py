@@ -158,3 +158,30 @@ def test_the_command_line_ingests_and_refuses(hip, tmp_path, capsys):
     assert main(["ingest-multi", "--source", missing, "--out-dir", str(tmp_path / "bad")]) == 1
     assert f"{tmp_path / 'none.csv'}: manifest file not found" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_one_anatomy_exports_as_a_single_anatomy_cohort(hip, tmp_path):
+    """The left femur's subjects, as a CSV manifest the single-anatomy ingestion accepts, with the same shapes
+    and its own segmentation cut from the label map; a subject without it is left out."""
+    from deepssm_workflow.ingest import ingest_cohort
+    from deepssm_workflow.ingest_multi import export_anatomy
+
+    ingest_multi_anatomy({"source": "csv", "manifest": str(hip / "subjects.csv")}, tmp_path / "multi")
+    table = export_anatomy(tmp_path / "multi", "femur_left", tmp_path / "left")
+    wide = pd.read_csv(hip / "subjects.csv", keep_default_na=False)
+    assert sorted(table["id"]) == sorted(wide.loc[wide["present_femur_left"] == 1, "id"])
+    report = ingest_cohort({"source": "csv", "manifest": str(tmp_path / "left/subjects.csv")}, "femur",
+                           tmp_path / "single", study="none")
+    assert report["transforms"] == "given" and report["residual_mm"]["max"] < 1e-4
+    for split in ("train", "test"):
+        single, multi = np.load(tmp_path / f"single/shapes_{split}.npz"), \
+            np.load(tmp_path / f"multi/shapes_{split}_femur_left.npz")
+        assert single["ids"].tolist() == multi["ids"].tolist()
+        np.testing.assert_allclose(single["world"], multi["world"], atol=1e-5)
+        np.testing.assert_allclose(single["local"], multi["local"], atol=1e-5)
+    row = table.iloc[0]
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "left" / row["segmentation"])))
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(hip / wide.set_index("id").loc[row["id"], "labels"])))
+    assert mask.sum() == (labels == wide.set_index("id").loc[row["id"], "label_femur_left"]).sum() > 0
+    with pytest.raises(CohortError, match="no anatomy 'kidney'"):
+        export_anatomy(tmp_path / "multi", "kidney", tmp_path / "none")

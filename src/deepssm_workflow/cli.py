@@ -49,6 +49,13 @@ def _ingest_multi(args) -> None:
     print(json.dumps(ingest_multi_anatomy(json.loads(args.source), args.out_dir), indent=2))
 
 
+def _export_anatomy(args) -> None:
+    from .ingest_multi import export_anatomy
+
+    table = export_anatomy(args.cohort, args.anatomy, args.out_dir)
+    print(f"{len(table)} subjects with {args.anatomy}: {args.out_dir}/subjects.csv")
+
+
 def _preprocess_multi_scans(args) -> None:
     from .full_field import ScanGridSettings
     from .multi_scans import preprocess_multi_scans
@@ -314,6 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(long form with an `anatomy` column, or wide form with per-anatomy columns)")
     p.add_argument("--out-dir", required=True, help="normalized cohort folder")
     p.set_defaults(run=_ingest_multi)
+
+    p = steps.add_parser("export-anatomy", help="one anatomy of an ingested multi-anatomy cohort as a single-anatomy "
+                         "cohort (CSV manifest), for the single-anatomy methods and baselines")
+    p.add_argument("--cohort", required=True, help="the ingested multi-anatomy cohort (ingest-multi)")
+    p.add_argument("--anatomy", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(run=_export_anatomy)
 
     p = steps.add_parser("preprocess-multi-scans", help="a multi-anatomy cohort's scans on one network grid, "
                          "every anatomy's particles packed")

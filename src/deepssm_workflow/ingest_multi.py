@@ -230,3 +230,41 @@ def _check_label_map(sid: str, labels_file: str, image_file: str, labels: dict[s
     problems += [f"subject {sid}, anatomy {a}: {labels_file}: voxels of its label {v}, but the subject has no "
                  f"particles for it" for a, v in labels.items() if a not in has and v in values]
     return problems
+
+
+def export_anatomy(cohort_dir, anatomy: str, out_dir) -> pd.DataFrame:
+    """One anatomy of an ingested multi-anatomy cohort as a single-anatomy cohort (a CSV manifest): the
+    subjects that have it, their scans, its local and world particles and transform, and its segmentation
+    cut from the label map. What the single-anatomy workflow needs to run the MASSM paper's baselines on
+    that anatomy: DeepSSM on the registered crop (`base`), DeepSSM on the whole scan (`base_uncropped`).
+    Writes out_dir/subjects.csv and out_dir/data/; all or nothing."""
+    cohort_dir = Path(cohort_dir)
+    report = json.loads((cohort_dir / "report.json").read_text())
+    if anatomy not in report["anatomies"]:
+        raise CohortError(f"{cohort_dir}: no anatomy {anatomy!r}; the cohort's: {', '.join(report['anatomies'])}")
+    subjects = pd.read_csv(cohort_dir / "subjects.csv", dtype=str, keep_default_na=False).set_index("id")
+    label = report["parts"][anatomy]["label"]
+    rows = []
+    with staged(out_dir, ["subjects.csv", "data"]) as staging:
+        for sub in ("particles", "transforms", "segmentations"):
+            (staging / "data" / sub).mkdir(parents=True)
+        for split in SPLITS:
+            shapes = np.load(cohort_dir / f"shapes_{split}_{anatomy}.npz")
+            for k, subject in enumerate(str(i) for i in shapes["ids"]):
+                files = {"local_particles": f"data/particles/{subject}_local.particles",
+                         "world_particles": f"data/particles/{subject}_world.particles",
+                         "transform": f"data/transforms/{subject}.txt"}
+                np.savetxt(staging / files["local_particles"], shapes["local"][k], fmt="%.6f")
+                np.savetxt(staging / files["world_particles"], shapes["world"][k], fmt="%.6f")
+                np.savetxt(staging / files["transform"], shapes["image_to_world"][k], fmt="%.10f")
+                labels_file = subjects.loc[subject, "labels"]
+                if labels_file and label is not None:
+                    labels = sitk.ReadImage(labels_file)
+                    mask = sitk.Cast(sitk.Equal(labels, int(label)), sitk.sitkUInt8)
+                    files["segmentation"] = f"data/segmentations/{subject}.nrrd"
+                    sitk.WriteImage(mask, str(staging / files["segmentation"]), useCompression=True)
+                rows.append({"id": subject, "split": split, "group": subjects.loc[subject, "group"],
+                             "image": subjects.loc[subject, "image"], **files})
+        table = pd.DataFrame(rows)
+        table.to_csv(staging / "subjects.csv", index=False)
+    return table
