@@ -129,3 +129,30 @@ def test_a_tiny_hip_run_detects_every_anatomy_and_beats_the_template_at_its_dete
             expected = found["local"][n, a].numpy() + test["origins"][n]
             np.testing.assert_allclose(np.loadtxt(file), expected, atol=1e-3)
     assert (tmp_path / "evaluation" / "rmse_boxplots.png").stat().st_size > 10_000
+
+
+def test_a_scan_where_massm_detects_nothing_is_refused_by_subject_with_its_reason(tmp_path):
+    """Through the single-anatomy scan prediction: a scan whose heatmap peak stays under the presence threshold
+    gets no particles, and the message says why in massm's terms (not image2ssm's segmentation)."""
+    from deepssm_workflow.engine import EngineSettings, train
+    from deepssm_workflow.methods import get
+    from deepssm_workflow.predict import predict_scans
+    from deepssm_workflow.shape_space import ShapeSpace
+
+    rng = np.random.default_rng(0)
+    images = rng.normal(0, 1, (8, 16, 16, 16)).astype(np.float32)
+    points = (rng.uniform(4, 11, (1, 12, 3)) + rng.normal(0, 0.3, (8, 12, 3))).astype(np.float32)
+    settings = get("massm").smoke_settings()
+    train("massm", settings, images, points, np.arange(6), np.arange(6, 8), ShapeSpace(n_modes=2).fit(points[:6]),
+          tmp_path / "model", engine=EngineSettings(batch_size=4), device="cpu", log=lambda _: None,
+          segmentations=np.zeros_like(images), extras={"world": points})
+    card = json.loads((tmp_path / "model/model_card.json").read_text())
+    card["network"]["presence_threshold"] = 0.9999  # nothing passes it
+    (tmp_path / "model/model_card.json").write_text(json.dumps(card))
+    (tmp_path / "scans").mkdir()
+    np.savez(tmp_path / "scans/test.npz", ids=np.array(["s1", "s2"]), images=images[:2], origins=np.zeros((2, 3)),
+             seconds=np.zeros(2))
+    with pytest.raises(ValueError, match=r"subject s1: .*test.npz: prediction refused: the heatmap's peak stayed "
+                                         r"below presence_threshold"):
+        predict_scans(tmp_path / "model", tmp_path / "scans", "test", tmp_path / "predictions")
+    assert not (tmp_path / "predictions" / "predictions.csv").exists()

@@ -104,10 +104,11 @@ def _scan_model(model_dir):
     return trained
 
 
-def _scan_problem(found: bool, world: np.ndarray, mean: np.ndarray) -> str | None:
-    """Why a prediction from an uncropped scan cannot stand (`prediction_problem`, or nothing found), or None."""
+def _scan_problem(method, found: bool, world: np.ndarray, mean: np.ndarray) -> str | None:
+    """Why a prediction from an uncropped scan cannot stand (`prediction_problem`, or nothing found: the method's
+    own `not_found` reason), or None."""
     if not found:
-        return "no voxel was segmented as the anatomy: nothing to crop or align"
+        return method.not_found
     return prediction_problem(world, mean, plausible_world_box(mean))
 
 
@@ -176,7 +177,7 @@ def predict_scans(model_dir, scans_dir, split: str, out_dir, threads: int = 1) -
     mean = trained.method.training_mean(model)
     _refuse([f"subject {subject}: {source}: prediction refused: {problem}"
              for subject, hit, world in zip(data["ids"], found["found"], found["world"])
-             if (problem := _scan_problem(hit, world, mean))])
+             if (problem := _scan_problem(trained.method, hit, world, mean))])
     scan_to_grid = np.tile(np.eye(4), (len(data["ids"]), 1, 1))
     scan_to_grid[:, :3, 3] = -data["origins"]  # the grid's frame is the scan's, less the grid's origin
     alignment = found["image_to_world"].astype(np.float64) @ scan_to_grid
@@ -196,7 +197,7 @@ def predict_scan_image(model_dir, scans_dir, image_path, out_prefix) -> dict:
     if len(meta.get("anatomies", [])) > 1:  # multi_scans' grid: several anatomies per scan
         return _predict_anatomies(trained, model, meta["anatomies"], array, origin, image_path, out_prefix, start)
     found, _ = localize(trained.method, model, array[None], batch_size=1)
-    problem = _scan_problem(found["found"][0], found["world"][0], trained.method.training_mean(model))
+    problem = _scan_problem(trained.method, found["found"][0], found["world"][0], trained.method.training_mean(model))
     if problem:
         raise ValueError(f"{image_path}: prediction refused: {problem}")
     out_prefix = Path(out_prefix)

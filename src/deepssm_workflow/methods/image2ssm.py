@@ -236,6 +236,7 @@ class Image2SSMMethod(Method):
     }
     needs = frozenset({SCANS, SHAPES})
     capabilities = frozenset({CORRESPONDENCES, LOCALIZES})
+    not_found = "no voxel was segmented as the anatomy: nothing to crop or align"
     smoke = {"segmentation_epochs": 1, "alignment_epochs": 1, "shape_epochs": 1, "seg_channels": [2, 4],
              "crop_margin_mm": 1.0, "network": {"channels": [2, 4, 4, 4, 4], "fc_sizes": [8, 8]}}
 

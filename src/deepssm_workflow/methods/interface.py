@@ -159,6 +159,8 @@ class Method:
     # the frame of the shapes its fixed PCA layer is fitted on (a SCANS method): "world", or "scan" for one that
     # predicts scan-frame particles without any alignment (the uncropped DeepSSM baseline)
     shape_frame: str = "world"
+    # LOCALIZES: why a scan in which `localize` reports "found" False gets no prediction
+    not_found: str = "the method did not find the anatomy in the scan"
 
     # -- network
     def build(self, settings, spec: DataSpec) -> nn.Module:

@@ -323,6 +323,7 @@ class MassmMethod(Method):
     needs = frozenset({SCANS})
     # LOCALIZES as the single-anatomy scan methods do (one anatomy per scan); several: `detect`
     capabilities = frozenset({CORRESPONDENCES, LOCALIZES})
+    not_found = "the heatmap's peak stayed below presence_threshold: the anatomy was not detected"
     smoke = {"detect_epochs": 1, "local_epochs": 1, "joint_epochs": 1, "channels": 2, "fpn_channels": 4,
              "roi_samples": 2, "hidden": 8}
 
