@@ -128,7 +128,8 @@ def test_a_tiny_hip_run_detects_every_anatomy_and_beats_the_template_at_its_dete
         if file.exists():
             expected = found["local"][n, a].numpy() + test["origins"][n]
             np.testing.assert_allclose(np.loadtxt(file), expected, atol=1e-3)
-    assert (tmp_path / "evaluation" / "rmse_boxplots.png").stat().st_size > 10_000
+    for figure in ("rmse_boxplots.png", "best_worst.png"):
+        assert (tmp_path / "evaluation" / figure).stat().st_size > 10_000
 
 
 def test_a_scan_where_massm_detects_nothing_is_refused_by_subject_with_its_reason(tmp_path):

@@ -10,7 +10,9 @@ baselines (the MASSM paper's Figs 2-3):
 * world RMSE of the prediction against the template's world shape (the shape known without the scan).
 
 Every mean has its 95 % bootstrap interval and n. Writes per_scan.csv (one row per scan and anatomy),
-summary.csv and rmse_boxplots.png into `out_dir`.
+summary.csv, rmse_boxplots.png and best_worst.png (the paper's Fig. 4: per anatomy, the test scans of
+lowest and highest local RMSE, a slice through the true centre with the anatomy's heatmap, the true
+and the predicted particles near the slice) into `out_dir`.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ WORLD_COLUMNS = {"world_rmse_mm": "massm", "template_world_mm": "template's worl
 
 
 def evaluate_multi(model_dir, scans_dir, out_dir, threads: int = 1) -> pd.DataFrame:
-    """per_scan.csv, summary.csv and rmse_boxplots.png of the module's doc; returns the summary."""
+    """per_scan.csv, summary.csv, rmse_boxplots.png and best_worst.png of the module's doc; returns the summary."""
     torch.set_num_threads(max(1, threads))
     scans_dir = Path(scans_dir)
     meta = json.loads((scans_dir / "grid.json").read_text())
@@ -75,10 +77,12 @@ def evaluate_multi(model_dir, scans_dir, out_dir, threads: int = 1) -> pd.DataFr
             rows.append(row)
     per_scan = pd.DataFrame(rows)
     summary = pd.DataFrame([_summary(anatomy, per_scan[per_scan["anatomy"] == anatomy]) for anatomy in anatomies])
-    with staged(out_dir, ["per_scan.csv", "summary.csv", "rmse_boxplots.png"]) as staging:
+    with staged(out_dir, ["per_scan.csv", "summary.csv", "rmse_boxplots.png", "best_worst.png"]) as staging:
         per_scan.to_csv(staging / "per_scan.csv", index=False)
         summary.to_csv(staging / "summary.csv", index=False)
         _boxplots(per_scan, anatomies, staging / "rmse_boxplots.png")
+        _best_worst(model, test, per_scan, anatomies, local, found["local"], float(meta["spacing_mm"]),
+                    staging / "best_worst.png")
     return summary
 
 
@@ -123,4 +127,45 @@ def _boxplots(per_scan: pd.DataFrame, anatomies: list[str], path: Path) -> None:
     fig.suptitle("Per-anatomy RMSE of the test scans (box: quartiles; triangle: mean)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _best_worst(model, test, per_scan: pd.DataFrame, anatomies: list[str], truth: np.ndarray, predicted: np.ndarray,
+                spacing: float, path: Path) -> None:
+    """Per anatomy, its best and worst test scans by local RMSE: the coronal (x, z) slice through the true box
+    centre, the anatomy's heatmap over it, true (green) and predicted (red) particles within 2 voxels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(anatomies), 2, figsize=(9, 2.6 * len(anatomies)), squeeze=False)
+    for k, anatomy in enumerate(anatomies):
+        rows = per_scan[(per_scan["anatomy"] == anatomy) & per_scan["present"]]
+        for column, pick in enumerate(("idxmin", "idxmax")):
+            ax = axes[k, column]
+            ax.set_axis_off()
+            if rows.empty:
+                ax.set_title(f"{anatomy}: no test scan has it", fontsize=8)
+                continue
+            n = int(np.flatnonzero(test["ids"] == rows.loc[getattr(rows["local_rmse_mm"], pick)(), "id"])[0])
+            points = truth[n, k]
+            y = int(round(((points.max(0) + points.min(0)) / 2)[1] / spacing))
+            image = test["images"][n]
+            with torch.no_grad():
+                heatmap = torch.sigmoid(model.detector(torch.as_tensor(image[None, None]))[0][0, k]).numpy()
+            cells = heatmap[:, min(y // 2, heatmap.shape[1] - 1), :]
+            extent = (-0.5 * spacing, (image.shape[2] - 0.5) * spacing, -0.5 * spacing,
+                      (image.shape[0] - 0.5) * spacing)  # superior up
+            ax.imshow(image[:, y, :], cmap="gray", extent=extent, origin="lower")
+            ax.imshow(cells, cmap="magma", alpha=0.45, extent=extent, origin="lower", vmin=0, vmax=1)
+            for shape, colour in ((points, "lime"), (predicted[n, k], "red")):
+                near = np.abs(shape[:, 1] - y * spacing) < 2 * spacing
+                ax.scatter(shape[near, 0], shape[near, 2], s=3, c=colour)
+            row = rows[rows["id"] == str(test["ids"][n])].iloc[0]
+            ax.set_title(f"{anatomy}, {'best' if pick == 'idxmin' else 'worst'}: {row['id']}, local RMSE "
+                         f"{row['local_rmse_mm']:.2f} mm, peak {row['peak']:.2f}", fontsize=8)
+    fig.suptitle("Best and worst test scans per anatomy: heatmap (magma), true (green) and predicted (red) particles")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
