@@ -185,3 +185,32 @@ def test_one_anatomy_exports_as_a_single_anatomy_cohort(hip, tmp_path):
     assert mask.sum() == (labels == wide.set_index("id").loc[row["id"], "label_femur_left"]).sum() > 0
     with pytest.raises(CohortError, match="no anatomy 'kidney'"):
         export_anatomy(tmp_path / "multi", "kidney", tmp_path / "none")
+
+
+def test_a_label_map_on_another_grid_and_a_bad_presence_flag_are_refused(cohort, tmp_path):
+    table = pd.read_csv(cohort / "subjects.csv", keep_default_na=False)
+    sid, labels_file = table.loc[0, "id"], cohort / table.loc[0, "labels"]
+    labels = sitk.ReadImage(str(labels_file))
+    labels.SetOrigin([o + 4.0 for o in labels.GetOrigin()])
+    sitk.WriteImage(labels, str(labels_file))
+    _refused(cohort, tmp_path, f"subject {sid}: {labels_file}: the label map's grid (size, origin, spacing, "
+                               f"direction) is not its image's")
+    table["present_bladder"] = table["present_bladder"].astype(str)
+    table.loc[1, "present_bladder"] = "yes"
+    table.to_csv(cohort / "subjects.csv", index=False)
+    _refused(cohort, tmp_path, f"subject {table.loc[1, 'id']}: {cohort / 'subjects.csv'}: present_bladder is 'yes', "
+                               f"neither 0 nor 1")
+
+
+def test_multi_scans_refuse_a_grid_too_coarse_and_a_single_anatomy_method(hip, tmp_path):
+    """Nothing is written when the grid would be too small; train-multi names a method that finds one anatomy."""
+    from deepssm_workflow.full_field import ScanGridSettings
+    from deepssm_workflow.multi_scans import preprocess_multi_scans, train_multi
+
+    ingest_multi_anatomy({"source": "csv", "manifest": str(hip / "subjects.csv")}, tmp_path / "multi")
+    with pytest.raises(ValueError, match="the scan grid would be .* voxels of 60 mm; the networks need at least"):
+        preprocess_multi_scans(tmp_path / "multi", ScanGridSettings(60.0), tmp_path / "scans")
+    assert not (tmp_path / "scans").exists() or not list((tmp_path / "scans").iterdir())
+    with pytest.raises(ValueError, match="method base_uncropped predicts one anatomy per scan"):
+        train_multi(tmp_path / "scans", "base_uncropped", {}, tmp_path / "model")
+    assert not (tmp_path / "model").exists()

@@ -338,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = steps.add_parser("train-multi", help="train a multi-anatomy method (massm) on preprocess-multi-scans")
     p.add_argument("--scans-dir", required=True)
-    p.add_argument("--method", required=True, choices=["massm"])
+    p.add_argument("--method", required=True,
+                   choices=[m for m in methods.names() if methods.get(m).has(methods.MULTI_ANATOMY)])
     p.add_argument("--settings", required=True, help='JSON: {"method": {...}, "training": {...}}')
     p.add_argument("--out-dir", required=True)
     p.add_argument("--threads", type=int, default=1)

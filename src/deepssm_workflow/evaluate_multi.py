@@ -30,9 +30,9 @@ from .inference import load_trained
 from .intervals import bootstrap_interval, mean_interval
 from .shape_space import rmse
 
-LOCAL_COLUMNS = {"local_rmse_mm": "massm", "template_at_detection_mm": "template at detection",
+LOCAL_COLUMNS = {"local_rmse_mm": "prediction", "template_at_detection_mm": "template at detection",
                  "template_at_true_centre_mm": "template at true centre"}
-WORLD_COLUMNS = {"world_rmse_mm": "massm", "template_world_mm": "template's world shape"}
+WORLD_COLUMNS = {"world_rmse_mm": "prediction", "template_world_mm": "template's world shape"}
 
 
 def evaluate_multi(model_dir, scans_dir, out_dir, threads: int = 1) -> pd.DataFrame:

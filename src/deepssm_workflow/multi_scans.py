@@ -26,7 +26,7 @@ from .atomic import staged
 from .engine import EngineSettings, train
 from .full_field import ScanGridSettings, _size_for, downsample_scan, field_extent_mm, scan_grid
 from .holdout import split_by_source
-from .methods import get
+from .methods import MULTI_ANATOMY, get
 from .preprocess import MIN_GRID_VOXELS, read_image
 from .provenance import combined_sha256
 from .shape_space import ShapeSpace
@@ -119,6 +119,8 @@ def train_multi(scans_dir, method: str, settings: dict, out_dir, threads: int = 
     """Train a multi-anatomy method (massm) on `preprocess_multi_scans`'s train.npz through the engine: the
     packed local particles as the points, the world ones as the extra "world". `settings`: {"method": block,
     "training": the engine's settings}."""
+    if not get(method).has(MULTI_ANATOMY):
+        raise ValueError(f"method {method} predicts one anatomy per scan: train it with train_from_scans")
     scans_dir = Path(scans_dir)
     meta = json.loads((scans_dir / "grid.json").read_text())
     data = np.load(scans_dir / "train.npz")

@@ -27,7 +27,7 @@ from .atomic import staged
 from .full_field import preprocess_scan
 from .inference import load_trained, localize, predict
 from .io import apply_transform, write_particles
-from .methods import LOCALIZES
+from .methods import LOCALIZES, MULTI_ANATOMY
 from .preprocess import WorldGrid, load_grid, load_reference, preprocess_image
 
 # A predicted shape's RMS radius about its centroid, as a multiple of the training mean shape's
@@ -216,9 +216,9 @@ def _predict_anatomies(trained, model, anatomies: list[str], array, origin, imag
     """Every anatomy a multi-anatomy model (massm) detects in one scan: {out_prefix}_{anatomy}_world.particles and
     _local.particles (in the scan's frame) of each detected one, and {out_prefix}_detections.json for all of them
     (detected or not, the heatmap's peak, the box centre and half extent in the scan's frame)."""
-    if getattr(model, "n_anatomies", 1) != len(anatomies):
-        raise ValueError(f"the model finds {getattr(model, 'n_anatomies', 1)} anatomies per scan, the scans' grid "
-                         f"lists {len(anatomies)} ({', '.join(anatomies)}): not the model of these scans")
+    if not trained.has(MULTI_ANATOMY) or model.n_anatomies != len(anatomies):
+        raise ValueError(f"method {trained.entry.name} does not find the {len(anatomies)} anatomies these scans list "
+                         f"({', '.join(anatomies)}): not the model of these scans")
     with torch.no_grad():
         found = trained.method.detect(model, torch.as_tensor(array[None, None]))
     out_prefix = Path(out_prefix)

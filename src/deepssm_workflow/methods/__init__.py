@@ -27,6 +27,7 @@ from .interface import (  # noqa: F401 (the interface, re-exported)
     LANDMARKS,
     LATENT_CODE,
     LOCALIZES,
+    MULTI_ANATOMY,
     NEEDS,
     PCA_SCORES,
     SCALES,

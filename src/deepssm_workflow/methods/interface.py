@@ -39,7 +39,9 @@ LOCALIZES = "localizes"              # finds the anatomy in an uncropped scan it
 LANDMARKS = "landmarks"              # predicts (B, L, 3) landmarks on the input grid (mm from its first voxel) that
                                      # it learnt from pairs of images alone: no correspondence to the cohort's
                                      # shape model, so no eq. 12 RMSE (its `predict` returns them)
-CAPABILITIES = (CORRESPONDENCES, PCA_SCORES, LATENT_CODE, SCALES, SEGMENTATION, LOCALIZES, LANDMARKS)
+MULTI_ANATOMY = "multi_anatomy"      # finds several anatomies in one scan (`detect`), trained on multi_scans' packed
+                                     # points (DataSpec.n_anatomies blocks)
+CAPABILITIES = (CORRESPONDENCES, PCA_SCORES, LATENT_CODE, SCALES, SEGMENTATION, LOCALIZES, LANDMARKS, MULTI_ANATOMY)
 
 # -- inputs a method can need from the results layout (`deepssm_workflow.layout`)
 TRAINING_IMAGES = "training_images"  # preprocess/train.npz

@@ -53,7 +53,7 @@ from torch import nn
 
 from ..localize import rigid_fit
 from . import register
-from .interface import CORRESPONDENCES, LOCALIZES, SCANS, Method, Phase
+from .interface import CORRESPONDENCES, LOCALIZES, MULTI_ANATOMY, SCANS, Method, Phase
 
 LEVELS = 3  # FPN levels, at strides 2, 4, 8 of the input grid
 DETECTION_STRIDE = 2  # the heatmap's cell, in voxels
@@ -322,7 +322,7 @@ class MassmMethod(Method):
     }
     needs = frozenset({SCANS})
     # LOCALIZES as the single-anatomy scan methods do (one anatomy per scan); several: `detect`
-    capabilities = frozenset({CORRESPONDENCES, LOCALIZES})
+    capabilities = frozenset({CORRESPONDENCES, LOCALIZES, MULTI_ANATOMY})
     not_found = "the heatmap's peak stayed below presence_threshold: the anatomy was not detected"
     smoke = {"detect_epochs": 1, "local_epochs": 1, "joint_epochs": 1, "channels": 2, "fpn_channels": 4,
              "roi_samples": 2, "hidden": 8}
