@@ -26,9 +26,11 @@ include: "workflow/rules/landmarks.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/seeds.smk"
+include: "workflow/rules/multi.smk"
 
 
 rule all:
     input:
         expand(RESULTS.cohort_qc, dataset=DATASETS),
         expand(RESULTS.report_html, dataset=DATASETS),
+        expand(RESULTS.report_html, dataset=MULTI),

@@ -22,6 +22,13 @@ def test_shipped_presets_are_valid(name):
     assert {d.anatomy for d in datasets.values()} == {"femur", "metopic", "left_atrium"}
 
 
+def test_a_multi_anatomy_dataset_alone_is_a_config_and_gets_massm_by_default():
+    config = {"multi_anatomy": {"hip": {"source": "csv", "manifest": "hip.csv"}}}
+    assert load(config, SCHEMA) == {}  # no single-anatomy dataset
+    assert config["multi_anatomy"]["hip"]["methods"]["massm"]["presence_threshold"] == 0.3
+    assert config["multi_anatomy"]["hip"]["scan_grid"] == {"spacing_mm": 4}
+
+
 def test_paper_preset_has_the_papers_cohort_sizes():
     sizes = {name: {split: sum(groups.values()) for split, groups in d["synthetic"]["subjects"].items()}
              for name, d in preset("paper")["datasets"].items()}
@@ -78,7 +85,27 @@ BAD = {
                                        "datasets.femur.methods.tl.ae_lr: 0 is less than or equal to the minimum of 0"),
     "too few training subjects": (lambda c: c["datasets"]["left_atrium"]["synthetic"]["subjects"].update(
         train={"patient": 2}), "datasets.left_atrium.synthetic.subjects.train: 2 training subjects"),
+    "nothing to run": (lambda c: c.clear(), "<top level>: give datasets or multi_anatomy (or both)"),
+    "a multi-anatomy dataset named as a dataset": (lambda c: c.update(multi_anatomy={"femur": hip()}),
+                                                   "multi_anatomy.femur: 'femur' is also a dataset of `datasets`"),
+    "a single-anatomy method on a multi-anatomy dataset": (
+        lambda c: c.update(multi_anatomy={"hip": hip(methods={"base": {}})}),
+        "multi_anatomy.hip.methods.base: predicts one anatomy per scan; a multi-anatomy dataset trains massm"),
+    "a multi-anatomy csv source without manifest": (lambda c: c.update(multi_anatomy={"hip": hip(source="csv")}),
+                                                    "multi_anatomy.hip.manifest: required for source csv"),
+    "an unknown part anatomy": (
+        lambda c: c.update(multi_anatomy={"hip": hip(synthetic={**hip()["synthetic"], "parts": {
+            "liver": {"anatomy": "liver", "centre_mm": [0, 0, 0]}, "bladder": {"anatomy": "bladder",
+                                                                             "centre_mm": [0, 40, 0]}}})}),
+        "multi_anatomy.hip.synthetic: parts.liver.anatomy: unknown part anatomy 'liver'"),
+    "a misspelt multi-anatomy key": (lambda c: c.update(multi_anatomy={"hip": hip(scan_grid={"spacing": 4})}),
+                                     "multi_anatomy.hip.scan_grid.spacing: unknown key"),
 }
+
+
+def hip(**changes) -> dict:
+    """The default config's multi-anatomy dataset, with `changes`."""
+    return {**copy.deepcopy(preset("config")["multi_anatomy"]["hip"]), **changes}
 
 
 @pytest.mark.parametrize("case", BAD)

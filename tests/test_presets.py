@@ -86,5 +86,9 @@ def test_the_effective_settings_command_prints_the_papers(checkout):
     assert (tl_focal["ae_lr"], tl_focal["focal_percentile"], tl_focal["loss"], tl_focal["latent_dim"]) == \
         (0.0001, 90, "focal", 64)
     assert femur["methods"]["base"]["loss"] == "l2" and femur["methods"]["base"]["weight_decay"] == 5e-5
-    bad = run(checkout, f"{sys.executable} -m deepssm_workflow settings config/paper.yaml --dataset hip")
-    assert bad.returncode != 0 and "no dataset 'hip'" in bad.stderr
+    hip = run(checkout, f"{sys.executable} -m deepssm_workflow settings config/paper.yaml --dataset hip")
+    massm = yaml.safe_load(hip.stdout)["hip"]["methods"]["massm"]  # a multi-anatomy dataset's, at the paper's depth
+    epochs = massm["detect_epochs"] + massm["local_epochs"] + massm["joint_epochs"]
+    assert (massm["lr"], massm["fpn_channels"], epochs) == (0.0001, 20, 300)
+    bad = run(checkout, f"{sys.executable} -m deepssm_workflow settings config/paper.yaml --dataset knee")
+    assert bad.returncode != 0 and "no dataset 'knee'" in bad.stderr

@@ -35,13 +35,16 @@ def planned_jobs(dry_run_output: str) -> set[tuple[str, str]]:
 
 STAGES = ("synthesize_cohort", "cohort_qc", "ingest_cohort", "preprocess_train", "preprocess_test", "preprocess_qc",
           "augment", "train", "predict", "evaluate", "study", "report_html")
+MULTI_STAGES = ("synthesize_multi_cohort", "ingest_multi_cohort", "preprocess_multi_scans", "train_multi",
+                "evaluate_multi", "report_multi_html")
 
 
 def test_dry_run_of_the_default_config_plans_every_stage_for_every_dataset(tmp_path):
     result = run_snakemake(tmp_path, "-n", configfile=REPO / "config" / "config.yaml")
     assert result.returncode == 0, result.stderr
     jobs = planned_jobs(result.stdout + result.stderr)
-    assert jobs == {(stage, dataset) for stage in STAGES for dataset in DATASETS}
+    multi = {(stage, "hip") for stage in MULTI_STAGES}  # the default's multi-anatomy dataset
+    assert jobs == {(stage, dataset) for stage in STAGES for dataset in DATASETS} | multi
 
 
 def test_tiny_workflow_generates_ingests_and_preprocesses_every_cohort(tiny_reports):

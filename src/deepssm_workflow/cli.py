@@ -252,6 +252,13 @@ def _report(args) -> None:
     print(f"wrote {args.out}")
 
 
+def _report_multi(args) -> None:
+    from .report_multi import build_multi_report
+
+    build_multi_report(args.dataset_dir, args.dataset, json.loads(args.settings), args.methods, args.out)
+    print(f"wrote {args.out}")
+
+
 def _settings(args) -> None:
     from pathlib import Path
 
@@ -344,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", choices=("auto", "cuda", "cpu"))
+    _artifact_flags(p)
     p.set_defaults(run=_train_multi)
 
     p = steps.add_parser("evaluate-multi", help="per-anatomy detection and RMSE of a multi-anatomy model on the "
@@ -353,6 +361,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True)
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(run=_evaluate_multi)
+
+    p = steps.add_parser("report-multi", help="self-contained report.html of a multi-anatomy dataset: per anatomy, "
+                         "detection and local and world errors beside the baselines (figures embedded)")
+    p.add_argument("--dataset-dir", required=True, help="results/{dataset} with cohort/, scans/, models/ and "
+                   "evaluation/{method}/")
+    p.add_argument("--dataset", required=True, help="the dataset's name in the config")
+    p.add_argument("--settings", required=True, help="JSON of the dataset's config block")
+    p.add_argument("--methods", nargs="+", required=True,
+                   choices=[m for m in methods.names() if methods.get(m).has(methods.MULTI_ANATOMY)])
+    p.add_argument("--out", required=True, help="report.html to write")
+    p.set_defaults(run=_report_multi)
 
     p = steps.add_parser("preprocess-train", help="reference, world grid, normalization, training images")
     p.add_argument("--cohort", required=True, help="ingested cohort folder")

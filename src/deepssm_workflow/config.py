@@ -103,6 +103,9 @@ def schema_errors(config: dict, schema_path) -> list[str]:
             messages.append(f"{key}.{missing}: required key is missing")
         elif error.validator == "propertyNames":
             messages.append(f"{key}: invalid name {error.instance!r} (lower case letters, digits, underscores)")
+        elif error.validator == "anyOf" and all(set(b) == {"required"} for b in error.validator_value):
+            names = [name for b in error.validator_value for name in b["required"]]
+            messages.append(f"{key}: give {' or '.join(names)} (or both): there is nothing to run")
         elif error.validator == "oneOf":
             messages.append(f"{key}: {_one_of_message(error)}")
         else:
@@ -145,12 +148,15 @@ def effective_settings(config: dict, schema_path, dataset: str | None = None) ->
     from . import methods
 
     config = copy.deepcopy(config)
-    datasets = load(config, schema_path)
-    if dataset is not None and dataset not in datasets:
-        raise ConfigError(f"no dataset {dataset!r} in the config (it has {', '.join(datasets)})")
-    return {name: {"shape_space": entry["shape_space"], "training": entry["training"],
+    load(config, schema_path)
+    # a multi-anatomy dataset has no shape space of its own: each method keeps its templates
+    entries = {**config.get("datasets", {}), **(config.get("multi_anatomy") or {})}
+    if dataset is not None and dataset not in entries:
+        raise ConfigError(f"no dataset {dataset!r} in the config (it has {', '.join(entries)})")
+    return {name: {**({"shape_space": entry["shape_space"]} if "shape_space" in entry else {}),
+                   "training": entry["training"],
                    "methods": {m: asdict(methods.get(m).settings(block)) for m, block in entry["methods"].items()}}
-            for name, entry in config["datasets"].items() if dataset in (None, name)}
+            for name, entry in entries.items() if dataset in (None, name)}
 
 
 def check(config: dict) -> dict[str, Dataset]:
@@ -158,7 +164,9 @@ def check(config: dict) -> dict[str, Dataset]:
     from . import methods
 
     datasets = {}
-    for name, entry in config["datasets"].items():
+    for name, entry in (config.get("multi_anatomy") or {}).items():
+        _check_multi_anatomy(f"multi_anatomy.{name}", entry, config.get("datasets") or {})
+    for name, entry in (config.get("datasets") or {}).items():
         key = f"datasets.{name}"
         anatomy = entry.get("anatomy", name)
         study = entry.get("study", default_study(anatomy))
@@ -181,6 +189,39 @@ def check(config: dict) -> dict[str, Dataset]:
                 raise ConfigError(f"{key}.methods.{method}: {str(error).removeprefix(f'method {method}: ')}") from None
         datasets[name] = Dataset(name, anatomy, entry["source"], study)
     return datasets
+
+
+def _check_multi_anatomy(key: str, entry: dict, single: dict) -> None:
+    """A multi-anatomy dataset: its own name, its source's keys, the generator's settings and multi-anatomy methods."""
+    from . import methods
+    from .synthetic.multi_anatomy import MultiAnatomySettings
+
+    name = key.rsplit(".", 1)[1]
+    if name in single:
+        raise ConfigError(f"{key}: {name!r} is also a dataset of `datasets`; the two share results/{name}/: "
+                          f"rename one")
+    needed = {"synthetic": "synthetic", "csv": "manifest"}[entry["source"]]
+    if needed not in entry:
+        raise ConfigError(f"{key}.{needed}: required for source {entry['source']}")
+    if entry["source"] == "synthetic":
+        try:
+            MultiAnatomySettings.from_config(entry["synthetic"])
+        except ValueError as error:
+            raise ConfigError(f"{key}.synthetic: {str(error).removeprefix('multi_anatomy.')}") from None
+        n_train = sum(entry["synthetic"]["subjects"]["train"].values())
+        n_test = sum(entry["synthetic"]["subjects"]["test"].values())
+        if n_train < 3 or n_test < 1:
+            raise ConfigError(f"{key}.synthetic.subjects: {n_train} training and {n_test} test subjects; at least "
+                              f"3 and 1 are needed")
+    for method, block in entry["methods"].items():
+        if not methods.get(method).has(methods.MULTI_ANATOMY):
+            multi = [m for m in methods.names() if methods.get(m).has(methods.MULTI_ANATOMY)]
+            raise ConfigError(f"{key}.methods.{method}: predicts one anatomy per scan; a multi-anatomy dataset "
+                              f"trains {', '.join(multi)}")
+        try:
+            methods.get(method).settings(block)
+        except ValueError as error:
+            raise ConfigError(f"{key}.methods.{method}: {str(error).removeprefix(f'method {method}: ')}") from None
 
 
 def _check_synthetic(key: str, anatomy: str, settings: dict) -> None:

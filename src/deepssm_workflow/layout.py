@@ -67,6 +67,13 @@ Snakemake rules (through `patterns`) and by the library (through `DatasetLayout`
             preprocess.png              preprocess_qc
         report.html                     report_html
 
+A multi-anatomy dataset (the config's `multi_anatomy`) has cohort/ (ingest_multi: shapes_{split}_{anatomy}.npz
+per anatomy), scans/ (multi_scans: every anatomy's particles packed), models/{method}/ and report.html as
+above, and its evaluation per method and anatomy:
+
+        evaluation/{method}/            multi_evaluation_dir(method)
+            per_scan.csv, summary.csv, rmse_boxplots.png, best_worst.png   multi_evaluation(name, method)
+
 Each step writes the files of its own folder under these names into the out-dir its rule
 passes it; the readers of a whole dataset folder (evaluation, studies, report) find them here.
 """
@@ -316,6 +323,14 @@ class DatasetLayout:
     @property
     def per_point_npz(self) -> Path:
         return self.evaluation_dir / "per_point.npz"
+
+    def multi_evaluation_dir(self, method: str) -> Path:
+        """A multi-anatomy dataset's evaluation of one method, per anatomy (evaluate_multi)."""
+        return self.evaluation_dir / _part(method)
+
+    def multi_evaluation(self, name: str, method: str) -> Path:
+        """per_scan.csv, summary.csv, rmse_boxplots.png or best_worst.png of `method`'s evaluation."""
+        return self.multi_evaluation_dir(method) / _part(name)
 
     # -- seeds/: the seed spread, the default run's models beside ones trained with other init seeds
 

@@ -37,8 +37,15 @@ SOFTWARE = software_id()
 RESULTS = patterns()
 
 
+# multi-anatomy datasets (the config's `multi_anatomy`; multi.smk), trained with the methods that find several
+# anatomies per scan
+MULTI = list(config.get("multi_anatomy") or {})
+MULTI_SYNTHETIC = [name for name in MULTI if config["multi_anatomy"][name]["source"] == "synthetic"]
+MULTI_METHODS = [m for m in METHODS if registry.get(m).has(registry.MULTI_ANATOMY)]
+
+
 wildcard_constraints:
-    dataset="|".join(DATASETS),
+    dataset="|".join(DATASETS) or "(?!)",
 
 
 def cohort_source(wildcards):
@@ -236,4 +243,57 @@ def seed_spread_inputs(wildcards):
         "cards": [d.model_card(m) if s is None else d.seed_model_card(s, m) for s, m in runs],
         "predictions": [d.predictions_csv(m) if s is None else d.seed_predictions_csv(s, m) for s, m in runs],
         "provenance": [d.provenance("models", m, s) for s, m in runs],
+    }
+
+
+# Inputs and settings of the multi-anatomy rules (multi.smk).
+
+
+def multi_entry(wildcards):
+    """A multi-anatomy dataset's block of the config (its defaults filled in)."""
+    return config["multi_anatomy"][wildcards.dataset]
+
+
+def multi_cohort_source(wildcards):
+    """The multi-anatomy dataset's source for ingest-multi, as JSON; a synthetic cohort through its CSV manifest."""
+    entry = multi_entry(wildcards)
+    if entry["source"] == "synthetic":
+        return json.dumps({"source": "csv", "manifest": f"resources/{wildcards.dataset}/subjects.csv"})
+    return json.dumps({"source": "csv", "manifest": entry["manifest"]})
+
+
+def multi_cohort_source_files(wildcards):
+    entry = multi_entry(wildcards)
+    if entry["source"] == "synthetic":
+        return {"table": f"resources/{wildcards.dataset}/subjects.csv", "data": f"resources/{wildcards.dataset}/data"}
+    return {"table": entry["manifest"]}
+
+
+def multi_scans(wildcards):
+    """A user multi-anatomy cohort's scan files, both splits, each once (a long-form manifest lists a scan once
+    per anatomy); none for a synthetic one, whose files come with its generation."""
+    entry = multi_entry(wildcards)
+    if entry["source"] == "synthetic":
+        return []
+    source = {"source": "csv", "manifest": entry["manifest"]}
+    return list(dict.fromkeys(path for split in ("train", "test") for path in scan_files(source, split)))
+
+
+def multi_training_settings(wildcards):
+    """JSON of what train-multi needs: the engine's settings and the method's block."""
+    entry = multi_entry(wildcards)
+    return json.dumps(
+        {"training": entry["training"], "method": entry["methods"].get(wildcards.method, {})}, sort_keys=True
+    )
+
+
+def multi_report_inputs(wildcards):
+    d, methods = patterns(wildcards.dataset), multi_entry(wildcards)["methods"]
+    return {
+        "cohort": d.cohort_dir,
+        "scans": d.scans_dir,
+        "cards": [d.model_card(m) for m in methods],
+        "curves": [d.loss_curve(m) for m in methods],
+        "provenance": [d.provenance("models", m) for m in methods],
+        "evaluation": [d.multi_evaluation_dir(m) for m in methods],
     }

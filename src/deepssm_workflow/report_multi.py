@@ -1,0 +1,136 @@
+"""results/{dataset}/report.html of a multi-anatomy dataset (the config's `multi_anatomy`): per method and
+anatomy, detection and the local and world errors beside the baselines, from evaluate_multi's files.
+
+The first screen answers, per anatomy, whether the method beat each baseline: the paired difference of
+RMSE (method minus baseline, per test scan that has the anatomy) with its 95 % bootstrap interval and n,
+in words only when the interval excludes 0. Then the tables (every mean with its interval and n), the
+paper's figures (box plots per anatomy, Figs 2-3; best and worst scans with their heatmaps, Fig. 4), the
+training curves and what was run. Every figure is embedded: the page opens offline.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .atomic import replaced
+from .intervals import mean_interval
+from .layout import DatasetLayout
+from .report import STYLE, _anchor, _ci, _csv, _esc, _figure, _read_json, _table, code_version
+
+# (column of per_scan.csv, its baseline's column, what the baseline is)
+COMPARISONS = (
+    ("local_rmse_mm", "template_at_detection_mm", "the anatomy's template placed at the detected centre"),
+    ("local_rmse_mm", "template_at_true_centre_mm", "the template placed at the true centre (a perfect detector)"),
+    ("world_rmse_mm", "template_world_mm", "the template's world shape (the shape known without the scan)"),
+)
+MEASURES = (("centre_error_mm", "centre error, mm"), ("local_rmse_mm", "local RMSE, mm"),
+            ("template_at_detection_mm", "template at the detection, mm"),
+            ("template_at_true_centre_mm", "template at the true centre, mm"),
+            ("world_rmse_mm", "world RMSE, mm"), ("template_world_mm", "template's world shape, mm"))
+
+
+def paired_difference(per_scan: pd.DataFrame, anatomy: str, column: str, baseline: str) -> dict:
+    """Mean over the test scans that have `anatomy` of column - baseline, its 95 % interval, n and the
+    verdict in words ("beats", "worse than" or "cannot tell" from the interval)."""
+    rows = per_scan[(per_scan["anatomy"] == anatomy) & per_scan["present"].astype(bool)]
+    difference = (rows[column] - rows[baseline]).to_numpy(dtype=np.float64)
+    difference = difference[np.isfinite(difference)]
+    if not len(difference):
+        return {"n": 0, "mean": float("nan"), "low": float("nan"), "high": float("nan"), "verdict": "no test scan"}
+    low, high = mean_interval(difference)
+    verdict = ("beats" if high < 0 else "worse than" if low > 0
+               else "cannot tell apart from" if low == low else "no interval for")
+    return {"n": len(difference), "mean": float(difference.mean()), "low": low, "high": high, "verdict": verdict}
+
+
+def _detection_rows(summary: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame([{
+        "anatomy": row["anatomy"],
+        "detected (of the scans that have it)": (
+            f"{_ci(row['detection_rate'], row['detection_rate_low'], row['detection_rate_high'])}"
+            f" (n {int(row['n_present'])})"),
+        "falsely detected (of those that lack it)": (
+            f"{_ci(row['false_detection_rate'], row['false_detection_rate_low'], row['false_detection_rate_high'])}"
+            f" (n {int(row['n_absent'])})" if int(row["n_absent"]) else "— (no test scan lacks it)"),
+        **{label: _ci(row[column], row[f"{column}_low"], row[f"{column}_high"]) for column, label in MEASURES},
+    } for _, row in summary.iterrows()])
+
+
+def _answer(method: str, per_scan: pd.DataFrame, anatomies: list[str]) -> tuple[str, pd.DataFrame]:
+    rows, sentences = [], []
+    for anatomy in anatomies:
+        for column, baseline, what in COMPARISONS:
+            d = paired_difference(per_scan, anatomy, column, baseline)
+            rows.append({"anatomy": anatomy, "error": column.removesuffix("_mm").replace("_", " "),
+                         "baseline": what, "n": d["n"],
+                         "method - baseline, mm [95 % interval]": _ci(d["mean"], d["low"], d["high"]),
+                         "verdict": f"{method} {d['verdict']} the baseline"})
+        main = paired_difference(per_scan, anatomy, *COMPARISONS[0][:2])
+        present = per_scan[(per_scan["anatomy"] == anatomy) & per_scan["present"].astype(bool)]
+        sentences.append(f"{anatomy}: detected in {int(present['detected'].astype(bool).sum())} of the "
+                         f"{len(present)} test scans that have it; {method} {main['verdict']} its template at its "
+                         f"own detection (local RMSE, paired difference {_ci(main['mean'], main['low'], main['high'])}"
+                         f" mm, n {main['n']})")
+    return "; ".join(sentences) + ".", pd.DataFrame(rows)
+
+
+def build_multi_report(dataset_dir, dataset: str, settings: dict, methods, out_path) -> None:
+    """Write the multi-anatomy dataset's report.html from its artifacts (every one must exist)."""
+    layout = DatasetLayout(dataset_dir)
+    cohort = _read_json(layout.cohort_report)
+    grid = _read_json(layout.scans_grid_json)
+    anatomies = list(grid["anatomies"])
+    answers, sections = [], []
+    for method in methods:
+        folder = layout.multi_evaluation_dir(method)
+        per_scan, summary = _csv(folder / "per_scan.csv"), _csv(folder / "summary.csv")
+        missing = sorted(set(anatomies) - set(summary["anatomy"]))
+        if missing:
+            raise ValueError(f"{folder / 'summary.csv'}: no row for anatomy {', '.join(missing)} of {layout.scans_dir}")
+        sentence, comparisons = _answer(method, per_scan, anatomies)
+        answers.append(f"<p><b>{_esc(method)}</b>: {_esc(sentence)}</p>" + _table(comparisons))
+        card = _read_json(layout.model_card(method))
+        sections.append(
+            f'<section id="{_anchor(method)}"><h2>{_esc(method)}</h2>'
+            f"<h3>Detection and errors per anatomy (mean [95 % bootstrap interval] over the test scans that have "
+            f"the anatomy)</h3>{_table(_detection_rows(summary))}"
+            f'<p class="caption">Detected: the heatmap peak above the method\'s presence_threshold. Centre error: '
+            f"the detected box centre against the true particles' box centre. Local RMSE is in the scan frame "
+            f"(eq. 12), world RMSE after the rigid fit onto the template's world shape.</p>"
+            + _figure(folder / "rmse_boxplots.png", "Local and world RMSE per anatomy (the MASSM paper's Figs 2-3)",
+                      "Box: quartiles; triangle: mean; n per panel in its title. Beside the prediction, the "
+                      "template at the detected centre, at the true centre, and the template's world shape.",
+                      str(folder))
+            + _figure(folder / "best_worst.png", "Best and worst test scan per anatomy (the paper's Fig. 4)",
+                      "A slice through the true centre, the anatomy's heatmap over it, true (green) and predicted "
+                      "(red) particles near the slice.", str(folder))
+            + _figure(layout.loss_curve(method), f"Training of {method}",
+                      f"Training loss and validation RMSE per epoch, by phase; kept epoch "
+                      f"{card.get('best_epoch', '?')}.", str(layout.model_dir(method)))
+            + "</section>")
+    counts = cohort.get("counts", {})
+    run = pd.DataFrame([("dataset", dataset), ("anatomies", ", ".join(anatomies)),
+                        ("subjects", json.dumps(counts, sort_keys=True)),
+                        ("network grid", f"{'x'.join(map(str, grid['size']))} voxels of {grid['spacing_mm']:g} mm"),
+                        ("particles per anatomy", grid["n_points"]), ("methods", ", ".join(methods)),
+                        ("settings", json.dumps(settings, sort_keys=True)), ("code", code_version())],
+                       columns=["", "value"])
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>Multi-anatomy report: {_esc(dataset)}</title><style>{STYLE}</style></head><body>"
+            f"<h1>Multi-anatomy report: {_esc(dataset)} ({_esc(', '.join(anatomies))})</h1>\n"
+            f'<section id="answer" class="answer"><h2>Does it beat the baselines?</h2>'
+            f"<p>Per anatomy, the paired difference of RMSE (method minus baseline) over the test scans that have "
+            f"the anatomy, with its 95 % bootstrap interval: a method beats a baseline only where the interval is "
+            f"below 0.</p>{''.join(answers)}</section>\n"
+            f"<p>Made by the DeepSSM workflow from the artifacts under <code>{_esc(layout.root)}</code>; it opens "
+            f"offline (figures embedded). Method: Ukey, Kataria, Elhabian, MASSM, ShapeMI 2024 "
+            f"(deepssm_workflow.methods.massm).</p>\n"
+            + "\n".join(sections)
+            + f'<section id="what-was-run"><h2>What was run</h2>{_table(run, key_value=True)}</section>'
+            + "\n</body></html>\n")
+    with replaced(out_path) as tmp:
+        Path(tmp).write_text(page, encoding="utf-8")

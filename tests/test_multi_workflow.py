@@ -1,0 +1,88 @@
+"""A multi-anatomy dataset (the config's `multi_anatomy`) through the real workflow: the hip generated,
+ingested, resampled, trained with massm, evaluated per anatomy and reported; the report opened in
+headless Chromium. And the report's paired verdicts on a hand-made evaluation."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import run_snakemake
+from deepssm_workflow.report_multi import paired_difference
+from test_report import inspect_in_chromium
+
+ANATOMIES = ["femur_right", "femur_left", "bladder"]
+CONFIG = {"multi_anatomy": {"hip": {
+    "source": "synthetic",
+    "synthetic": {"seed": 7, "subjects": {"train": {"control": 10}, "test": {"control": 4}}, "n_particles": 64,
+                  "spacing_mm": 3, "mesh_resolution_mm": 3, "size_mm": [360, 170, 180], "missing_fraction": 0.2},
+    "scan_grid": {"spacing_mm": 8},
+    "training": {"batch_size": 4, "val_fraction": 0.2},
+    "methods": {"massm": {"detect_epochs": 2, "local_epochs": 2, "joint_epochs": 2, "channels": 4,
+                          "fpn_channels": 4, "hidden": 16}},
+}}}
+
+
+def test_paired_difference_says_beats_only_when_the_interval_is_below_zero():
+    rng = np.random.default_rng(0)
+    rows = []
+    for anatomy, shift in (("a", -1.0), ("b", 0.0), ("c", 1.0)):
+        for n in range(20):
+            baseline = 5 + rng.normal()
+            rows.append({"anatomy": anatomy, "present": True, "local_rmse_mm": baseline + shift + 0.05 * rng.normal(),
+                         "template_at_detection_mm": baseline})
+    rows.append({"anatomy": "a", "present": False, "local_rmse_mm": np.nan, "template_at_detection_mm": np.nan})
+    per_scan = pd.DataFrame(rows)
+    found = {a: paired_difference(per_scan, a, "local_rmse_mm", "template_at_detection_mm") for a in "abc"}
+    assert found["a"]["verdict"] == "beats" and found["a"]["n"] == 20 and found["a"]["high"] < 0
+    assert found["b"]["verdict"] == "cannot tell apart from" and found["b"]["low"] < 0 < found["b"]["high"]
+    assert found["c"]["verdict"] == "worse than" and found["c"]["low"] > 0
+    assert paired_difference(per_scan, "d", "local_rmse_mm", "template_at_detection_mm")["verdict"] == "no test scan"
+
+
+@pytest.mark.slow
+def test_a_multi_anatomy_dataset_runs_to_its_report(tmp_path, chromium):
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump(CONFIG))
+    work = tmp_path / "work"
+    result = run_snakemake(work, "all", "--cores", "2", "--resources", "gpu=1", configfile=configfile)
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = work / "results" / "hip"
+
+    grid = json.loads((results / "scans" / "grid.json").read_text())
+    assert grid["anatomies"] == ANATOMIES and grid["spacing_mm"] == 8
+    card = json.loads((results / "models" / "massm" / "model_card.json").read_text())
+    assert card["method"] == "massm" and card["n_train"] + card["n_val"] == 10
+    provenance = json.loads((results / "models" / "massm" / "provenance.json").read_text())
+    assert provenance["step"] == "train-multi" and set(provenance["outputs"]) >= {"model.pt", "model_card.json"}
+    per_scan = pd.read_csv(results / "evaluation" / "massm" / "per_scan.csv")
+    assert len(per_scan) == 4 * len(ANATOMIES)  # every test scan and anatomy, present or not
+    cohort = pd.read_csv(results / "cohort" / "subjects.csv").set_index("id")
+    for anatomy in ANATOMIES:
+        rows = per_scan[per_scan["anatomy"] == anatomy].set_index("id")
+        assert rows["present"].tolist() == [bool(cohort.loc[i, f"present_{anatomy}"]) for i in rows.index]
+
+    # nothing left to do: the directory outputs and params are stable
+    again = run_snakemake(work, "all", "--cores", "1", "-n", configfile=configfile)
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr, again.stdout[-2000:]
+
+    report = results / "report.html"
+    text = report.read_text()
+    assert "<script" not in text and "<link" not in text and not re.search(r'(src|href)="(?!data:|#)', text)
+    page = inspect_in_chromium(chromium, report, tmp_path)
+    assert page["broken"] == [] and page["images"] == 3
+    assert page["sections"] == ["Does it beat the baselines?", "massm", "What was run"]
+    assert {"Local and world RMSE per anatomy (the MASSM paper's Figs 2-3)",
+            "Best and worst test scan per anatomy (the paper's Fig. 4)", "Training of massm"} <= set(page["headings"])
+    for anatomy in ANATOMIES:  # each anatomy's verdicts, with n, against each baseline
+        rows = per_scan[(per_scan["anatomy"] == anatomy) & per_scan["present"]]
+        present, detected = len(rows), int(rows["detected"].sum())
+        assert f"{anatomy}: detected in {detected} of the {present} test scans that have it; massm " in text
+        assert text.count(f"<tr><td>{anatomy}</td><td>local rmse</td>") == 2
+        assert f"<tr><td>{anatomy}</td><td>world rmse</td><td>the template&#x27;s world shape (the shape known " \
+               f"without the scan)</td><td>{present}</td>" in text
