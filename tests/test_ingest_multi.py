@@ -214,3 +214,24 @@ def test_multi_scans_refuse_a_grid_too_coarse_and_a_single_anatomy_method(hip, t
     with pytest.raises(ValueError, match="method base_uncropped predicts one anatomy per scan"):
         train_multi(tmp_path / "scans", "base_uncropped", {}, tmp_path / "model")
     assert not (tmp_path / "model").exists()
+
+
+def test_anatomies_with_different_particle_counts_ingest_but_are_refused_by_the_packing(cohort, tmp_path):
+    """A multi-domain project may give each anatomy its own particle count: ingestion keeps them, and the
+    packing for a multi-anatomy network (one count per anatomy) refuses the cohort naming both counts,
+    writing nothing."""
+    from deepssm_workflow.full_field import ScanGridSettings
+    from deepssm_workflow.multi_scans import preprocess_multi_scans
+
+    wide = pd.read_csv(cohort / "subjects.csv", keep_default_na=False)
+    for _, row in wide[wide["present_bladder"] == 1].iterrows():  # the bladder's first 30 of 40 particles
+        for column in ("local_particles_bladder", "world_particles_bladder"):
+            path = cohort / row[column]
+            np.savetxt(path, read_particles(path)[:30], fmt="%.6f")
+    report = ingest_multi_anatomy({"source": "csv", "manifest": str(cohort / "subjects.csv")}, tmp_path / "ingested")
+    assert {p: report["parts"][p]["n_points"] for p in PARTS} == {"femur_right": 40, "femur_left": 40, "bladder": 30}
+    with pytest.raises(ValueError, match="different numbers of particles .*femur_right 40, femur_left 40, "
+                                         "bladder 30.*packing needs one count"):
+        preprocess_multi_scans(tmp_path / "ingested", ScanGridSettings.from_config({"spacing_mm": 12}),
+                               tmp_path / "scans")
+    assert not (tmp_path / "scans").exists()

@@ -13,7 +13,7 @@ from deepssm_workflow.layout import EVALUATION_FIGURES, EVALUATION_TABLES, Datas
 RULES = Path(__file__).resolve().parents[1] / "workflow" / "rules"
 # an argument for each parameter of the layout's methods
 ARGUMENTS = {"split": "test", "method": "base", "name": "accuracy_summary", "stage": "models", "methods": ["base"],
-             "seed": "1"}
+             "seed": "1", "anatomy": "bladder"}
 
 
 def every_path(layout) -> dict[str, object]:

@@ -1,6 +1,7 @@
 """A multi-anatomy dataset (the config's `multi_anatomy`) through the real workflow: the hip generated,
-ingested, resampled, trained with massm, evaluated per anatomy and reported; the report opened in
-headless Chromium. And the report's paired verdicts on a hand-made evaluation."""
+ingested, resampled, trained with massm, evaluated per anatomy beside the paper's DeepSSM baselines (each
+anatomy exported as a single-anatomy dataset) and reported; the report opened in headless Chromium. And the
+report's paired verdicts on a hand-made evaluation."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from deepssm_workflow.report_multi import paired_difference
 from test_report import inspect_in_chromium
 
 ANATOMIES = ["femur_right", "femur_left", "bladder"]
+NETWORK = {"channels": [4, 8, 8, 16, 16], "fc_sizes": [32, 16]}
 CONFIG = {"multi_anatomy": {"hip": {
     "source": "synthetic",
     "synthetic": {"seed": 7, "subjects": {"train": {"control": 10}, "test": {"control": 4}}, "n_particles": 64,
@@ -25,6 +27,9 @@ CONFIG = {"multi_anatomy": {"hip": {
     "training": {"batch_size": 4, "val_fraction": 0.2},
     "methods": {"massm": {"detect_epochs": 2, "local_epochs": 2, "joint_epochs": 2, "channels": 4,
                           "fpn_channels": 4, "hidden": 16}},
+    "baselines": {"methods": {m: {"epochs": 2, "network": NETWORK} for m in ("base", "base_uncropped")},
+                  "preprocess": {"downsample": 1, "margin_mm": 5}, "augmentation": {"n_samples": 8, "n_control": 64},
+                  "shape_space": {"n_modes": 4}},
 }}}
 
 
@@ -67,6 +72,15 @@ def test_a_multi_anatomy_dataset_runs_to_its_report(tmp_path, chromium):
         rows = per_scan[per_scan["anatomy"] == anatomy].set_index("id")
         assert rows["present"].tolist() == [bool(cohort.loc[i, f"present_{anatomy}"]) for i in rows.index]
 
+    # each anatomy's baselines: a single-anatomy dataset of the subjects that have it, evaluated as any
+    for anatomy in ANATOMIES:
+        baseline = work / "results" / f"hip_{anatomy}"
+        has = sorted(cohort.index[(cohort[f"present_{anatomy}"] == 1)])
+        assert sorted(pd.read_csv(baseline / "cohort" / "subjects.csv")["id"]) == has
+        errors = pd.read_csv(baseline / "evaluation" / "tables" / "error_decomposition_per_subject.csv")
+        assert set(errors["method"]) == {"base", "base_uncropped"}
+        assert sorted(errors["id"].unique()) == sorted(i for i in has if cohort.loc[i, "split"] == "test")
+
     # nothing left to do: the directory outputs and params are stable
     again = run_snakemake(work, "all", "--cores", "1", "-n", configfile=configfile)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr, again.stdout[-2000:]
@@ -83,6 +97,10 @@ def test_a_multi_anatomy_dataset_runs_to_its_report(tmp_path, chromium):
         rows = per_scan[(per_scan["anatomy"] == anatomy) & per_scan["present"]]
         present, detected = len(rows), int(rows["detected"].sum())
         assert f"{anatomy}: detected in {detected} of the {present} test scans that have it; massm " in text
-        assert text.count(f"<tr><td>{anatomy}</td><td>local rmse</td>") == 2
+        assert text.count(f"<tr><td>{anatomy}</td><td>local rmse</td>") == 2 + 2  # templates, then base and
+        for method in ("base", "base_uncropped"):  # base_uncropped; each baseline's rows pair the same scans
+            assert text.count(f"<tr><td>{anatomy}</td><td>world rmse</td><td>{method}: DeepSSM on the ") == 1
+            assert re.search(f"<tr><td>{anatomy}</td><td>local rmse</td><td>{method}: [^<]*</td><td>{present}</td>",
+                             text)
         assert f"<tr><td>{anatomy}</td><td>world rmse</td><td>the template&#x27;s world shape (the shape known " \
                f"without the scan)</td><td>{present}</td>" in text

@@ -75,7 +75,8 @@ def _train_multi(args) -> None:
 def _evaluate_multi(args) -> None:
     from .evaluate_multi import evaluate_multi
 
-    print(evaluate_multi(args.model_dir, args.scans_dir, args.out_dir, threads=args.threads).to_string(index=False))
+    print(evaluate_multi(args.model_dir, args.scans_dir, args.out_dir, threads=args.threads,
+                         cohort_dir=args.cohort).to_string(index=False))
 
 
 def _preprocess_train(args) -> None:
@@ -358,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "test scans, beside the template baselines")
     p.add_argument("--model-dir", required=True)
     p.add_argument("--scans-dir", required=True)
+    p.add_argument("--cohort", help="the ingested multi-anatomy cohort (ingest-multi), for the surface distances "
+                   "to its true meshes")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(run=_evaluate_multi)

@@ -7,7 +7,11 @@ baselines (the MASSM paper's Figs 2-3):
 * local (scan-frame) RMSE (eq. 12) of the prediction, against the anatomy's template placed at the
   detected centre (what the displacement head adds) and at the true centre (the template's floor with
   a perfect detector);
-* world RMSE of the prediction against the template's world shape (the shape known without the scan).
+* world RMSE of the prediction against the template's world shape (the shape known without the scan);
+* with the ingested cohort's meshes (`cohort_dir`), the symmetric mean surface distance of each anatomy's
+  template mesh (its training subject nearest the mean) carried by a thin-plate spline onto the predicted
+  particles, to the true mesh: local (scanner frame) and world (the true mesh through its transform), the
+  paper's Figs 2b and 3b.
 
 Every mean has its 95 % bootstrap interval and n. Writes per_scan.csv (one row per scan and anatomy),
 summary.csv, rmse_boxplots.png and best_worst.png (the paper's Fig. 4: per anatomy, the test scans of
@@ -33,10 +37,13 @@ from .shape_space import rmse
 LOCAL_COLUMNS = {"local_rmse_mm": "prediction", "template_at_detection_mm": "template at detection",
                  "template_at_true_centre_mm": "template at true centre"}
 WORLD_COLUMNS = {"world_rmse_mm": "prediction", "template_world_mm": "template's world shape"}
+SURFACE_COLUMNS = {"local_surface_mm": "local", "template_at_detection_surface_mm": "template at detection",
+                   "world_surface_mm": "world", "template_world_surface_mm": "template's world shape"}
 
 
-def evaluate_multi(model_dir, scans_dir, out_dir, threads: int = 1) -> pd.DataFrame:
-    """per_scan.csv, summary.csv, rmse_boxplots.png and best_worst.png of the module's doc; returns the summary."""
+def evaluate_multi(model_dir, scans_dir, out_dir, threads: int = 1, cohort_dir=None) -> pd.DataFrame:
+    """per_scan.csv, summary.csv, rmse_boxplots.png and best_worst.png of the module's doc; returns the summary.
+    Surface distances need `cohort_dir` (ingest_multi's folder) and meshes there; without, their columns are nan."""
     torch.set_num_threads(max(1, threads))
     scans_dir = Path(scans_dir)
     meta = json.loads((scans_dir / "grid.json").read_text())
@@ -76,6 +83,11 @@ def evaluate_multi(model_dir, scans_dir, out_dir, threads: int = 1) -> pd.DataFr
                 })
             rows.append(row)
     per_scan = pd.DataFrame(rows)
+    surfaces = (_surface_distances(Path(cohort_dir), anatomies, test, found, template_local, template_world)
+                if cohort_dir else {})
+    for column in SURFACE_COLUMNS:
+        per_scan[column] = [surfaces.get((str(row.id), row.anatomy), {}).get(column, np.nan)
+                            for row in per_scan.itertuples()]
     summary = pd.DataFrame([_summary(anatomy, per_scan[per_scan["anatomy"] == anatomy]) for anatomy in anatomies])
     with staged(out_dir, ["per_scan.csv", "summary.csv", "rmse_boxplots.png", "best_worst.png"]) as staging:
         per_scan.to_csv(staging / "per_scan.csv", index=False)
@@ -84,6 +96,43 @@ def evaluate_multi(model_dir, scans_dir, out_dir, threads: int = 1) -> pd.DataFr
         _best_worst(model, test, per_scan, anatomies, local, found["local"], float(meta["spacing_mm"]),
                     staging / "best_worst.png")
     return summary
+
+
+def _surface_distances(cohort_dir: Path, anatomies: list[str], test, found: dict, template_local: np.ndarray,
+                       template_world: np.ndarray) -> dict:
+    """{(id, anatomy): {column of SURFACE_COLUMNS: distance}} for the test scans whose anatomy has a true mesh,
+    the prediction's and its template baselines'; an anatomy without training meshes is left out (meshes are
+    optional in a cohort)."""
+    from .io import apply_transform
+    from .surface import read_mesh, surface_distance, template_from_training
+
+    subjects = pd.read_csv(cohort_dir / "subjects.csv", dtype=str, keep_default_na=False).set_index("id")
+    ids = [str(i) for i in test["ids"]]
+    out = {}
+    for k, anatomy in enumerate(anatomies):
+        column = f"mesh_{anatomy}"
+        if column not in subjects or not subjects[column].ne("").any():
+            continue
+        train = np.load(cohort_dir / f"shapes_train_{anatomy}.npz")
+        template = template_from_training(train["ids"], train["world"], train["image_to_world"],
+                                          [subjects.loc[str(i), column] for i in train["ids"]])
+        shapes = np.load(cohort_dir / f"shapes_test_{anatomy}.npz")
+        transforms = {str(i): t for i, t in zip(shapes["ids"], shapes["image_to_world"])}
+        for n, subject in enumerate(ids):
+            path = subjects.loc[subject, column]
+            if subject not in transforms or not path:
+                continue
+            true = read_mesh(path, subject)
+            true_world = true.copy()
+            true_world.points = apply_transform(transforms[subject], np.asarray(true.points, dtype=np.float64))
+            origin = np.asarray(test["origins"][n], dtype=np.float64)
+            at_detection = template_local[k] + found["centre_mm"][n, k] + origin
+            out[subject, anatomy] = {
+                "local_surface_mm": surface_distance(template.warp(found["local"][n, k] + origin), true).mean_mm,
+                "template_at_detection_surface_mm": surface_distance(template.warp(at_detection), true).mean_mm,
+                "world_surface_mm": surface_distance(template.warp(found["world"][n, k]), true_world).mean_mm,
+                "template_world_surface_mm": surface_distance(template.warp(template_world[k]), true_world).mean_mm}
+    return out
 
 
 def _rate(flags: pd.Series) -> tuple[float, float, float]:
@@ -99,10 +148,11 @@ def _summary(anatomy: str, rows: pd.DataFrame) -> dict:
     out = {"anatomy": anatomy, "n_present": len(present), "n_absent": len(absent)}
     for name, values in (("detection_rate", present["detected"]), ("false_detection_rate", absent["detected"])):
         out[name], out[f"{name}_low"], out[f"{name}_high"] = _rate(values)
-    for column in ("centre_error_mm", *LOCAL_COLUMNS, *WORLD_COLUMNS):
+    for column in ("centre_error_mm", *LOCAL_COLUMNS, *WORLD_COLUMNS, *SURFACE_COLUMNS):
         values = present[column].to_numpy(dtype=np.float64)
         out[column] = float(values.mean()) if len(values) else float("nan")
         out[f"{column}_low"], out[f"{column}_high"] = mean_interval(values)
+    out["n_surface"] = int(np.isfinite(present["local_surface_mm"].to_numpy(dtype=np.float64)).sum())
     out["beats_template_at_detection"] = bool(out["local_rmse_mm"] < out["template_at_detection_mm"])
     out["beats_template_world"] = bool(out["world_rmse_mm"] < out["template_world_mm"])
     return out
@@ -114,17 +164,27 @@ def _boxplots(per_scan: pd.DataFrame, anatomies: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, len(anatomies), figsize=(3.6 * len(anatomies), 6.4), squeeze=False)
+    fig, axes = plt.subplots(3, len(anatomies), figsize=(3.6 * len(anatomies), 9.4), squeeze=False)
     for k, anatomy in enumerate(anatomies):
         present = per_scan[(per_scan["anatomy"] == anatomy) & per_scan["present"]]
-        for row, (columns, frame) in enumerate(((LOCAL_COLUMNS, "local (scan frame)"), (WORLD_COLUMNS, "world"))):
+        panels = ((LOCAL_COLUMNS, "local (scan frame)", "RMSE (eq. 12), mm"),
+                  (WORLD_COLUMNS, "world", "RMSE (eq. 12), mm"),
+                  (SURFACE_COLUMNS, "surface distance", "mean surface distance, mm"))
+        for row, (columns, frame, unit) in enumerate(panels):
             ax = axes[row, k]
-            ax.boxplot([present[c].to_numpy() for c in columns], showmeans=True)
+            values = [present[c].to_numpy(dtype=np.float64) for c in columns]
+            values = [v[np.isfinite(v)] for v in values]
+            n = min(len(v) for v in values)
+            ax.set_title(f"{anatomy}: {frame}, n = {n}", fontsize=9)
+            if not n:  # no true meshes: said, not drawn empty
+                ax.text(0.5, 0.5, "not measured (no meshes)", ha="center", va="center", transform=ax.transAxes)
+                ax.set_axis_off()
+                continue
+            ax.boxplot(values, showmeans=True)
             ax.set_xticks(range(1, len(columns) + 1), [label.replace(" at ", "\nat ") for label in columns.values()],
                           fontsize=7)
-            ax.set_title(f"{anatomy}: {frame}, n = {len(present)}", fontsize=9)
-            ax.set_ylabel("RMSE (eq. 12), mm")
-    fig.suptitle("Per-anatomy RMSE of the test scans (box: quartiles; triangle: mean)")
+            ax.set_ylabel(unit)
+    fig.suptitle("Per-anatomy RMSE and surface distance of the test scans (box: quartiles; triangle: mean)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -73,6 +73,8 @@ above, and its evaluation per method and anatomy:
 
         evaluation/{method}/            multi_evaluation_dir(method)
             per_scan.csv, summary.csv, rmse_boxplots.png, best_worst.png   multi_evaluation(name, method)
+        anatomies/{anatomy}/            with `baselines`: one anatomy as a single-anatomy cohort (multi_baselines)
+            subjects.csv, data/         anatomy_export(name, anatomy)
 
 Each step writes the files of its own folder under these names into the out-dir its rule
 passes it; the readers of a whole dataset folder (evaluation, studies, report) find them here.
@@ -327,6 +329,10 @@ class DatasetLayout:
     def multi_evaluation_dir(self, method: str) -> Path:
         """A multi-anatomy dataset's evaluation of one method, per anatomy (evaluate_multi)."""
         return self.evaluation_dir / _part(method)
+
+    def anatomy_export(self, name: str, anatomy: str) -> Path:
+        """subjects.csv or data/ of one anatomy exported as a single-anatomy cohort (the DeepSSM baselines)."""
+        return self.root / "anatomies" / _part(anatomy) / _part(name)
 
     def multi_evaluation(self, name: str, method: str) -> Path:
         """per_scan.csv, summary.csv, rmse_boxplots.png or best_worst.png of `method`'s evaluation."""

@@ -19,6 +19,7 @@ import pandas as pd
 from .atomic import replaced
 from .intervals import mean_interval
 from .layout import DatasetLayout
+from .multi_baselines import BASELINE_LABELS, baseline_name
 from .report import STYLE, _anchor, _ci, _csv, _esc, _figure, _read_json, _table, code_version
 
 # (column of per_scan.csv, its baseline's column, what the baseline is)
@@ -26,25 +27,59 @@ COMPARISONS = (
     ("local_rmse_mm", "template_at_detection_mm", "the anatomy's template placed at the detected centre"),
     ("local_rmse_mm", "template_at_true_centre_mm", "the template placed at the true centre (a perfect detector)"),
     ("world_rmse_mm", "template_world_mm", "the template's world shape (the shape known without the scan)"),
+    ("local_surface_mm", "template_at_detection_surface_mm", "the anatomy's template placed at the detected centre"),
+    ("world_surface_mm", "template_world_surface_mm", "the template's world shape (the shape known without the scan)"),
 )
 MEASURES = (("centre_error_mm", "centre error, mm"), ("local_rmse_mm", "local RMSE, mm"),
             ("template_at_detection_mm", "template at the detection, mm"),
             ("template_at_true_centre_mm", "template at the true centre, mm"),
-            ("world_rmse_mm", "world RMSE, mm"), ("template_world_mm", "template's world shape, mm"))
+            ("world_rmse_mm", "world RMSE, mm"), ("template_world_mm", "template's world shape, mm"),
+            ("local_surface_mm", "local surface distance, mm"),
+            ("template_at_detection_surface_mm", "template at the detection: surface distance, mm"),
+            ("world_surface_mm", "world surface distance, mm"),
+            ("template_world_surface_mm", "template's world shape: surface distance, mm"))
 
 
 def paired_difference(per_scan: pd.DataFrame, anatomy: str, column: str, baseline: str) -> dict:
     """Mean over the test scans that have `anatomy` of column - baseline, its 95 % interval, n and the
     verdict in words ("beats", "worse than" or "cannot tell" from the interval)."""
     rows = per_scan[(per_scan["anatomy"] == anatomy) & per_scan["present"].astype(bool)]
-    difference = (rows[column] - rows[baseline]).to_numpy(dtype=np.float64)
-    difference = difference[np.isfinite(difference)]
-    if not len(difference):
-        return {"n": 0, "mean": float("nan"), "low": float("nan"), "high": float("nan"), "verdict": "no test scan"}
+    pairs = rows[[column, baseline]].to_numpy(dtype=np.float64)
+    pairs = pairs[np.isfinite(pairs).all(1)]  # a scan the baseline has no value for is left out, and n says so
+    if not len(pairs):
+        return {"n": 0, "mean": float("nan"), "low": float("nan"), "high": float("nan"), "verdict": "no test scan",
+                "method_mean": float("nan"), "baseline_mean": float("nan")}
+    difference = pairs[:, 0] - pairs[:, 1]
     low, high = mean_interval(difference)
     verdict = ("beats" if high < 0 else "worse than" if low > 0
                else "cannot tell apart from" if low == low else "no interval for")
-    return {"n": len(difference), "mean": float(difference.mean()), "low": low, "high": high, "verdict": verdict}
+    return {"n": len(difference), "mean": float(difference.mean()), "low": low, "high": high, "verdict": verdict,
+            "method_mean": float(pairs[:, 0].mean()), "baseline_mean": float(pairs[:, 1].mean())}
+
+
+def with_baselines(per_scan: pd.DataFrame, dataset_dir: Path, dataset: str, anatomies: list[str]
+                   ) -> tuple[pd.DataFrame, list[tuple[str, str, str]]]:
+    """per_scan with, per DeepSSM baseline method m, its scan-frame and world RMSE of the same scan and anatomy
+    (columns m_scan_mm, m_world_mm, from the anatomy's baseline dataset), and the comparisons they add."""
+    frames = []
+    for anatomy in anatomies:
+        table = DatasetLayout(dataset_dir.parent / baseline_name(dataset, anatomy)).evaluation_table(
+            "error_decomposition_per_subject")
+        frame = _csv(table)
+        frame["anatomy"] = anatomy
+        frames.append(frame)
+    baselines = pd.concat(frames)
+    wide = baselines.pivot_table(index=["id", "anatomy"], columns="method",
+                                 values=["scan_rmse_mm", "world_rmse_mm"], aggfunc="first")
+    methods = list(dict.fromkeys(baselines["method"]))
+    wide.columns = [f"{m}_{'scan' if v == 'scan_rmse_mm' else 'world'}_mm" for v, m in wide.columns]
+    merged = per_scan.merge(wide.reset_index(), on=["id", "anatomy"], how="left")
+    comparisons = []
+    for m in methods:
+        label = BASELINE_LABELS.get(m, f"DeepSSM method {m}")
+        comparisons += [("local_rmse_mm", f"{m}_scan_mm", f"{m}: {label}"),
+                        ("world_rmse_mm", f"{m}_world_mm", f"{m}: {label}")]
+    return merged, comparisons
 
 
 def _detection_rows(summary: pd.DataFrame) -> pd.DataFrame:
@@ -60,13 +95,14 @@ def _detection_rows(summary: pd.DataFrame) -> pd.DataFrame:
     } for _, row in summary.iterrows()])
 
 
-def _answer(method: str, per_scan: pd.DataFrame, anatomies: list[str]) -> tuple[str, pd.DataFrame]:
+def _answer(method: str, per_scan: pd.DataFrame, anatomies: list[str], comparisons) -> tuple[str, pd.DataFrame]:
     rows, sentences = [], []
     for anatomy in anatomies:
-        for column, baseline, what in COMPARISONS:
+        for column, baseline, what in comparisons:
             d = paired_difference(per_scan, anatomy, column, baseline)
             rows.append({"anatomy": anatomy, "error": column.removesuffix("_mm").replace("_", " "),
-                         "baseline": what, "n": d["n"],
+                         "baseline": what, "n": d["n"], f"{method}, mm": _ci(d["method_mean"], missing=""),
+                         "baseline, mm": _ci(d["baseline_mean"], missing=""),
                          "method - baseline, mm [95 % interval]": _ci(d["mean"], d["low"], d["high"]),
                          "verdict": f"{method} {d['verdict']} the baseline"})
         main = paired_difference(per_scan, anatomy, *COMPARISONS[0][:2])
@@ -91,7 +127,11 @@ def build_multi_report(dataset_dir, dataset: str, settings: dict, methods, out_p
         missing = sorted(set(anatomies) - set(summary["anatomy"]))
         if missing:
             raise ValueError(f"{folder / 'summary.csv'}: no row for anatomy {', '.join(missing)} of {layout.scans_dir}")
-        sentence, comparisons = _answer(method, per_scan, anatomies)
+        comparisons = COMPARISONS
+        if settings.get("baselines"):
+            per_scan, extra = with_baselines(per_scan, Path(dataset_dir), dataset, anatomies)
+            comparisons = COMPARISONS + tuple(extra)
+        sentence, comparisons = _answer(method, per_scan, anatomies, comparisons)
         answers.append(f"<p><b>{_esc(method)}</b>: {_esc(sentence)}</p>" + _table(comparisons))
         card = _read_json(layout.model_card(method))
         sections.append(

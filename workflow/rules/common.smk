@@ -1,10 +1,12 @@
 # Config validation and helpers shared by the rules.
 import functools
 import json
+from pathlib import Path
 
 from deepssm_workflow import methods as registry
 from deepssm_workflow.config import load as load_config
 from deepssm_workflow.layout import EVALUATION_FIGURES, EVALUATION_TABLES, patterns
+from deepssm_workflow.multi_baselines import anatomies_of, baseline_datasets, baseline_name
 from deepssm_workflow.provenance import software_id
 from deepssm_workflow.seed_spread import plan as spread_plan
 from deepssm_workflow.sources import scan_files
@@ -12,6 +14,10 @@ from deepssm_workflow.sources import scan_files
 # Not snakemake.utils.validate: the schema's `methods` blocks come from the method registry, which
 # deepssm_workflow.config adds. It fills the schema's defaults into `config` (and variance 0.99 in
 # a `shape_space` block with neither n_modes nor variance), then names every bad key, one line each.
+# A multi-anatomy dataset's DeepSSM baselines are single-anatomy datasets, one per anatomy, added here
+# ({dataset}_{anatomy}: multi_baselines.py); their cohorts are exported by multi.smk's export_anatomy.
+BASELINE_DATASETS = baseline_datasets(config)
+config["datasets"] = {**(config.get("datasets") or {}), **BASELINE_DATASETS}
 DATASETS = load_config(config, workflow.source_path("../schemas/config.schema.yaml"))
 # the registered methods: the train and predict rules' {method} wildcard. Those that find the anatomy in
 # the uncropped scan themselves train and predict on results/{dataset}/scans (full_field), the others on
@@ -66,6 +72,8 @@ def cohort_source_files(wildcards):
     entry = config["datasets"][wildcards.dataset]
     if entry["source"] == "synthetic":
         return {"table": f"resources/{wildcards.dataset}/subjects.csv", "data": f"resources/{wildcards.dataset}/data"}
+    if wildcards.dataset in BASELINE_DATASETS:  # exported from a multi-anatomy cohort, with its data folder
+        return {"table": entry["manifest"], "data": str(Path(entry["manifest"]).parent / "data")}
     return {"table": entry["manifest"] if entry["source"] == "csv" else entry["project"]}
 
 
@@ -76,7 +84,7 @@ def _scans(dataset, split):
     follows. A synthetic cohort's scans are made by synthesize_cohort into resources/{dataset}/data,
     an input of the ingestion, so they are not listed again."""
     entry = config["datasets"][dataset]
-    if entry["source"] == "synthetic":
+    if entry["source"] == "synthetic" or dataset in BASELINE_DATASETS:  # their files come with their cohort
         return ()
     return tuple(scan_files(_user_source(entry), split))
 
@@ -296,4 +304,8 @@ def multi_report_inputs(wildcards):
         "curves": [d.loss_curve(m) for m in methods],
         "provenance": [d.provenance("models", m) for m in methods],
         "evaluation": [d.multi_evaluation_dir(m) for m in methods],
+        "baselines": [
+            patterns(baseline_name(wildcards.dataset, anatomy)).evaluation_table("error_decomposition_per_subject")
+            for anatomy in (anatomies_of(multi_entry(wildcards)) if "baselines" in multi_entry(wildcards) else ())
+        ],
     }

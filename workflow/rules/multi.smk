@@ -40,6 +40,27 @@ rule ingest_multi_cohort:
         "deepssm-wf ingest-multi --source {params.source:q} --out-dir {output} > {log} 2>&1"
 
 
+# One anatomy as a single-anatomy cohort, for the DeepSSM baselines (the dataset's `baselines`)
+rule export_anatomy:
+    input:
+        cohort=RESULTS.cohort_dir,
+        scans=multi_scans,
+    output:
+        subjects=RESULTS.anatomy_export("subjects.csv", "{anatomy}"),
+        data=directory(RESULTS.anatomy_export("data", "{anatomy}")),
+    log:
+        "logs/{dataset}/export_anatomy_{anatomy}.log",
+    wildcard_constraints:
+        dataset="|".join(MULTI) or "(?!)",
+    conda:
+        "../../envs/deepssm.yaml"
+    params:
+        out_dir=subpath(output.subjects, parent=True),
+    shell:
+        "deepssm-wf export-anatomy --cohort {input.cohort} --anatomy {wildcards.anatomy}"
+        " --out-dir {params.out_dir} > {log} 2>&1"
+
+
 rule preprocess_multi_scans:
     input:
         cohort=RESULTS.cohort_dir,
@@ -91,6 +112,7 @@ rule train_multi:
 
 rule evaluate_multi:
     input:
+        cohort=RESULTS.cohort_dir,
         scans=RESULTS.scans_dir,
         model=RESULTS.model_pt("{method}"),
         card=RESULTS.model_card("{method}"),
@@ -107,7 +129,7 @@ rule evaluate_multi:
     params:
         model_dir=subpath(input.model, parent=True),
     shell:
-        "deepssm-wf evaluate-multi --model-dir {params.model_dir} --scans-dir {input.scans}"
+        "deepssm-wf evaluate-multi --model-dir {params.model_dir} --scans-dir {input.scans} --cohort {input.cohort}"
         " --out-dir {output} --threads {threads} > {log} 2>&1"
 
 
