@@ -158,3 +158,64 @@ def generate(out_dir, kind: str = "ellipsoid", n_train: int = 12, n_test: int = 
     pd.DataFrame(rows).to_csv(out / "manifest.csv", index=False)
     (out / "project.swproj").write_text(json.dumps({"data": project}, indent=2))
     return {"manifest": out / "manifest.csv", "project": out / "project.swproj"}
+
+
+JOINT_DOMAINS = ("bottom", "top")
+
+
+def generate_joint(out_dir, n_train: int = 12, n_test: int = 4, seed: int = 0, n_points: int = 64,
+                   spacing: float = 2.0, box_mm: float = 160.0, missing_top: float = 0.2) -> Path:
+    """A multi-domain cohort by the recipe of ShapeWorks' ellipsoid-joint generator (EllipsoidJoints): two
+    stacked ellipsoids, the top one with its own radii and rotated about the joint's long axis against the
+    bottom one, the joint in a random pose and place of a fixed scan box; images of Gaussian intensities
+    (foreground around 180, background around 80, SD 30) and a blur, one label map (1 bottom, 2 top).
+    A `missing_top` fraction of the subjects has no top ellipsoid. Written as a long-form CSV manifest (one row
+    per subject and domain, as another tool would export it; no meshes); returns its path."""
+    out = Path(out_dir)
+    for folder in ("images", "labels", "particles"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    directions = fibonacci_directions(n_points)
+    size = int(np.ceil(box_mm / spacing))
+    origin = np.full(3, -box_mm / 2)
+    zz, yy, xx = np.meshgrid(*[np.arange(size)] * 3, indexing="ij")
+    voxels = np.stack([xx, yy, zz], -1) * spacing + origin
+    rows = []
+    for index in range(n_train + n_test):
+        sid = f"joint_{index:03d}"
+        split = "train" if index < n_train else "test"
+        has_top = index % int(round(1 / missing_top)) != 2 if missing_top else True
+        radii = {"bottom": np.array([rng.uniform(15, 25), rng.uniform(8, 12), rng.uniform(10, 14)]),
+                 "top": np.array([rng.uniform(15, 25), rng.uniform(8, 12), rng.uniform(10, 14)])}
+        twist = Rotation.from_euler("y", rng.uniform(-45, 45), degrees=True).as_matrix()  # about the long axis
+        gap = rng.uniform(2, 6)
+        # each domain in the joint's frame: its rotation and centre (the bottom at the origin)
+        placed = {"bottom": (np.eye(3), np.zeros(3)),
+                  "top": (twist, np.array([0.0, radii["bottom"][1] + radii["top"][1] + gap, 0.0]))}
+        axis = rng.normal(size=3)
+        pose = Rotation.from_rotvec(axis / np.linalg.norm(axis) * np.radians(rng.uniform(0, 20))).as_matrix()
+        reach = max(np.linalg.norm(c) + r.max() for (_, c), r in zip(placed.values(), radii.values()))
+        middle = placed["top"][1] / 2
+        shift = rng.uniform(-(box_mm / 2 - reach - 8), box_mm / 2 - reach - 8, size=3) - pose @ middle
+        labels = np.zeros(voxels.shape[:3], np.uint8)
+        for value, domain in enumerate(JOINT_DOMAINS, start=1):
+            if domain == "top" and not has_top:
+                continue
+            rotation = pose @ placed[domain][0]  # the domain's frame to the scanner's
+            centre = pose @ placed[domain][1] + shift
+            canonical = directions / np.sqrt(((directions / radii[domain]) ** 2).sum(1))[:, None]
+            body = (voxels - centre) @ rotation
+            labels[((body / radii[domain]) ** 2).sum(-1) < 1] = value
+            local = canonical @ rotation.T + centre
+            np.savetxt(out / "particles" / f"{sid}_{domain}_local.particles", local, fmt="%.6f")
+            np.savetxt(out / "particles" / f"{sid}_{domain}_world.particles", canonical, fmt="%.6f")
+            rows.append({"id": sid, "split": split, "anatomy": domain, "image": f"images/{sid}.nrrd",
+                         "labels": f"labels/{sid}.nrrd", "label": value,
+                         "local_particles": f"particles/{sid}_{domain}_local.particles",
+                         "world_particles": f"particles/{sid}_{domain}_world.particles"})
+        inside = labels > 0
+        image = np.where(inside, rng.normal(180, 30, inside.shape), rng.normal(80, 30, inside.shape))
+        _write_image(gaussian_filter(image, 1.0).astype(np.float32), origin, spacing, out / "images" / f"{sid}.nrrd")
+        _write_image(labels, origin, spacing, out / "labels" / f"{sid}.nrrd")
+    pd.DataFrame(rows).to_csv(out / "manifest.csv", index=False)
+    return out / "manifest.csv"

@@ -17,7 +17,8 @@ from deepssm_workflow.sources import scan_files
 # A multi-anatomy dataset's DeepSSM baselines are single-anatomy datasets, one per anatomy, added here
 # ({dataset}_{anatomy}: multi_baselines.py); their cohorts are exported by multi.smk's export_anatomy.
 BASELINE_DATASETS = baseline_datasets(config)
-config["datasets"] = {**(config.get("datasets") or {}), **BASELINE_DATASETS}
+if BASELINE_DATASETS:
+    config["datasets"] = {**(config.get("datasets") or {}), **BASELINE_DATASETS}
 DATASETS = load_config(config, workflow.source_path("../schemas/config.schema.yaml"))
 # the registered methods: the train and predict rules' {method} wildcard. Those that find the anatomy in
 # the uncropped scan themselves train and predict on results/{dataset}/scans (full_field), the others on
