@@ -49,6 +49,16 @@ def run_snakemake(workdir: Path, *args: str, configfile: Path = TINY) -> subproc
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
 
 
+def run_config(tmp_path: Path, config: dict, *targets: str) -> tuple[Path, subprocess.CompletedProcess]:
+    """Run `targets` (default: all) of the real workflow on 2 cores and a GPU slot, in tmp_path/work, with
+    `config` written to tmp_path/config.yaml; the work folder and the run."""
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    work = tmp_path / "work"
+    return work, run_snakemake(work, *(targets or ("all",)), "--cores", "2", "--resources", "gpu=1",
+                               configfile=configfile)
+
+
 REPORT_DATASETS = ("femur", "metopic", "left_atrium")
 
 

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-import yaml
 
-from conftest import run_snakemake
+from conftest import run_config
 from shapeworks_recipe import JOINT_DOMAINS, generate_joint
 
 
@@ -19,10 +18,7 @@ def test_massm_finds_both_domains_of_a_shapeworks_recipe_joint(tmp_path):
         "source": "csv", "manifest": str(manifest), "scan_grid": {"spacing_mm": 6},
         "training": {"batch_size": 4, "val_fraction": 0.2},
         "methods": {"massm": {"detect_epochs": 20, "local_epochs": 20, "joint_epochs": 40}}}}}
-    configfile = tmp_path / "config.yaml"
-    configfile.write_text(yaml.safe_dump(config))
-    work = tmp_path / "work"
-    result = run_snakemake(work, "all", "--cores", "2", "--resources", "gpu=1", configfile=configfile)
+    work, result = run_config(tmp_path, config)
     assert result.returncode == 0, result.stderr[-4000:]
     results = work / "results" / "joints"
 

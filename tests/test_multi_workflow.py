@@ -11,9 +11,8 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
-from conftest import run_snakemake
+from conftest import run_config, run_snakemake
 from deepssm_workflow.report_multi import paired_difference
 from test_report import inspect_in_chromium
 
@@ -52,10 +51,7 @@ def test_paired_difference_says_beats_only_when_the_interval_is_below_zero():
 
 @pytest.mark.slow
 def test_a_multi_anatomy_dataset_runs_to_its_report(tmp_path, chromium):
-    configfile = tmp_path / "config.yaml"
-    configfile.write_text(yaml.safe_dump(CONFIG))
-    work = tmp_path / "work"
-    result = run_snakemake(work, "all", "--cores", "2", "--resources", "gpu=1", configfile=configfile)
+    work, result = run_config(tmp_path, CONFIG)
     assert result.returncode == 0, result.stderr[-4000:]
     results = work / "results" / "hip"
 
@@ -82,7 +78,7 @@ def test_a_multi_anatomy_dataset_runs_to_its_report(tmp_path, chromium):
         assert sorted(errors["id"].unique()) == sorted(i for i in has if cohort.loc[i, "split"] == "test")
 
     # nothing left to do: the directory outputs and params are stable
-    again = run_snakemake(work, "all", "--cores", "1", "-n", configfile=configfile)
+    again = run_snakemake(work, "all", "--cores", "1", "-n", configfile=tmp_path / "config.yaml")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr, again.stdout[-2000:]
 
     report = results / "report.html"
