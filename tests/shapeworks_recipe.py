@@ -170,7 +170,9 @@ def generate_joint(out_dir, n_train: int = 12, n_test: int = 4, seed: int = 0, n
     bottom one, the joint in a random pose and place of a fixed scan box; images of Gaussian intensities
     (foreground around 180, background around 80, SD 30) and a blur, one label map (1 bottom, 2 top).
     A `missing_top` fraction of the subjects has no top ellipsoid. Written as a long-form CSV manifest (one row
-    per subject and domain, as another tool would export it; no meshes); returns its path."""
+    per subject and domain, as another tool would export it; no meshes), whose path is returned, and as a
+    multi-domain ShapeWorks project (project.swproj: per-domain `shape_`, `local_particles_`, `world_particles_`
+    columns, empty where a subject lacks the domain)."""
     out = Path(out_dir)
     for folder in ("images", "labels", "particles"):
         (out / folder).mkdir(parents=True, exist_ok=True)
@@ -180,7 +182,7 @@ def generate_joint(out_dir, n_train: int = 12, n_test: int = 4, seed: int = 0, n
     origin = np.full(3, -box_mm / 2)
     zz, yy, xx = np.meshgrid(*[np.arange(size)] * 3, indexing="ij")
     voxels = np.stack([xx, yy, zz], -1) * spacing + origin
-    rows = []
+    rows, project = [], []
     for index in range(n_train + n_test):
         sid = f"joint_{index:03d}"
         split = "train" if index < n_train else "test"
@@ -213,9 +215,14 @@ def generate_joint(out_dir, n_train: int = 12, n_test: int = 4, seed: int = 0, n
                          "labels": f"labels/{sid}.nrrd", "label": value,
                          "local_particles": f"particles/{sid}_{domain}_local.particles",
                          "world_particles": f"particles/{sid}_{domain}_world.particles"})
+        project.append({"name": sid, "split": split, "image_ct": f"images/{sid}.nrrd",
+                        **{f"{k}_{d}": next((r[k] for r in rows if r["id"] == sid and r["anatomy"] == d), "")
+                           for d in JOINT_DOMAINS for k in ("local_particles", "world_particles")},
+                        **{f"shape_{d}": "" for d in JOINT_DOMAINS}})
         inside = labels > 0
         image = np.where(inside, rng.normal(180, 30, inside.shape), rng.normal(80, 30, inside.shape))
         _write_image(gaussian_filter(image, 1.0).astype(np.float32), origin, spacing, out / "images" / f"{sid}.nrrd")
         _write_image(labels, origin, spacing, out / "labels" / f"{sid}.nrrd")
     pd.DataFrame(rows).to_csv(out / "manifest.csv", index=False)
+    (out / "project.swproj").write_text(json.dumps({"data": project}, indent=2))
     return out / "manifest.csv"

@@ -235,3 +235,25 @@ def test_anatomies_with_different_particle_counts_ingest_but_are_refused_by_the_
         preprocess_multi_scans(tmp_path / "ingested", ScanGridSettings.from_config({"spacing_mm": 12}),
                                tmp_path / "scans")
     assert not (tmp_path / "scans").exists()
+
+
+def test_a_multi_domain_shapeworks_project_ingests_as_its_long_manifest(tmp_path):
+    """The ShapeWorks ellipsoid-joint recipe's cohort as a multi-domain .swproj and as a long CSV manifest: the
+    same anatomies, subjects and per-domain shapes (a subject without the top domain has none)."""
+    from shapeworks_recipe import generate_joint
+
+    manifest = generate_joint(tmp_path / "cohort", n_train=5, n_test=2, seed=1, n_points=24, spacing=4.0,
+                              box_mm=120.0, missing_top=0.34)
+    project = ingest_multi_anatomy({"source": "shapeworks", "project": str(manifest.parent / "project.swproj")},
+                                   tmp_path / "from_project")
+    table = ingest_multi_anatomy({"source": "csv", "manifest": str(manifest)}, tmp_path / "from_manifest")
+    assert project["anatomies"] == table["anatomies"] == ["bottom", "top"]
+    assert project["parts"]["top"]["counts"] == table["parts"]["top"]["counts"]
+    assert sum(project["parts"]["top"]["counts"].values()) < project["n_subjects"]  # some lack the top
+    for anatomy in ("bottom", "top"):
+        for split in ("train", "test"):
+            a = np.load(tmp_path / "from_project" / f"shapes_{split}_{anatomy}.npz")
+            b = np.load(tmp_path / "from_manifest" / f"shapes_{split}_{anatomy}.npz")
+            assert list(a["ids"]) == list(b["ids"])
+            np.testing.assert_allclose(a["local"], b["local"])
+            np.testing.assert_allclose(a["world"], b["world"])

@@ -1,6 +1,7 @@
 """A multi-anatomy cohort this project did not make, through the workflow: two stacked ellipsoids by the recipe
 of ShapeWorks' ellipsoid-joint generator (tests/shapeworks_recipe.py), some subjects without the top one, given
-by a long-form CSV manifest with no meshes, trained with massm and reported."""
+as a multi-domain ShapeWorks project with no meshes, trained with massm and reported (its long-form CSV
+manifest ingests to the same shapes: tests/test_ingest_multi.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from shapeworks_recipe import JOINT_DOMAINS, generate_joint
 def test_massm_finds_both_domains_of_a_shapeworks_recipe_joint(tmp_path):
     manifest = generate_joint(tmp_path / "cohort", n_train=16, n_test=6, seed=3)
     config = {"multi_anatomy": {"joints": {
-        "source": "csv", "manifest": str(manifest), "scan_grid": {"spacing_mm": 6},
+        "source": "shapeworks", "project": str(manifest.parent / "project.swproj"), "scan_grid": {"spacing_mm": 6},
         "training": {"batch_size": 4, "val_fraction": 0.2},
         "methods": {"massm": {"detect_epochs": 20, "local_epochs": 20, "joint_epochs": 40}}}}}
     work, result = run_config(tmp_path, config)

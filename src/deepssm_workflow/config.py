@@ -200,7 +200,7 @@ def _check_multi_anatomy(key: str, entry: dict, single: dict) -> None:
     if name in single:
         raise ConfigError(f"{key}: {name!r} is also a dataset of `datasets`; the two share results/{name}/: "
                           f"rename one")
-    needed = {"synthetic": "synthetic", "csv": "manifest"}[entry["source"]]
+    needed = {"synthetic": "synthetic", "csv": "manifest", "shapeworks": "project"}[entry["source"]]
     if needed not in entry:
         raise ConfigError(f"{key}.{needed}: required for source {entry['source']}")
     if entry["source"] == "synthetic":

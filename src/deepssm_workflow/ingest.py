@@ -157,6 +157,12 @@ def _read_manifest(path: Path) -> pd.DataFrame:
 
 def _read_shapeworks(path: Path, study: str) -> tuple[pd.DataFrame, dict]:
     """A ShapeWorks project's data table, renamed to the manifest's columns."""
+    raw, notes = read_project(path)
+    return shapeworks_table(raw, path, study, notes)
+
+
+def read_project(path: Path) -> tuple[pd.DataFrame, dict]:
+    """A ShapeWorks project's data sheet as it is (cells stripped strings), and where it was read from."""
     if path.suffix not in (".swproj", ".xlsx"):
         raise CohortError(f"{path}: a ShapeWorks project is a .swproj or .xlsx file")
     notes = {}
@@ -172,13 +178,23 @@ def _read_shapeworks(path: Path, study: str) -> tuple[pd.DataFrame, dict]:
         raise CohortError(f"{path}: cannot read the ShapeWorks project: {error!r}") from None
     if "name" not in raw:
         raise CohortError(f"{path}: no `name` column (the subject id)")
-    raw = raw.fillna("").astype(str).apply(lambda column: column.str.strip())
-    columns = list(raw.columns)
+    return raw.fillna("").astype(str).apply(lambda column: column.str.strip()), notes
 
-    # the domain is the suffix of the per-domain columns; `*_global` is a multi-domain extra
-    per_domain = ("shape_", "mesh_", "segmentation_", "local_particles_", "world_particles_",
-                  "alignment_", "procrustes_")
-    domains = sorted({c[len(p):] for c in columns for p in per_domain if c.startswith(p)} - {"global"})
+
+# the columns of a ShapeWorks project that belong to one domain (their suffix)
+PER_DOMAIN = ("shape_", "mesh_", "segmentation_", "local_particles_", "world_particles_", "alignment_", "procrustes_")
+
+
+def project_domains(raw: pd.DataFrame) -> list[str]:
+    """The domains of a project's sheet, by its per-domain columns; `*_global` is a multi-domain extra."""
+    return sorted({c[len(p):] for c in raw.columns for p in PER_DOMAIN if c.startswith(p)} - {"global"})
+
+
+def shapeworks_table(raw: pd.DataFrame, path: Path, study: str, notes: dict) -> tuple[pd.DataFrame, dict]:
+    """A one-domain project's sheet renamed to the manifest's columns."""
+    columns = list(raw.columns)
+    per_domain = PER_DOMAIN
+    domains = project_domains(raw)
     if len(domains) != 1:
         found = ", ".join(domains) if domains else "none"
         raise CohortError(f"{path}: ingestion needs exactly one ShapeWorks domain, found {found}")

@@ -37,6 +37,7 @@ import SimpleITK as sitk
 from .atomic import staged
 from .ingest import (
     MIN_SUBJECTS,
+    PER_DOMAIN,
     SAFE_ID,
     SAFE_ID_RULE,
     SPLITS,
@@ -49,9 +50,13 @@ from .ingest import (
     _stack,
     _table_path,
     _transform_mode,
+    project_domains,
+    read_project,
+    shapeworks_table,
 )
 from .io import resolve
 from .scan_checks import itk_reason
+from .studies.registry import NO_STUDY
 
 PER_ANATOMY = ("local_particles", "world_particles", "transform", "mesh", "segmentation", "label")
 PARTICLES = ("local_particles", "world_particles")
@@ -60,10 +65,7 @@ PARTICLES = ("local_particles", "world_particles")
 def ingest_multi_anatomy(source: dict, out_dir, base_dir=".") -> dict:
     """Read, validate and write a multi-anatomy cohort into `out_dir`; return the report."""
     kind, path = _table_path(source, Path(base_dir))
-    if kind == "shapeworks":
-        raise CohortError(f"{path}: a multi-anatomy cohort enters as a CSV manifest (long or wide form; "
-                          f"a ShapeWorks project's data sheet saved as CSV is a wide manifest)")
-    rows = _long_form(_read_manifest(path), path)
+    rows = _long_form(_project_rows(path) if kind == "shapeworks" else _read_manifest(path), path)
     anatomies = list(dict.fromkeys(rows["anatomy"]))
     subjects = _subjects(rows, path)
     labels = _label_values(rows, anatomies, path)
@@ -121,9 +123,27 @@ def ingest_multi_anatomy(source: dict, out_dir, base_dir=".") -> dict:
     return report
 
 
+def _project_rows(path: Path) -> pd.DataFrame:
+    """A multi-domain ShapeWorks project (.swproj or .xlsx) in the long form: each domain's columns read as a
+    one-domain project, a row for each subject whose particle cells of that domain are filled."""
+    raw, notes = read_project(path)
+    domains = project_domains(raw)
+    if not domains:
+        raise CohortError(f"{path}: no per-domain columns (local_particles_<domain>, ...): not a shape project")
+    pieces = []
+    for domain in domains:
+        others = [c for c in raw.columns for d in domains if d != domain and c.endswith(f"_{d}")
+                  and c.startswith(PER_DOMAIN)]
+        table, _ = shapeworks_table(raw.drop(columns=others), path, NO_STUDY, dict(notes))
+        has = table[[c for c in PARTICLES if c in table]].ne("").any(axis=1)
+        pieces.append(table[has].assign(anatomy=domain))
+    return pd.concat(pieces, ignore_index=True).fillna("")
+
+
 def _long_form(table: pd.DataFrame, path: Path) -> pd.DataFrame:
     """One row per (subject, anatomy), cells stripped, from a long or a wide manifest."""
-    table = table.apply(lambda column: column.str.strip())
+    # text cells stripped; a project's composed transforms (`matrix`, arrays) kept as they are
+    table = table.apply(lambda column: column if column.name == "matrix" else column.str.strip())
     for column in ("id", "image"):
         if column not in table:
             raise CohortError(f"{path}: no `{column}` column")

@@ -7,7 +7,8 @@ user cohort; the multi-anatomy report then pairs its per-scan errors with the mu
 * `base_uncropped` on the whole scan, with no registration, is its DeepSSMF_w.
 
 The anatomies must be known when Snakemake builds its DAG: a synthetic cohort's are its `parts` (the hip's by
-default), a CSV manifest's are read from it (its `anatomy` column, or its per-anatomy columns).
+default), a CSV manifest's or a ShapeWorks project's are read from it (its `anatomy` column, or its
+per-anatomy columns).
 """
 
 from __future__ import annotations
@@ -30,17 +31,22 @@ def baseline_name(dataset: str, anatomy: str) -> str:
 
 def anatomies_of(entry: dict, base_dir=".") -> list[str]:
     """The anatomies of a multi-anatomy dataset, from its config block alone (no generated file): a synthetic
-    cohort's parts, a CSV manifest's anatomies. An unreadable manifest gives none: its ingestion names why."""
+    cohort's parts, a manifest's or project's anatomies. An unreadable table gives none: its ingestion names why."""
     if entry.get("source") == "synthetic":
         from .synthetic.multi_anatomy import HIP_PARTS
 
         return list((entry.get("synthetic") or {}).get("parts") or HIP_PARTS)
     from .ingest import CohortError, _read_manifest
-    from .ingest_multi import _long_form
+    from .ingest_multi import _long_form, _project_rows
 
-    path = Path(base_dir) / str(entry.get("manifest", ""))
+    if entry.get("source") == "shapeworks":
+        path = Path(base_dir) / str(entry.get("project", ""))
+        read = _project_rows
+    else:
+        path = Path(base_dir) / str(entry.get("manifest", ""))
+        read = _read_manifest
     try:
-        return list(dict.fromkeys(_long_form(_read_manifest(path), path)["anatomy"]))
+        return list(dict.fromkeys(_long_form(read(path), path)["anatomy"]))
     except (CohortError, OSError, ValueError):
         return []
 

@@ -268,14 +268,14 @@ def multi_cohort_source(wildcards):
     entry = multi_entry(wildcards)
     if entry["source"] == "synthetic":
         return json.dumps({"source": "csv", "manifest": f"resources/{wildcards.dataset}/subjects.csv"})
-    return json.dumps({"source": "csv", "manifest": entry["manifest"]})
+    return json.dumps(_user_source(entry))
 
 
 def multi_cohort_source_files(wildcards):
     entry = multi_entry(wildcards)
     if entry["source"] == "synthetic":
         return {"table": f"resources/{wildcards.dataset}/subjects.csv", "data": f"resources/{wildcards.dataset}/data"}
-    return {"table": entry["manifest"]}
+    return {"table": entry["manifest"] if entry["source"] == "csv" else entry["project"]}
 
 
 def multi_scans(wildcards):
@@ -284,8 +284,7 @@ def multi_scans(wildcards):
     entry = multi_entry(wildcards)
     if entry["source"] == "synthetic":
         return []
-    source = {"source": "csv", "manifest": entry["manifest"]}
-    return list(dict.fromkeys(path for split in ("train", "test") for path in scan_files(source, split)))
+    return list(dict.fromkeys(path for split in ("train", "test") for path in scan_files(_user_source(entry), split)))
 
 
 def multi_training_settings(wildcards):
