@@ -68,6 +68,22 @@ def test_a_multi_anatomy_dataset_runs_to_its_report(tmp_path, chromium):
         rows = per_scan[per_scan["anatomy"] == anatomy].set_index("id")
         assert rows["present"].tolist() == [bool(cohort.loc[i, f"present_{anatomy}"]) for i in rows.index]
 
+    # the predicted particles as files, in each scan's own frame: their error against the cohort's particles is
+    # the evaluation's
+    predictions = pd.read_csv(results / "predictions" / "massm" / "predictions.csv", keep_default_na=False)
+    merged = predictions.merge(per_scan, on=["id", "anatomy"], suffixes=("", "_evaluated"))
+    assert len(merged) == len(per_scan) and (merged["detected"] == merged["detected_evaluated"]).all()
+    for anatomy in ANATOMIES:
+        truth = np.load(results / "cohort" / f"shapes_test_{anatomy}.npz")
+        for k, subject in enumerate(str(i) for i in truth["ids"]):
+            row = merged[(merged["id"] == subject) & (merged["anatomy"] == anatomy)].iloc[0]
+            if row["detected"]:
+                local = np.loadtxt(results / "predictions" / "massm" / row["local_particles"])
+                error = np.sqrt(((local - truth["local"][k]) ** 2).mean(0)).mean()  # eq. 12
+                assert error == pytest.approx(row["local_rmse_mm"], rel=1e-4), (subject, anatomy)
+            else:
+                assert row["local_particles"] == "" and row["world_particles"] == ""
+
     # each anatomy's baselines: a single-anatomy dataset of the subjects that have it, evaluated as any
     for anatomy in ANATOMIES:
         baseline = work / "results" / f"hip_{anatomy}"

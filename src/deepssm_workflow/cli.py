@@ -72,6 +72,13 @@ def _train_multi(args) -> None:
     print(json.dumps(card, indent=2, default=str))
 
 
+def _predict_multi(args) -> None:
+    from .predict import predict_multi
+
+    table = predict_multi(args.model_dir, args.scans_dir, args.split, args.out_dir)
+    print(table.to_string(index=False))
+
+
 def _evaluate_multi(args) -> None:
     from .evaluate_multi import evaluate_multi
 
@@ -354,6 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cuda", "cpu"))
     _artifact_flags(p)
     p.set_defaults(run=_train_multi)
+
+    p = steps.add_parser("predict-multi", help="every anatomy of every scan of a split with a multi-anatomy model: "
+                         "particles per detected anatomy (scan frame and world) and predictions.csv")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--scans-dir", required=True, help="preprocess-multi-scans' folder")
+    p.add_argument("--split", default="test", choices=("train", "test"))
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(run=_predict_multi)
 
     p = steps.add_parser("evaluate-multi", help="per-anatomy detection and RMSE of a multi-anatomy model on the "
                          "test scans, beside the template baselines")

@@ -212,24 +212,32 @@ def predict_scan_image(model_dir, scans_dir, image_path, out_prefix) -> dict:
             "seconds": time.perf_counter() - start, "field_kept": kept}
 
 
+def _multi_model(trained, model, anatomies: list[str]) -> None:
+    """Refuse a model that does not find these scans' anatomies (another method, or another cohort's model)."""
+    if not trained.has(MULTI_ANATOMY) or model.n_anatomies != len(anatomies):
+        raise ValueError(f"method {trained.entry.name} does not find the {len(anatomies)} anatomies these scans list "
+                         f"({', '.join(anatomies)}): not the model of these scans")
+
+
+def _detections(found: dict, n: int, anatomies: list[str], origin) -> dict[str, dict]:
+    """Scan n's detection of each anatomy: detected or not, the heatmap's peak, the box centre (scan frame) and
+    half extent."""
+    return {anatomy: {"detected": bool(found["present"][n, k]), "peak": float(found["peak"][n, k]),
+                      "centre_mm": (found["centre_mm"][n, k].numpy() + origin).tolist(),
+                      "half_extent_mm": found["size_mm"][n, k].tolist()} for k, anatomy in enumerate(anatomies)}
+
+
 def _predict_anatomies(trained, model, anatomies: list[str], array, origin, image_path, out_prefix, start) -> dict:
     """Every anatomy a multi-anatomy model (massm) detects in one scan: {out_prefix}_{anatomy}_world.particles and
     _local.particles (in the scan's frame) of each detected one, and {out_prefix}_detections.json for all of them
     (detected or not, the heatmap's peak, the box centre and half extent in the scan's frame)."""
-    if not trained.has(MULTI_ANATOMY) or model.n_anatomies != len(anatomies):
-        raise ValueError(f"method {trained.entry.name} does not find the {len(anatomies)} anatomies these scans list "
-                         f"({', '.join(anatomies)}): not the model of these scans")
+    _multi_model(trained, model, anatomies)
     with torch.no_grad():
         found = trained.method.detect(model, torch.as_tensor(array[None, None]))
     out_prefix = Path(out_prefix)
-    detections, files = {}, {}
-    for k, anatomy in enumerate(anatomies):
-        detected = bool(found["present"][0, k])
-        detections[anatomy] = {"detected": detected, "peak": float(found["peak"][0, k]),
-                               "centre_mm": (found["centre_mm"][0, k].numpy() + origin).tolist(),
-                               "half_extent_mm": found["size_mm"][0, k].tolist()}
-        if detected:
-            files[anatomy] = {frame: f"{out_prefix.name}_{anatomy}_{frame}.particles" for frame in ("world", "local")}
+    detections = _detections(found, 0, anatomies, origin)
+    files = {anatomy: {frame: f"{out_prefix.name}_{anatomy}_{frame}.particles" for frame in ("world", "local")}
+             for anatomy, d in detections.items() if d["detected"]}
     names = [name for pair in files.values() for name in pair.values()] + [f"{out_prefix.name}_detections.json"]
     with staged(out_prefix.parent, names) as staging:
         for k, anatomy in enumerate(anatomies):
@@ -241,6 +249,43 @@ def _predict_anatomies(trained, model, anatomies: list[str], array, origin, imag
             "particles": {a: {frame: str(out_prefix.parent / name) for frame, name in pair.items()}
                           for a, pair in files.items()},
             "seconds": time.perf_counter() - start}
+
+
+def predict_multi(model_dir, scans_dir, split: str, out_dir) -> pd.DataFrame:
+    """Every anatomy of every scan of a multi-anatomy split (multi_scans' {split}.npz), all or nothing:
+    particles/{id}_{anatomy}_world.particles and _local.particles (the scan's frame) of each detected one, and
+    predictions.csv, a row per scan and anatomy (detected or not, peak, box centre in the scan's frame, files)."""
+    scans_dir = Path(scans_dir)
+    meta = json.loads((scans_dir / "grid.json").read_text())
+    data = np.load(scans_dir / f"{split}.npz")
+    trained = _scan_model(model_dir)
+    model = inference_model(trained.model)
+    anatomies = list(meta["anatomies"])
+    _multi_model(trained, model, anatomies)
+    rows, particles = [], {}
+    for n, subject in enumerate(str(i) for i in data["ids"]):
+        start = time.perf_counter()
+        with torch.no_grad():
+            found = trained.method.detect(model, torch.as_tensor(data["images"][n:n + 1]).unsqueeze(1))
+        seconds = time.perf_counter() - start
+        origin = np.asarray(data["origins"][n], dtype=np.float64)
+        for k, (anatomy, d) in enumerate(_detections(found, 0, anatomies, origin).items()):
+            files = {f: f"particles/{subject}_{anatomy}_{f}.particles" for f in ("world", "local")} \
+                if d["detected"] else {"world": "", "local": ""}
+            if d["detected"]:
+                particles[files["world"]] = found["world"][0, k].numpy()
+                particles[files["local"]] = found["local"][0, k].numpy() + origin
+            rows.append({"id": subject, "anatomy": anatomy, "detected": d["detected"], "peak": d["peak"],
+                         **{f"centre_{axis}_mm": v for axis, v in zip("xyz", d["centre_mm"])},
+                         "world_particles": files["world"], "local_particles": files["local"],
+                         "network_seconds": seconds})
+    table = pd.DataFrame(rows)
+    with staged(out_dir, ["predictions.csv", "particles"]) as staging:
+        (staging / "particles").mkdir()
+        for name, points in particles.items():
+            write_particles(staging / name, points)
+        table.to_csv(staging / "predictions.csv", index=False)
+    return table
 
 
 def plausible_world_box(mean: np.ndarray) -> WorldGrid:

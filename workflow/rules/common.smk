@@ -304,6 +304,7 @@ def multi_report_inputs(wildcards):
         "curves": [d.loss_curve(m) for m in methods],
         "provenance": [d.provenance("models", m) for m in methods],
         "evaluation": [d.multi_evaluation_dir(m) for m in methods],
+        "predictions": [d.predictions_csv(m) for m in methods],
         "baselines": [
             patterns(baseline_name(wildcards.dataset, anatomy)).evaluation_table("error_decomposition_per_subject")
             for anatomy in (anatomies_of(multi_entry(wildcards)) if "baselines" in multi_entry(wildcards) else ())

@@ -110,6 +110,30 @@ rule train_multi:
         " --provenance {output.provenance} > {log} 2>&1"
 
 
+rule predict_multi:
+    input:
+        scans=RESULTS.scans_dir,
+        model=RESULTS.model_pt("{method}"),
+        card=RESULTS.model_card("{method}"),
+    output:
+        table=RESULTS.predictions_csv("{method}"),
+        particles=directory(RESULTS.predicted_particles("{method}")),
+    log:
+        "logs/{dataset}/predict_multi_{method}.log",
+    wildcard_constraints:
+        dataset="|".join(MULTI) or "(?!)",
+        method="|".join(MULTI_METHODS) or "(?!)",
+    conda:
+        "../../envs/deepssm.yaml"
+    threads: 1
+    params:
+        model_dir=subpath(input.model, parent=True),
+        out_dir=subpath(output.table, parent=True),
+    shell:
+        "deepssm-wf predict-multi --model-dir {params.model_dir} --scans-dir {input.scans} --split test"
+        " --out-dir {params.out_dir} > {log} 2>&1"
+
+
 rule evaluate_multi:
     input:
         cohort=RESULTS.cohort_dir,
