@@ -143,3 +143,20 @@ def test_no_rule_spells_a_results_path_by_hand():
         code = [line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")]
         assert not [line for line in code if "results/" in line], path
         assert "{variant}" not in "\n".join(code), path
+
+
+def test_the_slurm_profile_sends_every_gpu_rule_to_the_gpu_partition():
+    """A rule that declares gpu=1 asks Slurm for a GPU: without its entry in the profile it would go to the CPU
+    partition with an hour's wall time (train_on_scans, train_landmarks and train_multi once did)."""
+    import re
+
+    import yaml
+
+    gpu_rules = {name for path in RULES.glob("*.smk")
+                 for name, body in re.findall(r"^rule (\w+):\n(.*?)(?=^rule |\Z)", path.read_text(), re.S | re.M)
+                 if re.search(r"^\s+gpu=1,", body, re.M)}
+    assert {"train", "train_multi"} <= gpu_rules
+    profile = yaml.safe_load((RULES.parents[1] / "profiles" / "slurm" / "config.yaml").read_text())
+    on_gpu = {rule for rule, resources in profile["set-resources"].items()
+              if resources.get("slurm_partition") == "YOUR_GPU_PARTITION"}
+    assert gpu_rules == on_gpu
