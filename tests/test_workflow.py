@@ -36,14 +36,20 @@ def planned_jobs(dry_run_output: str) -> set[tuple[str, str]]:
 STAGES = ("synthesize_cohort", "cohort_qc", "ingest_cohort", "preprocess_train", "preprocess_test", "preprocess_qc",
           "augment", "train", "predict", "evaluate", "study", "report_html")
 MULTI_STAGES = ("synthesize_multi_cohort", "ingest_multi_cohort", "preprocess_multi_scans", "train_multi",
-                "evaluate_multi", "report_multi_html")
+                "predict_multi", "evaluate_multi", "export_anatomy", "report_multi_html")
+# the multi-anatomy dataset's DeepSSM baselines: a user-like cohort per anatomy (no generator, no study), with
+# base on the registered crops and base_uncropped on the uncropped scans
+BASELINE_STAGES = tuple(s for s in STAGES if s not in ("synthesize_cohort", "study")) + (
+    "preprocess_scans", "augment_scans", "train_on_scans", "predict_from_scans")
 
 
 def test_dry_run_of_the_default_config_plans_every_stage_for_every_dataset(tmp_path):
     result = run_snakemake(tmp_path, "-n", configfile=REPO / "config" / "config.yaml")
     assert result.returncode == 0, result.stderr
     jobs = planned_jobs(result.stdout + result.stderr)
-    multi = {(stage, "hip") for stage in MULTI_STAGES}  # the default's multi-anatomy dataset
+    multi = {(stage, "hip") for stage in MULTI_STAGES}  # the default's multi-anatomy dataset and its baselines
+    multi |= {(stage, f"hip_{anatomy}") for stage in BASELINE_STAGES for anatomy in ("femur_right", "femur_left",
+                                                                                     "bladder")}
     assert jobs == {(stage, dataset) for stage in STAGES for dataset in DATASETS} | multi
 
 
