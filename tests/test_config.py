@@ -125,3 +125,16 @@ def test_snakemake_refuses_bad_config_before_any_job(tmp_path, case):
     assert result.returncode != 0
     assert message in result.stderr + result.stdout
     assert not (tmp_path / "work" / "resources").exists() and not (tmp_path / "work" / "results").exists()
+
+
+def test_a_baseline_dataset_named_as_a_dataset_is_refused():
+    """A multi-anatomy dataset's baselines are the datasets {dataset}_{anatomy}: one already in `datasets` is an
+    error naming both, not a silent merge."""
+    from deepssm_workflow.multi_baselines import baseline_datasets
+
+    config = {"datasets": {"hip_bladder": {}}, "multi_anatomy": {"hip": hip()}}
+    with pytest.raises(ConfigError, match="multi_anatomy.hip.baselines: the baselines of anatomy bladder are the "
+                                          "dataset hip_bladder, which `datasets` already has"):
+        baseline_datasets(config)
+    del config["datasets"]["hip_bladder"]
+    assert sorted(baseline_datasets(config)) == ["hip_bladder", "hip_femur_left", "hip_femur_right"]

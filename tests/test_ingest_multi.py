@@ -257,3 +257,18 @@ def test_a_multi_domain_shapeworks_project_ingests_as_its_long_manifest(tmp_path
             assert list(a["ids"]) == list(b["ids"])
             np.testing.assert_allclose(a["local"], b["local"])
             np.testing.assert_allclose(a["world"], b["world"])
+
+
+def test_a_project_domain_that_ends_as_another_keeps_its_own_columns(tmp_path):
+    """Domains `top` and `lap_top`: reading `top` drops only `lap_top`'s columns, reading `lap_top` keeps its own."""
+    from shapeworks_recipe import generate_joint
+
+    manifest = generate_joint(tmp_path / "cohort", n_train=4, n_test=1, seed=2, n_points=16, spacing=4.0,
+                              box_mm=120.0, missing_top=0)
+    project = manifest.parent / "project.swproj"
+    text = project.read_text().replace('_bottom"', '_lap_top"')  # the column names' suffix, not the file names
+    project.write_text(text)
+    report = ingest_multi_anatomy({"source": "shapeworks", "project": str(project)}, tmp_path / "ingested")
+    assert sorted(report["anatomies"]) == ["lap_top", "top"]
+    for anatomy in ("lap_top", "top"):
+        assert report["parts"][anatomy]["counts"] == {"train": 4, "test": 1}

@@ -132,8 +132,8 @@ def _project_rows(path: Path) -> pd.DataFrame:
         raise CohortError(f"{path}: no per-domain columns (local_particles_<domain>, ...): not a shape project")
     pieces = []
     for domain in domains:
-        others = [c for c in raw.columns for d in domains if d != domain and c.endswith(f"_{d}")
-                  and c.startswith(PER_DOMAIN)]
+        # by exact name: a domain may end as another one does (top, lap_top)
+        others = [f"{p}{d}" for p in PER_DOMAIN for d in domains if d != domain and f"{p}{d}" in raw]
         table, _ = shapeworks_table(raw.drop(columns=others), path, NO_STUDY, dict(notes))
         has = table[[c for c in PARTICLES if c in table]].ne("").any(axis=1)
         pieces.append(table[has].assign(anatomy=domain))

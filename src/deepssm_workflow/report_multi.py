@@ -57,18 +57,20 @@ def paired_difference(per_scan: pd.DataFrame, anatomy: str, column: str, baselin
             "method_mean": float(pairs[:, 0].mean()), "baseline_mean": float(pairs[:, 1].mean())}
 
 
-def with_baselines(per_scan: pd.DataFrame, dataset_dir: Path, dataset: str, anatomies: list[str]
-                   ) -> tuple[pd.DataFrame, list[tuple[str, str, str]]]:
-    """per_scan with, per DeepSSM baseline method m, its scan-frame and world RMSE of the same scan and anatomy
-    (columns m_scan_mm, m_world_mm, from the anatomy's baseline dataset), and the comparisons they add."""
+def _baseline_errors(dataset_dir: Path, dataset: str, anatomies: list[str]) -> pd.DataFrame:
+    """Every baseline dataset's per-scan errors (error_decomposition_per_subject), with its anatomy."""
     frames = []
     for anatomy in anatomies:
         table = DatasetLayout(dataset_dir.parent / baseline_name(dataset, anatomy)).evaluation_table(
             "error_decomposition_per_subject")
-        frame = _csv(table)
-        frame["anatomy"] = anatomy
-        frames.append(frame)
-    baselines = pd.concat(frames)
+        frames.append(_csv(table).assign(anatomy=anatomy))
+    return pd.concat(frames)
+
+
+def with_baselines(per_scan: pd.DataFrame, baselines: pd.DataFrame
+                   ) -> tuple[pd.DataFrame, list[tuple[str, str, str]]]:
+    """per_scan with, per DeepSSM baseline method m, its scan-frame and world RMSE of the same scan and anatomy
+    (columns m_scan_mm, m_world_mm, from `_baseline_errors`), and the comparisons they add."""
     wide = baselines.pivot_table(index=["id", "anatomy"], columns="method",
                                  values=["scan_rmse_mm", "world_rmse_mm"], aggfunc="first")
     methods = list(dict.fromkeys(baselines["method"]))
@@ -121,6 +123,8 @@ def build_multi_report(dataset_dir, dataset: str, settings: dict, methods, out_p
     grid = _read_json(layout.scans_grid_json)
     anatomies = list(grid["anatomies"])
     answers, sections = [], []
+    # the DeepSSM baselines' errors per scan, read once for every method
+    baselines = _baseline_errors(Path(dataset_dir), dataset, anatomies) if settings.get("baselines") else None
     for method in methods:
         folder = layout.multi_evaluation_dir(method)
         per_scan, summary = _csv(folder / "per_scan.csv"), _csv(folder / "summary.csv")
@@ -128,8 +132,8 @@ def build_multi_report(dataset_dir, dataset: str, settings: dict, methods, out_p
         if missing:
             raise ValueError(f"{folder / 'summary.csv'}: no row for anatomy {', '.join(missing)} of {layout.scans_dir}")
         comparisons = COMPARISONS
-        if settings.get("baselines"):
-            per_scan, extra = with_baselines(per_scan, Path(dataset_dir), dataset, anatomies)
+        if baselines is not None:
+            per_scan, extra = with_baselines(per_scan, baselines)
             comparisons = COMPARISONS + tuple(extra)
         sentence, comparisons = _answer(method, per_scan, anatomies, comparisons)
         answers.append(f"<p><b>{_esc(method)}</b>: {_esc(sentence)}</p>" + _table(comparisons))
