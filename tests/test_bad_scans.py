@@ -4,6 +4,7 @@ the checks of `scan_checks` on their own, `deepssm-wf predict-image` on broken s
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -114,9 +115,9 @@ def test_scan(trained):
     return subjects.loc[subjects["split"] == "test", "image"].iloc[0]
 
 
-def predict_image_cli(trained, image, out_prefix) -> int:
+def predict_image_cli(trained, image, out_prefix, *options) -> int:
     return main(["predict-image", "--model-dir", str(trained / "model"), "--preprocess-dir",
-                 str(trained / "preprocess"), "--image", str(image), "--out-prefix", str(out_prefix)])
+                 str(trained / "preprocess"), "--image", str(image), "--out-prefix", str(out_prefix), *options])
 
 
 def _scan_like(source, path, edit):
@@ -173,6 +174,27 @@ def test_predict_image_writes_a_plausible_prediction_and_refuses_garbage(trained
     err = capfd.readouterr().err
     assert f"{test_scan}: prediction refused: the predicted shape's RMS radius is" in err, err
     assert not (tmp_path / "bad").exists()
+
+
+def _noise_like(array):
+    """The scan's geometry and intensity range, no anatomy in it."""
+    return np.random.default_rng(0).normal(array.mean(), array.std(), array.shape).astype(np.float32)
+
+
+def test_predict_image_refuses_a_scan_whose_registration_is_flagged(trained, test_scan, tmp_path, capfd):
+    scan = _scan_like(test_scan, tmp_path / "noise.nrrd", _noise_like)
+    assert predict_image_cli(trained, scan, tmp_path / "refused" / "new") == 1
+    err = capfd.readouterr().err
+    assert f"{scan}: prediction refused: its registration to the reference looks failed: metric" in err, err
+    assert "--accept-flagged-registration" in err
+    assert not (tmp_path / "refused").exists()
+
+    # asked to, it predicts from the flagged registration, says so, and returns the warning in its record
+    assert predict_image_cli(trained, scan, tmp_path / "accepted" / "new", "--accept-flagged-registration") == 0
+    out, err = capfd.readouterr()
+    assert f"WARNING: {scan}: metric" in err, err
+    assert json.loads(out)["registration"]["warning"].startswith("metric")
+    assert sorted(p.name for p in (tmp_path / "accepted").iterdir()) == ["new_local.particles", "new_world.particles"]
 
 
 def _patched_output(monkeypatch, change):

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from conftest import run_config, run_snakemake
-from deepssm_workflow.report_multi import paired_difference
+from deepssm_workflow.report_multi import _registration_sentence, paired_difference
 from test_report import inspect_in_chromium
 
 ANATOMIES = ["femur_right", "femur_left", "bladder"]
@@ -47,6 +47,17 @@ def test_paired_difference_says_beats_only_when_the_interval_is_below_zero():
     assert found["b"]["verdict"] == "cannot tell apart from" and found["b"]["low"] < 0 < found["b"]["high"]
     assert found["c"]["verdict"] == "worse than" and found["c"]["low"] > 0
     assert paired_difference(per_scan, "d", "local_rmse_mm", "template_at_detection_mm")["verdict"] == "no test scan"
+
+
+def test_the_verdict_says_where_the_baselines_registration_was_flagged():
+    flagged = {"bladder": ([f"hip_{i:03d}" for i in range(8)], 19), "femur_left": ([], 19)}
+    said = _registration_sentence("bladder", flagged, ["base"])
+    assert said == (" (the registration that base needs was flagged as failed on 8 of its 19 test scans: hip_000, "
+                    "hip_001, hip_002, hip_003, hip_004, hip_005 and 2 more; its errors there are the "
+                    "registration's, not the network's)")
+    assert _registration_sentence("femur_left", flagged, ["base"]) == ""  # nothing flagged
+    assert _registration_sentence("bladder", flagged, []) == ""  # no baseline needs the registration
+    assert _registration_sentence("femur_right", flagged, ["base"]) == ""
 
 
 @pytest.mark.slow
@@ -116,3 +127,9 @@ def test_a_multi_anatomy_dataset_runs_to_its_report(tmp_path, chromium):
                              text)
         assert f"<tr><td>{anatomy}</td><td>world rmse</td><td>the template&#x27;s world shape (the shape known " \
                f"without the scan)</td><td>{present}</td>" in text
+        # where the registration that base needs was flagged, the verdict says on how many of its scans
+        record = np.load(work / "results" / f"hip_{anatomy}" / "preprocess" / "test.npz")
+        flagged = [str(i) for i, warning in zip(record["ids"], record["registration_warning"]) if warning]
+        said = (f"(the registration that base needs was flagged as failed on {len(flagged)} of its "
+                f"{len(record['ids'])} test scans: ")
+        assert (said in text) == bool(flagged), (anatomy, flagged)

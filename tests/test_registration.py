@@ -10,6 +10,8 @@ spheroid, symmetric about that axis, it is the only rotation an image can tell).
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
@@ -19,7 +21,7 @@ import SimpleITK as sitk
 from conftest import tiny_settings
 from deepssm_workflow import preprocess as pp
 from deepssm_workflow.ingest import ingest_cohort
-from deepssm_workflow.registration import RegistrationPrior, registration_errors
+from deepssm_workflow.registration import RegistrationPrior, field_centre, registration_errors
 from deepssm_workflow.synthetic.cohort import generate_cohort
 from shapeworks_recipe import generate
 
@@ -154,3 +156,56 @@ def test_a_scan_without_the_anatomy_is_flagged_as_misregistered(tmp_path):
     warnings = dict(zip(record["ids"], record["registration_warning"]))
     assert "worse than every training image's at its true pose" in warnings.pop(subject)
     assert not any(warnings.values()), warnings  # the other scans are not flagged
+
+
+def test_misplacement_is_the_lesser_distance_outside_the_two_training_boxes():
+    prior = RegistrationPrior("rigid", True, tuple(np.eye(3).ravel()), 5.0, (0.0, 0.0, 0.0), 10.0,
+                              ((-20.0,) * 3, (20.0,) * 3), position_box=((0, 0, 0), (10, 10, 10)),
+                              offset_box=((-5, -5, -5), (5, 5, 5)))
+    field = np.array([10.0, 5.0, 5.0])
+    assert prior.misplacement_mm(np.array([5.0, 5.0, 5.0]), field) == 0.0  # inside both
+    # 30 mm beyond the scanner box along x, 25 mm beyond the offset box: the lesser counts
+    assert prior.misplacement_mm(np.array([40.0, 5.0, 5.0]), field) == pytest.approx(25.0)
+    # a field centre that moved with the anatomy (a wider scan): inside the offset box, so not misplaced
+    assert prior.misplacement_mm(np.array([40.0, 5.0, 5.0]), np.array([40.0, 5.0, 5.0])) == 0.0
+    old = RegistrationPrior.from_dict({k: v for k, v in asdict(prior).items() if k not in ("position_box",
+                                                                                             "offset_box")})
+    assert old.misplacement_mm(np.array([400.0, 5.0, 5.0]), field) is None  # a prior from before the boxes
+
+
+def test_an_anatomy_placed_where_no_training_scan_has_it_is_flagged(tmp_path):
+    settings = _recipe_cohort("bumpy", tmp_path)
+    meta = pp.preprocess_training(tmp_path / "cohort", settings, tmp_path / "preprocess")
+    table = pd.read_csv(tmp_path / "cohort" / "subjects.csv")
+    scan = table.loc[table["split"] == "test", "image"].iloc[0]
+    meta, grid, reference = pp.load_reference(tmp_path / "preprocess")
+    prior = RegistrationPrior.from_dict(meta["registration"]["prior"])
+    assert prior.position_box is not None and prior.offset_box is not None
+
+    # the scan with 80 mm of background added on one side: its field centre moves 40 mm, its anatomy does
+    # not, and its correct registration is not flagged
+    image = sitk.ReadImage(scan, sitk.sitkFloat32)
+    background = float(np.median(sitk.GetArrayViewFromImage(image)))
+    padded = sitk.ConstantPad(image, [80, 0, 0], [0, 0, 0], background)
+    sitk.WriteImage(padded, str(tmp_path / "padded.nrrd"))
+    _, image_to_world, record = pp.preprocess_image(tmp_path / "padded.nrrd", meta, grid, reference)
+    assert not record["warning"], record
+    # ... although its offset from the field centre alone lies beyond the training offsets by over a radius
+    world_to_image = np.linalg.inv(image_to_world)
+    offset = world_to_image[:3, :3] @ prior.centre + world_to_image[:3, 3] - field_centre(padded)
+    lower, upper = (np.array(corner) for corner in prior.offset_box)
+    assert np.linalg.norm(np.maximum(0, np.maximum(lower - offset, offset - upper))) > prior.radius_mm
+
+    # the same scan against training scans that all had the anatomy beyond their box, two radii further
+    # along x: flagged
+    def moved(box):
+        shift = [box[1][0] - box[0][0] + 2 * prior.radius_mm, 0, 0]
+        return tuple(tuple(np.array(corner) + shift) for corner in box)
+
+    far = dict(meta, registration={**meta["registration"], "prior": {
+        **meta["registration"]["prior"], "position_box": moved(prior.position_box),
+        "offset_box": moved(prior.offset_box)}})
+    _, _, record = pp.preprocess_image(scan, far, grid, reference)
+    found = re.search(r"anatomy placed (\d+) mm outside where the training scans have it \(more than its radius",
+                      record["warning"])
+    assert found and int(found.group(1)) > prior.radius_mm, record

@@ -222,3 +222,18 @@ def test_alignment_table_needs_the_registration_record(tmp_path):
         _alignment(old)
     with pytest.raises(ValueError, match=r"missing.npz: not found"):
         _alignment(tmp_path / "missing.npz")
+
+
+def test_the_first_screen_names_flagged_registrations_of_the_registered_methods(tmp_path):
+    from deepssm_workflow.layout import DatasetLayout
+    from deepssm_workflow.report import _flagged_answer
+
+    layout = DatasetLayout(tmp_path)
+    layout.preprocessed("test").parent.mkdir(parents=True)
+    np.savez(layout.preprocessed("test"), ids=np.array(["a", "b", "c"]),
+             registration_warning=np.array(["", "anatomy placed 170 mm outside where the training scans have it", ""]))
+    line = _flagged_answer(layout, ["base", "tl", "image2ssm"])
+    assert "The registration of 1 of the 3 test scans was flagged as failed (b); base and tl start from it" in line
+    assert _flagged_answer(layout, ["image2ssm", "base_uncropped"]) == ""  # no method starts from it
+    np.savez(layout.preprocessed("test"), ids=np.array(["a"]), registration_warning=np.array([""]))
+    assert _flagged_answer(layout, ["base"]) == ""  # nothing flagged

@@ -178,7 +178,8 @@ def _predict_image(args) -> None:
     if _one_source(args, "preprocess_dir"):
         result = predict_scan_image(args.model_dir, args.scans_dir, args.image, args.out_prefix)
     else:
-        result = predict_image(args.model_dir, args.preprocess_dir, args.image, args.out_prefix)
+        result = predict_image(args.model_dir, args.preprocess_dir, args.image, args.out_prefix,
+                               args.accept_flagged_registration)
     print(json.dumps(result, indent=2))
 
 
@@ -524,6 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scans-dir", help="results/{dataset}/scans (grid.json), for a method that localizes itself")
     p.add_argument("--image", required=True, help="3D image file (NRRD, NIfTI, ...)")
     p.add_argument("--out-prefix", required=True, help="writes PREFIX_world.particles and PREFIX_local.particles")
+    p.add_argument("--accept-flagged-registration", action="store_true",
+                   help="predict even when the scan's registration is flagged as failed (refused by default)")
     p.set_defaults(run=_predict_image)
 
     p = steps.add_parser("evaluate", help="mean test RMSE per method beside the mean-shape predictor and PCA floor")

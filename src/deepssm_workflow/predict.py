@@ -294,13 +294,15 @@ def plausible_world_box(mean: np.ndarray) -> WorldGrid:
     return WorldGrid.around(mean, 1.0, float(np.ptp(mean, axis=0).max()) / 2)
 
 
-def predict_image(model_dir, preprocess_dir, image_path, out_prefix) -> dict:
+def predict_image(model_dir, preprocess_dir, image_path, out_prefix, accept_flagged_registration: bool = False
+                  ) -> dict:
     """A brand-new image, from its file alone: writes {out_prefix}_world.particles and _local.particles.
 
     The scan is checked as it is read (`scan_checks.read_scan`: path, 3D scalar header, voxels,
     intensities), so that a broken file is named as such rather than failing inside registration.
-    The registration's record (metric, warnings, ...) is returned with the files; a warning is
-    also printed, since these particles carry the registration's error.
+    A registration its checks flag as failed (`registration.register`'s warnings) refuses the scan, since
+    the particles would carry its error; `accept_flagged_registration` predicts anyway, with the warning
+    printed. The registration's record (metric, warnings, ...) is returned with the files.
     """
     start = time.perf_counter()
     meta, grid, reference = load_reference(preprocess_dir)
@@ -308,6 +310,10 @@ def predict_image(model_dir, preprocess_dir, image_path, out_prefix) -> dict:
         array, image_to_world, registration = preprocess_image(image_path, meta, grid, reference)
     except RuntimeError as error:  # SimpleITK's way of failing (the file itself is checked as it is read)
         raise ValueError(f"{image_path}: cannot preprocess the image: {str(error).strip()}") from None
+    if registration["warning"] and not accept_flagged_registration:
+        raise ValueError(f"{image_path}: prediction refused: its registration to the reference looks failed: "
+                         f"{registration['warning']}. Check that the scan shows the anatomy the model was trained "
+                         f"on, or pass --accept-flagged-registration to predict from this registration anyway")
     trained = _crop_model(model_dir)
     model = inference_model(trained.model)
     world, _ = predict(trained.method, model, array[None].astype(np.float32), batch_size=1)

@@ -30,7 +30,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from .atomic import staged
-from .registration import RegistrationPrior, metric_at, register, registration_errors
+from .registration import RegistrationPrior, field_centre, metric_at, register, registration_errors
 from .scan_checks import ScanError, read_scan
 
 CONTEXT_MM = 20.0  # extra field around the crop in the registration target
@@ -226,15 +226,19 @@ def preprocess_training(cohort_dir, settings: PreprocessSettings, out_dir) -> di
     prior = RegistrationPrior.from_training(mode["transform"], mode["scale_search"], shapes["image_to_world"],
                                             shapes["world"], reference_index)
 
-    arrays, metrics = [], []
+    arrays, metrics, field_centres = [], [], []
     for subject_id, image_to_world in zip(ids, shapes["image_to_world"]):
         world_to_image = affine(np.linalg.inv(image_to_world))
         path = images.loc[subject_id, "image"]
         raw = reference_raw if subject_id == reference_id else read_image(path, f"subject {subject_id}: {path}")
         arrays.append(resample_to_world(raw, world_to_image, grid))
-        # what a correct registration of this cohort's scans scores: the yardstick for unseen ones
-        metrics.append(metric_at(smoothed_to(raw, spacing), target, world_to_image))
-    prior = prior.with_metrics(np.array(metrics))
+        # what a correct registration of this cohort's scans scores and where it puts the anatomy: the
+        # yardsticks for unseen ones (measured on the scan as registration sees it)
+        smoothed = smoothed_to(raw, spacing)
+        metrics.append(metric_at(smoothed, target, world_to_image))
+        field_centres.append(field_centre(smoothed))
+    prior = prior.with_training_scans(np.array(metrics), np.linalg.inv(shapes["image_to_world"]),
+                                      np.array(field_centres))
     stack = np.stack(arrays).astype(np.float32)
     mean, std = float(stack.mean(dtype=np.float64)), float(stack.std(dtype=np.float64))
     if not std > 0:

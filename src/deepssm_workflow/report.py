@@ -524,9 +524,24 @@ def _study_answer(study: str | None, study_dir: Path) -> str:
             + f'<p class="file">{_esc(study_dir.name)}/summary.json</p>')
 
 
+def _flagged_answer(layout: DatasetLayout, methods) -> str:
+    """A line on the first screen when test registrations, which the registered-crop methods start from, were
+    flagged as failed ('' when none was, or no method uses them)."""
+    from .methods import LOCALIZES, get
+
+    registered = [m for m in methods if not get(m).has(LOCALIZES)]
+    data = np.load(layout.preprocessed("test"))
+    flagged = [str(i) for i, warning in zip(data["ids"], data["registration_warning"]) if warning]
+    if not flagged or not registered:
+        return ""
+    return (f'<p class="note">The registration of {len(flagged)} of the {len(data["ids"])} test scans was flagged '
+            f"as failed ({_esc(', '.join(flagged))}); {_esc(_names(registered))} start from it, so their errors on "
+            "these scans are the registration's, not the network's. See Alignment of the test scans.</p>")
+
+
 def _answer(layout: DatasetLayout, methods, study: str | None, study_dir: Path, evaluation: dict) -> str:
     return ('<div class="answer">' + _accuracy_answer(layout, methods, evaluation.get("n_modes"))
-            + _study_answer(study, study_dir) + "</div>")
+            + _flagged_answer(layout, methods) + _study_answer(study, study_dir) + "</div>")
 
 
 # -- provenance
@@ -654,8 +669,9 @@ def _alignment(test_npz: Path) -> str:
     parts.append(body + '<p class="caption">Every prediction starts with this image-only registration of the scan '
                  "to the reference; test errors in the evaluation include its error, validation errors in the "
                  "training table do not (they use the shape model's own alignment). A warning is raised when the "
-                 "metric is far worse than the training images' own at their true pose, or the pose far outside "
-                 "the training poses; a similarity fallback means the size search was rejected and the rigid "
+                 "metric is far worse than the training images' own at their true pose, the rotation far outside "
+                 "the training poses, or the anatomy placed farther than its radius from where every training "
+                 "scan has it; a similarity fallback means the size search was rejected and the rigid "
                  "pose kept.</p>")
     return "".join(parts)
 

@@ -19,6 +19,7 @@ import pandas as pd
 from .atomic import replaced
 from .intervals import mean_interval
 from .layout import DatasetLayout
+from .methods import LOCALIZES, get
 from .multi_baselines import BASELINE_LABELS, baseline_name
 from .report import STYLE, _anchor, _ci, _csv, _esc, _figure, _read_json, _table, code_version
 
@@ -67,6 +68,26 @@ def _baseline_errors(dataset_dir: Path, dataset: str, anatomies: list[str]) -> p
     return pd.concat(frames)
 
 
+def flagged_registrations(dataset_dir: Path, dataset: str, anatomies: list[str]) -> dict[str, tuple[list[str], int]]:
+    """Per anatomy: the test scans whose image-only registration, the first step of the registered-crop
+    baselines, was flagged (`registration.register`'s warnings), and the number of test scans."""
+    flagged = {}
+    for anatomy in anatomies:
+        data = np.load(DatasetLayout(dataset_dir.parent / baseline_name(dataset, anatomy)).preprocessed("test"))
+        flagged[anatomy] = ([str(i) for i, w in zip(data["ids"], data["registration_warning"]) if w], len(data["ids"]))
+    return flagged
+
+
+def _registration_sentence(anatomy: str, flagged: dict, registered: list[str]) -> str:
+    """What the registered-crop baselines' comparisons on `anatomy` rest on, when their registration was flagged."""
+    ids, n = flagged.get(anatomy, ([], 0))
+    if not ids or not registered:
+        return ""
+    shown = ", ".join(ids[:6]) + (f" and {len(ids) - 6} more" if len(ids) > 6 else "")
+    return (f" (the registration that {', '.join(registered)} needs was flagged as failed on {len(ids)} of its {n} "
+            f"test scans: {shown}; its errors there are the registration's, not the network's)")
+
+
 def with_baselines(per_scan: pd.DataFrame, baselines: pd.DataFrame
                    ) -> tuple[pd.DataFrame, list[tuple[str, str, str]]]:
     """per_scan with, per DeepSSM baseline method m, its scan-frame and world RMSE of the same scan and anatomy
@@ -97,7 +118,11 @@ def _detection_rows(summary: pd.DataFrame) -> pd.DataFrame:
     } for _, row in summary.iterrows()])
 
 
-def _answer(method: str, per_scan: pd.DataFrame, anatomies: list[str], comparisons) -> tuple[str, pd.DataFrame]:
+def _answer(method: str, per_scan: pd.DataFrame, anatomies: list[str], comparisons,
+            flagged: dict | None = None, registered: list[str] | None = None) -> tuple[str, pd.DataFrame]:
+    """The first screen for one method: a sentence per anatomy and the table of paired differences. `flagged`
+    (`flagged_registrations`) and `registered` (the baseline methods that need the registration) add what the
+    registered-crop baselines' comparisons rest on."""
     rows, sentences = [], []
     for anatomy in anatomies:
         for column, baseline, what in comparisons:
@@ -112,7 +137,7 @@ def _answer(method: str, per_scan: pd.DataFrame, anatomies: list[str], compariso
         sentences.append(f"{anatomy}: detected in {int(present['detected'].astype(bool).sum())} of the "
                          f"{len(present)} test scans that have it; {method} {main['verdict']} its template at its "
                          f"own detection (local RMSE, paired difference {_ci(main['mean'], main['low'], main['high'])}"
-                         f" mm, n {main['n']})")
+                         f" mm, n {main['n']})" + _registration_sentence(anatomy, flagged or {}, registered or []))
     return "; ".join(sentences) + ".", pd.DataFrame(rows)
 
 
@@ -125,6 +150,9 @@ def build_multi_report(dataset_dir, dataset: str, settings: dict, methods, out_p
     answers, sections = [], []
     # the DeepSSM baselines' errors per scan, read once for every method
     baselines = _baseline_errors(Path(dataset_dir), dataset, anatomies) if settings.get("baselines") else None
+    flagged = flagged_registrations(Path(dataset_dir), dataset, anatomies) if baselines is not None else {}
+    registered = ([m for m in dict.fromkeys(baselines["method"]) if not get(m).has(LOCALIZES)]
+                  if baselines is not None else [])
     for method in methods:
         folder = layout.multi_evaluation_dir(method)
         per_scan, summary = _csv(folder / "per_scan.csv"), _csv(folder / "summary.csv")
@@ -135,7 +163,7 @@ def build_multi_report(dataset_dir, dataset: str, settings: dict, methods, out_p
         if baselines is not None:
             per_scan, extra = with_baselines(per_scan, baselines)
             comparisons = COMPARISONS + tuple(extra)
-        sentence, comparisons = _answer(method, per_scan, anatomies, comparisons)
+        sentence, comparisons = _answer(method, per_scan, anatomies, comparisons, flagged, registered)
         answers.append(f"<p><b>{_esc(method)}</b>: {_esc(sentence)}</p>" + _table(comparisons))
         card = _read_json(layout.model_card(method))
         sections.append(

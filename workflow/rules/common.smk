@@ -296,7 +296,9 @@ def multi_training_settings(wildcards):
 
 
 def multi_report_inputs(wildcards):
-    d, methods = patterns(wildcards.dataset), multi_entry(wildcards)["methods"]
+    entry = multi_entry(wildcards)
+    d, methods = patterns(wildcards.dataset), entry["methods"]
+    baseline_anatomies = anatomies_of(entry) if "baselines" in entry else ()
     return {
         "cohort": d.cohort_dir,
         "scans": d.scans_dir,
@@ -307,6 +309,10 @@ def multi_report_inputs(wildcards):
         "predictions": [d.predictions_csv(m) for m in methods],
         "baselines": [
             patterns(baseline_name(wildcards.dataset, anatomy)).evaluation_table("error_decomposition_per_subject")
-            for anatomy in (anatomies_of(multi_entry(wildcards)) if "baselines" in multi_entry(wildcards) else ())
+            for anatomy in baseline_anatomies
+        ],
+        # their test scans' registration records: the report says where it was flagged
+        "baseline_registrations": [
+            patterns(baseline_name(wildcards.dataset, anatomy)).preprocessed("test") for anatomy in baseline_anatomies
         ],
     }
