@@ -82,7 +82,7 @@ def _predict_multi(args) -> None:
 def _evaluate_multi(args) -> None:
     from .evaluate_multi import evaluate_multi
 
-    print(evaluate_multi(args.model_dir, args.scans_dir, args.out_dir, threads=args.threads,
+    print(evaluate_multi(args.model_dir, args.scans_dir, args.predictions_dir, args.out_dir, threads=args.threads,
                          cohort_dir=args.cohort).to_string(index=False))
 
 
@@ -375,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "test scans, beside the template baselines")
     p.add_argument("--model-dir", required=True)
     p.add_argument("--scans-dir", required=True)
+    p.add_argument("--predictions-dir", required=True, help="predict-multi's folder for the test split: what is "
+                   "scored (predictions.csv and its particle files)")
     p.add_argument("--cohort", help="the ingested multi-anatomy cohort (ingest-multi), for the surface distances "
                    "to its true meshes")
     p.add_argument("--out-dir", required=True)

@@ -1,5 +1,8 @@
 """Evaluation of a multi-anatomy method (massm) per anatomy on `multi_scans`'s test scans, beside its
-baselines (the MASSM paper's Figs 2-3):
+baselines (the MASSM paper's Figs 2-3). It scores what `predict_multi` delivered (its predictions.csv and
+particle files), not a second run of the network: an anatomy the detector did not pass has no prediction, so
+the prediction's errors are over the scans where it was detected (n_predicted), and the template baselines
+over every scan that has the anatomy.
 
 * detection: of the scans that have the anatomy, the fraction where the heatmap's peak passed the
   threshold; of those that lack it, the fraction falsely detected; the detected centre's error (mm)
@@ -22,7 +25,6 @@ and the predicted particles near the slice) into `out_dir`.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,7 @@ import torch
 from .atomic import staged
 from .inference import load_trained
 from .intervals import bootstrap_interval, mean_interval
+from .io import read_particles
 from .shape_space import rmse
 
 LOCAL_COLUMNS = {"local_rmse_mm": "prediction", "template_at_detection_mm": "template at detection",
@@ -41,23 +44,50 @@ SURFACE_COLUMNS = {"local_surface_mm": "local", "template_at_detection_surface_m
                    "world_surface_mm": "world", "template_world_surface_mm": "template's world shape"}
 
 
-def evaluate_multi(model_dir, scans_dir, out_dir, threads: int = 1, cohort_dir=None) -> pd.DataFrame:
+def delivered(predictions_dir, test, anatomies: list[str], n_points: int) -> dict:
+    """What predict_multi wrote for the test scans, in the scan grid's frame (the test npz's): per scan and
+    anatomy, detected, peak, box centre, local and world particles (nan where not detected) and the network's
+    seconds. Every (scan, anatomy) must have exactly one row."""
+    folder = Path(predictions_dir)
+    table = pd.read_csv(folder / "predictions.csv", dtype={"id": str, "anatomy": str, "world_particles": str,
+                                                            "local_particles": str}, keep_default_na=False)
+    keys = list(zip(table["id"], table["anatomy"]))
+    wanted = [(str(i), a) for i in test["ids"] for a in anatomies]
+    if sorted(keys) != sorted(wanted):
+        missing, extra = sorted(set(wanted) - set(keys)), sorted(set(keys) - set(wanted))
+        raise ValueError(f"{folder / 'predictions.csv'}: its rows are not one per test scan and anatomy of the "
+                         f"scans' test.npz (missing {missing[:3]}, unexpected {extra[:3]}, "
+                         f"{len(keys) - len(set(keys))} repeated): rerun predict_multi")
+    rows = table.set_index(["id", "anatomy"])
+    shape = (len(test["ids"]), len(anatomies))
+    found = {"present": np.zeros(shape, bool), "peak": np.zeros(shape), "centre_mm": np.zeros(shape + (3,)),
+             "local": np.full(shape + (n_points, 3), np.nan), "world": np.full(shape + (n_points, 3), np.nan),
+             "network_seconds": np.zeros(len(test["ids"]))}
+    for n, subject in enumerate(str(i) for i in test["ids"]):
+        origin = np.asarray(test["origins"][n], dtype=np.float64)
+        for k, anatomy in enumerate(anatomies):
+            row = rows.loc[(subject, anatomy)]
+            found["present"][n, k] = str(row["detected"]).lower() == "true"
+            found["peak"][n, k] = float(row["peak"])
+            found["centre_mm"][n, k] = [float(row[f"centre_{axis}_mm"]) for axis in "xyz"] - origin
+            found["network_seconds"][n] = float(row["network_seconds"])
+            if found["present"][n, k]:
+                found["local"][n, k] = read_particles(folder / row["local_particles"]) - origin
+                found["world"][n, k] = read_particles(folder / row["world_particles"])
+    return found
+
+
+def evaluate_multi(model_dir, scans_dir, predictions_dir, out_dir, threads: int = 1, cohort_dir=None
+                   ) -> pd.DataFrame:
     """per_scan.csv, summary.csv, rmse_boxplots.png and best_worst.png of the module's doc; returns the summary.
     Surface distances need `cohort_dir` (ingest_multi's folder) and meshes there; without, their columns are nan."""
     torch.set_num_threads(max(1, threads))
     scans_dir = Path(scans_dir)
     meta = json.loads((scans_dir / "grid.json").read_text())
     test = np.load(scans_dir / "test.npz")
-    trained = load_trained(model_dir)
-    model = trained.model.eval()
-    start = time.perf_counter()
-    with torch.no_grad():
-        found = [trained.method.detect(model, torch.as_tensor(test["images"][i:i + 1]).unsqueeze(1))
-                 for i in range(len(test["ids"]))]
-    network_seconds = (time.perf_counter() - start) / max(1, len(test["ids"]))
-    found = {key: torch.cat([f[key] for f in found]).numpy().astype(np.float64 if key != "present" else bool)
-             for key in found[0]}
+    model = load_trained(model_dir).model.eval()  # its templates, and its heatmaps for the figure
     anatomies, m = meta["anatomies"], meta["n_points"]
+    found = delivered(predictions_dir, test, anatomies, m)
     local = test["local"].reshape(len(test["ids"]), len(anatomies), m, 3).astype(np.float64)
     world = test["world"].reshape(local.shape).astype(np.float64)
     template_local = model.template_local.numpy().astype(np.float64)
@@ -68,18 +98,19 @@ def evaluate_multi(model_dir, scans_dir, out_dir, threads: int = 1, cohort_dir=N
         for k, anatomy in enumerate(anatomies):
             row = {"id": str(subject), "anatomy": anatomy, "present": bool(test["present"][n, k]),
                    "detected": bool(found["present"][n, k]), "peak": float(found["peak"][n, k]),
-                   "network_seconds": network_seconds}
+                   "network_seconds": float(found["network_seconds"][n])}
             if row["present"]:
                 truth = local[n, k]
                 true_centre = (truth.max(0) + truth.min(0)) / 2
                 centre = found["centre_mm"][n, k]
                 row.update({
                     "centre_error_mm": float(np.linalg.norm(centre - true_centre)),
-                    "local_rmse_mm": float(rmse(found["local"][n, k], truth)),
                     "template_at_detection_mm": float(rmse(template_local[k] + centre, truth)),
                     "template_at_true_centre_mm": float(rmse(template_local[k] + true_centre, truth)),
-                    "world_rmse_mm": float(rmse(found["world"][n, k], world[n, k])),
                     "template_world_mm": float(rmse(template_world[k], world[n, k])),
+                    # nothing delivered where not detected: no error, rather than the error of what was not given
+                    "local_rmse_mm": float(rmse(found["local"][n, k], truth)) if row["detected"] else np.nan,
+                    "world_rmse_mm": float(rmse(found["world"][n, k], world[n, k])) if row["detected"] else np.nan,
                 })
             rows.append(row)
     per_scan = pd.DataFrame(rows)
@@ -128,10 +159,12 @@ def _surface_distances(cohort_dir: Path, anatomies: list[str], test, found: dict
             origin = np.asarray(test["origins"][n], dtype=np.float64)
             at_detection = template_local[k] + found["centre_mm"][n, k] + origin
             out[subject, anatomy] = {
-                "local_surface_mm": surface_distance(template.warp(found["local"][n, k] + origin), true).mean_mm,
                 "template_at_detection_surface_mm": surface_distance(template.warp(at_detection), true).mean_mm,
-                "world_surface_mm": surface_distance(template.warp(found["world"][n, k]), true_world).mean_mm,
                 "template_world_surface_mm": surface_distance(template.warp(template_world[k]), true_world).mean_mm}
+            if found["present"][n, k]:  # a prediction was delivered
+                out[subject, anatomy].update({
+                    "local_surface_mm": surface_distance(template.warp(found["local"][n, k] + origin), true).mean_mm,
+                    "world_surface_mm": surface_distance(template.warp(found["world"][n, k]), true_world).mean_mm})
     return out
 
 
@@ -150,12 +183,22 @@ def _summary(anatomy: str, rows: pd.DataFrame) -> dict:
         out[name], out[f"{name}_low"], out[f"{name}_high"] = _rate(values)
     for column in ("centre_error_mm", *LOCAL_COLUMNS, *WORLD_COLUMNS, *SURFACE_COLUMNS):
         values = present[column].to_numpy(dtype=np.float64)
+        values = values[np.isfinite(values)]  # a prediction's errors: the scans where one was delivered
         out[column] = float(values.mean()) if len(values) else float("nan")
         out[f"{column}_low"], out[f"{column}_high"] = mean_interval(values)
+    out["n_predicted"] = int(present["detected"].astype(bool).sum())
     out["n_surface"] = int(np.isfinite(present["local_surface_mm"].to_numpy(dtype=np.float64)).sum())
-    out["beats_template_at_detection"] = bool(out["local_rmse_mm"] < out["template_at_detection_mm"])
-    out["beats_template_world"] = bool(out["world_rmse_mm"] < out["template_world_mm"])
+    # on the same scans: those with a prediction
+    predicted = present[present["detected"].astype(bool)]
+    out["beats_template_at_detection"] = bool(len(predicted)) and bool(
+        predicted["local_rmse_mm"].mean() < predicted["template_at_detection_mm"].mean())
+    out["beats_template_world"] = bool(len(predicted)) and bool(
+        predicted["world_rmse_mm"].mean() < predicted["template_world_mm"].mean())
     return out
+
+
+def _wrapped(label: str) -> str:
+    return label.replace(" at ", "\nat ").replace("'s world", "'s\nworld")
 
 
 def _boxplots(per_scan: pd.DataFrame, anatomies: list[str], path: Path) -> None:
@@ -172,17 +215,22 @@ def _boxplots(per_scan: pd.DataFrame, anatomies: list[str], path: Path) -> None:
                   (SURFACE_COLUMNS, "surface distance", "mean surface distance, mm"))
         for row, (columns, frame, unit) in enumerate(panels):
             ax = axes[row, k]
-            values = [present[c].to_numpy(dtype=np.float64) for c in columns]
-            values = [v[np.isfinite(v)] for v in values]
-            n = min(len(v) for v in values)
-            ax.set_title(f"{anatomy}: {frame}, n = {n}", fontsize=9)
-            if not n:  # no true meshes: said, not drawn empty
-                ax.text(0.5, 0.5, "not measured (no meshes)", ha="center", va="center", transform=ax.transAxes)
+            values = [(label, present[c].to_numpy(dtype=np.float64)) for c, label in columns.items()]
+            values = [(label, v[np.isfinite(v)]) for label, v in values]
+            drawn = [(label, v) for label, v in values if len(v)]
+            title = f"{anatomy}: {frame}"
+            if not drawn:  # said, not drawn empty
+                ax.set_title(title, fontsize=9)
+                ax.text(0.5, 0.5, "not measured (no meshes)" if row == 2 and len(present) else
+                        "no test scan has it" if not len(present) else "nothing delivered", ha="center",
+                        va="center", transform=ax.transAxes)
                 ax.set_axis_off()
                 continue
-            ax.boxplot(values, showmeans=True)
-            ax.set_xticks(range(1, len(columns) + 1), [label.replace(" at ", "\nat ") for label in columns.values()],
-                          fontsize=7)
+            missing = [label for label, v in values if not len(v)]  # the prediction, where never detected
+            ax.set_title(title + (f"\n{', '.join(missing)}: none delivered" if missing else ""), fontsize=9)
+            ax.boxplot([v for _, v in drawn], showmeans=True)
+            ax.set_xticks(range(1, len(drawn) + 1),
+                          [_wrapped(label) + f"\nn = {len(v)}" for label, v in drawn], fontsize=7)
             ax.set_ylabel(unit)
     fig.suptitle("Per-anatomy RMSE and surface distance of the test scans (box: quartiles; triangle: mean)")
     fig.tight_layout()
@@ -202,11 +250,12 @@ def _best_worst(model, test, per_scan: pd.DataFrame, anatomies: list[str], truth
     fig, axes = plt.subplots(len(anatomies), 2, figsize=(9, 2.6 * len(anatomies)), squeeze=False)
     for k, anatomy in enumerate(anatomies):
         rows = per_scan[(per_scan["anatomy"] == anatomy) & per_scan["present"]]
+        rows = rows[np.isfinite(rows["local_rmse_mm"].to_numpy(dtype=np.float64))]
         for column, pick in enumerate(("idxmin", "idxmax")):
             ax = axes[k, column]
             ax.set_axis_off()
             if rows.empty:
-                ax.set_title(f"{anatomy}: no test scan has it", fontsize=8)
+                ax.set_title(f"{anatomy}: no prediction (no test scan has it, or none detected it)", fontsize=8)
                 continue
             n = int(np.flatnonzero(test["ids"] == rows.loc[getattr(rows["local_rmse_mm"], pick)(), "id"])[0])
             points = truth[n, k]

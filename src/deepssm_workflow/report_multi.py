@@ -47,8 +47,9 @@ def paired_difference(per_scan: pd.DataFrame, anatomy: str, column: str, baselin
     rows = per_scan[(per_scan["anatomy"] == anatomy) & per_scan["present"].astype(bool)]
     pairs = rows[[column, baseline]].to_numpy(dtype=np.float64)
     pairs = pairs[np.isfinite(pairs).all(1)]  # a scan the baseline has no value for is left out, and n says so
-    if not len(pairs):
-        return {"n": 0, "mean": float("nan"), "low": float("nan"), "high": float("nan"), "verdict": "no test scan",
+    if not len(pairs):  # no scan has both: e.g. the method delivered no prediction of the anatomy
+        return {"n": 0, "mean": float("nan"), "low": float("nan"), "high": float("nan"),
+                "verdict": "has no scan to compare with",
                 "method_mean": float("nan"), "baseline_mean": float("nan")}
     difference = pairs[:, 0] - pairs[:, 1]
     low, high = mean_interval(difference)
@@ -111,6 +112,7 @@ def _detection_rows(summary: pd.DataFrame) -> pd.DataFrame:
         "detected (of the scans that have it)": (
             f"{_ci(row['detection_rate'], row['detection_rate_low'], row['detection_rate_high'])}"
             f" (n {int(row['n_present'])})"),
+        "scans with a prediction (detected)": int(row["n_predicted"]),
         "falsely detected (of those that lack it)": (
             f"{_ci(row['false_detection_rate'], row['false_detection_rate_low'], row['false_detection_rate_high'])}"
             f" (n {int(row['n_absent'])})" if int(row["n_absent"]) else "— (no test scan lacks it)"),
@@ -134,10 +136,12 @@ def _answer(method: str, per_scan: pd.DataFrame, anatomies: list[str], compariso
                          "verdict": f"{method} {d['verdict']} the baseline"})
         main = paired_difference(per_scan, anatomy, *COMPARISONS[0][:2])
         present = per_scan[(per_scan["anatomy"] == anatomy) & per_scan["present"].astype(bool)]
+        verdict = (f"{method} {main['verdict']} its template at its own detection (local RMSE, paired difference "
+                   f"{_ci(main['mean'], main['low'], main['high'])} mm, n {main['n']})" if main["n"]
+                   else f"{method} delivered no prediction of it, so there is nothing to compare")
         sentences.append(f"{anatomy}: detected in {int(present['detected'].astype(bool).sum())} of the "
-                         f"{len(present)} test scans that have it; {method} {main['verdict']} its template at its "
-                         f"own detection (local RMSE, paired difference {_ci(main['mean'], main['low'], main['high'])}"
-                         f" mm, n {main['n']})" + _registration_sentence(anatomy, flagged or {}, registered or []))
+                         f"{len(present)} test scans that have it; {verdict}"
+                         + _registration_sentence(anatomy, flagged or {}, registered or []))
     return "; ".join(sentences) + ".", pd.DataFrame(rows)
 
 
@@ -170,9 +174,12 @@ def build_multi_report(dataset_dir, dataset: str, settings: dict, methods, out_p
             f'<section id="{_anchor(method)}"><h2>{_esc(method)}</h2>'
             f"<h3>Detection and errors per anatomy (mean [95 % bootstrap interval] over the test scans that have "
             f"the anatomy)</h3>{_table(_detection_rows(summary))}"
-            f'<p class="caption">Detected: the heatmap peak above the method\'s presence_threshold. Centre error: '
-            f"the detected box centre against the true particles' box centre. Local RMSE is in the scan frame "
-            f"(eq. 12), world RMSE after the rigid fit onto the template's world shape.</p>"
+            f'<p class="caption">Detected: the heatmap peak above the method\'s presence_threshold. The '
+            f"prediction's errors are those of what predict-multi delivered, over the scans where the anatomy was "
+            f"detected (nothing is delivered elsewhere); centre error and the templates' errors are over every "
+            f"scan that has the anatomy. Centre error: the detected box centre (the heatmap's peak) against the "
+            f"true particles' box centre. Local RMSE is in the scan frame (eq. 12), world RMSE after the rigid "
+            f"fit onto the template's world shape.</p>"
             + _figure(folder / "rmse_boxplots.png", "Local and world RMSE per anatomy (the MASSM paper's Figs 2-3)",
                       "Box: quartiles; triangle: mean; n per panel in its title. Beside the prediction, the "
                       "template at the detected centre, at the true centre, and the template's world shape.",

@@ -140,6 +140,8 @@ rule evaluate_multi:
         scans=RESULTS.scans_dir,
         model=RESULTS.model_pt("{method}"),
         card=RESULTS.model_card("{method}"),
+        predictions=RESULTS.predictions_csv("{method}"),
+        particles=RESULTS.predicted_particles("{method}"),
     output:
         directory(RESULTS.multi_evaluation_dir("{method}")),
     log:
@@ -152,9 +154,11 @@ rule evaluate_multi:
     threads: 1
     params:
         model_dir=subpath(input.model, parent=True),
+        predictions_dir=subpath(input.predictions, parent=True),
     shell:
-        "deepssm-wf evaluate-multi --model-dir {params.model_dir} --scans-dir {input.scans} --cohort {input.cohort}"
-        " --out-dir {output} --threads {threads} > {log} 2>&1"
+        "deepssm-wf evaluate-multi --model-dir {params.model_dir} --scans-dir {input.scans}"
+        " --predictions-dir {params.predictions_dir} --cohort {input.cohort} --out-dir {output} --threads {threads}"
+        " > {log} 2>&1"
 
 
 rule report_multi_html:
