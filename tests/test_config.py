@@ -138,3 +138,15 @@ def test_a_baseline_dataset_named_as_a_dataset_is_refused():
         baseline_datasets(config)
     del config["datasets"]["hip_bladder"]
     assert sorted(baseline_datasets(config)) == ["hip_bladder", "hip_femur_left", "hip_femur_right"]
+
+
+def test_the_baselines_default_methods_are_the_schemas():
+    """multi_baselines reads the config before the schema fills its defaults: its own default must be the schema's."""
+    from deepssm_workflow.config import schema
+    from deepssm_workflow.multi_baselines import DEFAULT_METHODS, baseline_datasets
+
+    block = schema(SCHEMA)["$defs"]["multi_dataset"]["properties"]["baselines"]["properties"]["methods"]
+    assert block["default"] == DEFAULT_METHODS == {"base": {}, "base_uncropped": {}}
+    unnamed = {key: value for key, value in hip()["baselines"].items() if key != "methods"}
+    derived = baseline_datasets({"multi_anatomy": {"hip": hip(baselines=unnamed)}})
+    assert len(derived) == 3 and all(entry["methods"] == DEFAULT_METHODS for entry in derived.values())

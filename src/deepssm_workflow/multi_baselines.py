@@ -21,6 +21,9 @@ BASELINE_LABELS = {
     "base": "DeepSSM on the registered crop (the paper's DeepSSM_w, its upper bound for world particles)",
     "base_uncropped": "DeepSSM on the whole scan, no registration (the paper's DeepSSMF_w)",
 }
+# the baselines' methods when the block names none; the schema's default says the same (tested), but this
+# module reads the config before the schema fills its defaults in
+DEFAULT_METHODS = {name: {} for name in BASELINE_LABELS}
 # what a baseline dataset takes from the `baselines` block; the rest comes from the multi-anatomy dataset
 BASELINE_KEYS = ("preprocess", "augmentation", "shape_space")
 
@@ -70,7 +73,7 @@ def baseline_datasets(config: dict, results: str = "results") -> dict[str, dict]
             derived[name] = {
                 "anatomy": anatomy, "study": "none", "source": "csv",
                 "manifest": str(DatasetLayout(Path(results) / dataset).anatomy_export("subjects.csv", anatomy)),
-                "methods": block.get("methods", {"base": {}, "base_uncropped": {}}),
+                "methods": block.get("methods", DEFAULT_METHODS),
                 **{key: block[key] for key in BASELINE_KEYS if key in block},
                 **{key: entry[key] for key in ("training", "scan_grid") if key in entry},
             }
