@@ -230,10 +230,11 @@ def test_the_first_screen_names_flagged_registrations_of_the_registered_methods(
 
     layout = DatasetLayout(tmp_path)
     layout.preprocessed("test").parent.mkdir(parents=True)
-    np.savez(layout.preprocessed("test"), ids=np.array(["a", "b", "c"]),
+    np.savez(layout.preprocessed("test"), ids=np.array(["a", "b", "c"]), registration_metric=np.full(3, -0.9),
              registration_warning=np.array(["", "anatomy placed 170 mm outside where the training scans have it", ""]))
     line = _flagged_answer(layout, ["base", "tl", "image2ssm"])
     assert "The registration of 1 of the 3 test scans was flagged as failed (b); base and tl start from it" in line
     assert _flagged_answer(layout, ["image2ssm", "base_uncropped"]) == ""  # no method starts from it
-    np.savez(layout.preprocessed("test"), ids=np.array(["a"]), registration_warning=np.array([""]))
+    np.savez(layout.preprocessed("test"), ids=np.array(["a"]), registration_metric=np.array([-0.9]),
+             registration_warning=np.array([""]))
     assert _flagged_answer(layout, ["base"]) == ""  # nothing flagged

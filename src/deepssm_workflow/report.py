@@ -530,7 +530,7 @@ def _flagged_answer(layout: DatasetLayout, methods) -> str:
     from .methods import LOCALIZES, get
 
     registered = [m for m in methods if not get(m).has(LOCALIZES)]
-    data = np.load(layout.preprocessed("test"))
+    data = _registration_record(layout.preprocessed("test"))
     flagged = [str(i) for i, warning in zip(data["ids"], data["registration_warning"]) if warning]
     if not flagged or not registered:
         return ""
@@ -644,13 +644,19 @@ def _quality_control(layout: DatasetLayout) -> str:
     return "\n".join(parts)
 
 
-def _alignment(test_npz: Path) -> str:
-    """Per test scan: how its image-only registration went, and a warning line when any looks wrong."""
+def _registration_record(test_npz: Path):
+    """preprocess_test's test.npz, with its per-scan registration record."""
     if not test_npz.is_file():
         raise ValueError(f"{test_npz}: not found (needed by the report)")
     data = np.load(test_npz)
-    if "registration_metric" not in data:
+    if "registration_metric" not in data or "registration_warning" not in data:
         raise ValueError(f"{test_npz}: no registration record (made by an older version: rerun preprocess_test)")
+    return data
+
+
+def _alignment(test_npz: Path) -> str:
+    """Per test scan: how its image-only registration went, and a warning line when any looks wrong."""
+    data = _registration_record(test_npz)
     frame = pd.DataFrame({
         "subject": data["ids"], "metric (-NCC²)": data["registration_metric"],
         "rotation from training poses (deg)": data["registration_rotation_from_prior_deg"],
