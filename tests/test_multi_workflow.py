@@ -61,6 +61,21 @@ def test_the_verdict_says_where_the_baselines_registration_was_flagged():
     assert _registration_sentence("femur_right", flagged, ["base"]) == ""
 
 
+def test_the_detection_table_says_none_delivered_where_nothing_was_detected():
+    from deepssm_workflow.report_multi import MEASURES, _detection_rows
+
+    row = {"anatomy": "bladder", "n_present": 19, "n_absent": 1, "n_predicted": 0, "detection_rate": 0.0,
+           "detection_rate_low": 0.0, "detection_rate_high": 0.0, "false_detection_rate": 0.0,
+           "false_detection_rate_low": np.nan, "false_detection_rate_high": np.nan}
+    for column, _ in MEASURES:
+        predicted = column in ("local_rmse_mm", "world_rmse_mm", "local_surface_mm", "world_surface_mm")
+        row.update({column: np.nan if predicted else 7.0, f"{column}_low": 6.0, f"{column}_high": 8.0})
+    table = _detection_rows(pd.DataFrame([row])).iloc[0]
+    assert table["local RMSE, mm"] == table["world RMSE, mm"] == "— (none delivered)"
+    assert table["template at the detection, mm"] == "7.00 [6.00, 8.00]"
+    assert table["scans with a prediction (detected)"] == 0
+
+
 @pytest.mark.slow
 def test_a_multi_anatomy_dataset_runs_to_its_report(tmp_path, chromium):
     work, result = run_config(tmp_path, CONFIG)

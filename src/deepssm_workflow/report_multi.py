@@ -40,6 +40,9 @@ MEASURES = (("centre_error_mm", "centre error, mm"), ("local_rmse_mm", "local RM
             ("world_surface_mm", "world surface distance, mm"),
             ("template_world_surface_mm", "template's world shape: surface distance, mm"))
 
+# the errors of the method's own particles: none where it delivered none (evaluate_multi)
+PREDICTED = ("local_rmse_mm", "world_rmse_mm", "local_surface_mm", "world_surface_mm")
+
 
 def paired_difference(per_scan: pd.DataFrame, anatomy: str, column: str, baseline: str) -> dict:
     """Mean over the test scans that have `anatomy` of column - baseline, its 95 % interval, n and the
@@ -116,7 +119,8 @@ def _detection_rows(summary: pd.DataFrame) -> pd.DataFrame:
         "falsely detected (of those that lack it)": (
             f"{_ci(row['false_detection_rate'], row['false_detection_rate_low'], row['false_detection_rate_high'])}"
             f" (n {int(row['n_absent'])})" if int(row["n_absent"]) else "— (no test scan lacks it)"),
-        **{label: _ci(row[column], row[f"{column}_low"], row[f"{column}_high"]) for column, label in MEASURES},
+        **{label: "— (none delivered)" if column in PREDICTED and not int(row["n_predicted"])
+           else _ci(row[column], row[f"{column}_low"], row[f"{column}_high"]) for column, label in MEASURES},
     } for _, row in summary.iterrows()])
 
 
