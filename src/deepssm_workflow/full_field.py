@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,9 +47,11 @@ import SimpleITK as sitk
 
 from .atomic import staged
 from .io import apply_transform
+from .nrrd_voxels import TruncatedVoxels, voxel_slabs
 from .preprocess import MIN_GRID_VOXELS, WorldGrid, antialias_sigma, read_image, resample_to_world
+from .scan_checks import UNREADABLE_VOXELS, IntensityTally, ScanError, read_header
 from .segmentations import fractions, quantize, segmentation_on_grid, segmentation_path, segmentation_table
-from .tps import warp_image
+from .tps import BLAS, warp_image
 
 
 @dataclass(frozen=True)
@@ -62,20 +65,22 @@ class ScanGridSettings:
         return cls(float(cfg["spacing_mm"]), None if size is None else tuple(int(n) for n in size))
 
 
-def field_corners(image: sitk.Image) -> np.ndarray:
-    """(8, 3) physical positions of the centres of a scan's corner voxels (any direction)."""
+def field_corners(image) -> np.ndarray:
+    """(8, 3) physical positions of the centres of a scan's corner voxels (any direction), of an
+    sitk.Image or of an ImageFileReader that has read the header."""
     size = np.array(image.GetSize()) - 1
-    return np.array([image.TransformContinuousIndexToPhysicalPoint([float(c) for c in corner])
-                     for corner in np.stack(np.meshgrid(*([0, n] for n in size), indexing="ij"), -1).reshape(-1, 3)])
+    index = np.stack(np.meshgrid(*([0, n] for n in size), indexing="ij"), -1).reshape(-1, 3)
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    return np.array(image.GetOrigin()) + (index * np.array(image.GetSpacing())) @ direction.T
 
 
-def field_extent_mm(image: sitk.Image) -> np.ndarray:
+def field_extent_mm(image) -> np.ndarray:
     """(3,) size (x, y, z mm) of the axis-aligned box around a scan's voxel centres."""
     corners = field_corners(image)
     return corners.max(0) - corners.min(0)
 
 
-def scan_grid(image: sitk.Image, spacing: float, size) -> WorldGrid:
+def scan_grid(image, spacing: float, size) -> WorldGrid:
     """The grid of `size` (x, y, z) voxels of `spacing` centred on the scan's field, in its physical frame."""
     corners = field_corners(image)
     centre = 0.5 * (corners.min(0) + corners.max(0))
@@ -84,7 +89,7 @@ def scan_grid(image: sitk.Image, spacing: float, size) -> WorldGrid:
     return WorldGrid(tuple(origin.tolist()), (float(spacing),) * 3, tuple(int(n) for n in size))
 
 
-def field_kept(image: sitk.Image, grid: WorldGrid) -> float:
+def field_kept(image, grid: WorldGrid) -> float:
     """Fraction of the scan's field (its axis-aligned box) inside the grid."""
     corners = field_corners(image)
     low, high = corners.min(0), corners.max(0)
@@ -107,10 +112,9 @@ def _axis_resampling(n_in: int, spacing: float, origin: float, positions: np.nda
         half = int(np.ceil(GAUSSIAN_TRUNCATE * sigma / spacing))
         offsets = np.arange(-half, half + 1)
         kernel = np.exp(-0.5 * (offsets * spacing / sigma) ** 2)
-        smoothing = np.zeros((n_in, n_in))
-        columns = np.clip(np.arange(n_in)[:, None] + offsets, 0, n_in - 1)
-        np.add.at(smoothing, (np.repeat(np.arange(n_in), len(offsets)), columns.ravel()),
-                  np.tile(kernel / kernel.sum(), n_in))
+        smoothing, rows = np.zeros((n_in, n_in)), np.arange(n_in)
+        for offset, weight in zip(offsets, kernel / kernel.sum()):  # clipped at the edges: edge values repeat
+            smoothing[rows, np.clip(rows + offset, 0, n_in - 1)] += weight
     else:
         smoothing = np.eye(n_in)
     index = (positions - origin) / spacing
@@ -125,6 +129,38 @@ def _axis_resampling(n_in: int, spacing: float, origin: float, positions: np.nda
     return (interpolation @ smoothing).astype(np.float32), inside
 
 
+class _SlabResampler:
+    """`downsample_scan`'s three passes, the two in-plane ones slab by slab of z-planes as the slabs
+    come (`add`), the z pass over their results (`values`). Axis-aligned scans only."""
+
+    def __init__(self, image, grid: WorldGrid):
+        sigma = antialias_sigma(image.GetSpacing(), grid.spacing[0])
+        self.axes = [_axis_resampling(image.GetSize()[a], image.GetSpacing()[a], image.GetOrigin()[a],
+                                      grid.origin[a] + grid.spacing[a] * np.arange(grid.size[a]), sigma)
+                     for a in range(3)]
+        self.planes = np.empty((image.GetSize()[2], grid.size[0], grid.size[1]), np.float32)  # (z, X, Y)
+        self.sample = []  # every second voxel along each axis, for the value outside the field
+
+    def add(self, z0: int, slab: np.ndarray) -> None:
+        """Planes z0 .. z0 + len(slab) of the scan, (n, y, x)."""
+        slab = slab.astype(np.float32, copy=False)
+        values = np.tensordot(slab, self.axes[0][0], axes=([2], [1]))  # (n, y, X)
+        self.planes[z0:z0 + len(slab)] = np.tensordot(values, self.axes[1][0], axes=([1], [1]))  # (n, X, Y)
+        self.sample.append(slab[z0 % 2::2, ::2, ::2].ravel())
+
+    def values(self) -> np.ndarray:
+        values = np.tensordot(self.planes, self.axes[2][0], axes=([0], [1]))  # (X, Y, Z)
+        values = np.ascontiguousarray(values.transpose(2, 1, 0), dtype=np.float32)
+        inside = self.axes[2][1][:, None, None] & self.axes[1][1][None, :, None] & self.axes[0][1][None, None, :]
+        if not inside.all():
+            values[~inside] = float(np.median(np.concatenate(self.sample)))
+        return values
+
+
+def _oblique(image) -> bool:
+    return not np.allclose(np.asarray(image.GetDirection()), np.eye(3).ravel())
+
+
 def downsample_scan(image: sitk.Image, grid: WorldGrid) -> np.ndarray:
     """The scan's values on the (coarser, axis-aligned) scan grid, (z, y, x), as `preprocess.resample_to_world`
     gives them (Gaussian anti-aliasing of `antialias_sigma`, then linear interpolation), computed as one
@@ -133,20 +169,37 @@ def downsample_scan(image: sitk.Image, grid: WorldGrid) -> np.ndarray:
     rest). A 220 mm scan at 1 mm onto 4 mm: about 14 times faster than the Gaussian of the whole scan, and
     closer to it than ITK's discrete Gaussian is (tests/test_full_field.py; `python -m deepssm_workflow.bench
     --sections scans` times both). An oblique scan (direction not the identity) takes resample_to_world."""
-    if not np.allclose(np.asarray(image.GetDirection()), np.eye(3).ravel()):
+    if _oblique(image):
         return resample_to_world(image, sitk.Transform(), grid)
-    sigma = antialias_sigma(image.GetSpacing(), grid.spacing[0])
-    axes = [_axis_resampling(image.GetSize()[a], image.GetSpacing()[a], image.GetOrigin()[a],
-                             grid.origin[a] + grid.spacing[a] * np.arange(grid.size[a]), sigma) for a in range(3)]
-    voxels = sitk.GetArrayViewFromImage(image)  # (z, y, x)
-    values = np.tensordot(voxels, axes[0][0], axes=([2], [1]))  # (z, y, X)
-    values = np.tensordot(values, axes[1][0], axes=([1], [1]))  # (z, X, Y)
-    values = np.tensordot(values, axes[2][0], axes=([0], [1]))  # (X, Y, Z)
-    values = np.ascontiguousarray(values.transpose(2, 1, 0), dtype=np.float32)
-    inside = axes[2][1][:, None, None] & axes[1][1][None, :, None] & axes[0][1][None, None, :]
-    if not inside.all():
-        values[~inside] = float(np.median(voxels[::2, ::2, ::2]))
-    return values
+    resampler = _SlabResampler(image, grid)
+    resampler.add(0, sitk.GetArrayViewFromImage(image))
+    return resampler.values()
+
+
+def _streamed_scan(slabs, header, grid: WorldGrid, what: str) -> np.ndarray:
+    """`downsample_scan` of a scan read slab by slab (`nrrd_voxels.voxel_slabs`), each slab resampled on a
+    second thread while the next is read, and its intensities checked as `scan_checks.read_scan` does."""
+    resampler, tally = _SlabResampler(header, grid), IntensityTally()
+
+    def take(z0, slab):
+        tally.add(slab)
+        resampler.add(z0, slab)
+
+    # one BLAS thread: the other core is inflating the next slab
+    with BLAS.limit(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=1) as worker:
+        done, z0 = [], 0
+        try:
+            for slab in slabs:
+                done.append(worker.submit(take, z0, slab))
+                z0 += len(slab)
+        except TruncatedVoxels as error:
+            raise ScanError(what, f"{UNREADABLE_VOXELS} ({error})") from None
+        for future in done:
+            future.result()
+    problem = tally.problem()
+    if problem:
+        raise ScanError(what, problem)
+    return resampler.values()
 
 
 def _size_for(extents: np.ndarray, spacing: float) -> tuple[int, int, int]:
@@ -227,12 +280,19 @@ def preprocess_scans(cohort_dir, settings: ScanGridSettings, out_dir) -> dict:
 
 def preprocess_scan(path, meta: dict, what: str | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """One unseen scan from its file alone: (normalized (Z, Y, X) array, its grid's origin (3,), the fraction of
-    its field the grid kept)."""
-    image = read_image(path, what)
-    grid = scan_grid(image, meta["spacing_mm"], meta["size"])
+    its field the grid kept). A single-file NRRD is read in slabs, resampled as they are inflated
+    (`nrrd_voxels`); any other file is read whole by ITK. Both refuse the same scans with the same words."""
+    what = what or str(path)
+    header = read_header(path, what)
+    grid = scan_grid(header, meta["spacing_mm"], meta["size"])
+    slabs = None if _oblique(header) else voxel_slabs(path, header)
+    if slabs is None:
+        values = downsample_scan(read_image(path, what), grid)
+    else:
+        values = _streamed_scan(slabs, header, grid, what)
     norm = meta["normalization"]
-    array = (downsample_scan(image, grid) - norm["mean"]) / norm["std"]
-    return array.astype(np.float32), np.array(grid.origin), field_kept(image, grid)
+    array = (values - norm["mean"]) / norm["std"]
+    return array.astype(np.float32), np.array(grid.origin), field_kept(header, grid)
 
 
 AUGMENTATION_OUTPUTS = ("images.npy", "segmentations.npy", "samples.npz")

@@ -21,6 +21,7 @@ import SimpleITK as sitk
 # 1e5 (16-bit, sometimes rescaled float). 1e7 leaves two orders of magnitude of headroom over
 # MRI while catching a wrong rescale slope or data type, which gives 1e9..1e38.
 MAX_ABS_INTENSITY = 1e7
+UNREADABLE_VOXELS = "image data cannot be read: truncated or corrupt"
 
 
 class ScanError(ValueError):
@@ -31,28 +32,50 @@ class ScanError(ValueError):
         self.what, self.problem = what, problem
 
 
+class IntensityTally:
+    """Running counts of what `intensity_problem` checks, over a scan read in slabs."""
+
+    def __init__(self):
+        self.size = self.n_nan = self.n_inf = 0
+        self.low, self.high = np.inf, -np.inf
+
+    def add(self, array: np.ndarray) -> None:
+        array = np.asarray(array)
+        self.size += array.size
+        if array.size == 0:
+            return
+        if np.issubdtype(array.dtype, np.floating):
+            n_nan, n_inf = int(np.count_nonzero(np.isnan(array))), int(np.count_nonzero(np.isinf(array)))
+            self.n_nan, self.n_inf = self.n_nan + n_nan, self.n_inf + n_inf
+            if n_nan or n_inf:
+                return  # the scan is refused for these; its range does not matter
+        self.low, self.high = min(self.low, float(array.min())), max(self.high, float(array.max()))
+
+    def problem(self) -> str | None:
+        """What is wrong with the voxel values added so far, or None."""
+        if self.size == 0:
+            return "image has no voxels"
+        if self.n_nan or self.n_inf:
+            kinds = ", ".join(f"{n} {kind}" for n, kind in ((self.n_nan, "NaN"), (self.n_inf, "inf")) if n)
+            return (f"{self.n_nan + self.n_inf} of {self.size} voxels are not finite ({kinds}): "
+                    "a broken conversion or export")
+        if self.low == self.high:
+            return (f"image is constant (every voxel is {self.low:g}): no intensity variation, "
+                    "a blank or empty scan")
+        largest = max(abs(self.low), abs(self.high))
+        if largest > MAX_ABS_INTENSITY:
+            return (f"absurd intensities (range {self.low:.3g} to {self.high:.3g}; |value| above "
+                    f"{MAX_ABS_INTENSITY:.0e}, where CT spans about -1024..3071 HU and MRI rarely exceeds 1e5): "
+                    "wrong rescale slope or data type?")
+        return None
+
+
 def intensity_problem(array: np.ndarray) -> str | None:
     """What is wrong with a scan's voxel values, or None: non-finite voxels, a constant image,
     magnitudes beyond MAX_ABS_INTENSITY. Reads the array without copying it whole."""
-    array = np.asarray(array)
-    if array.size == 0:
-        return "image has no voxels"
-    if np.issubdtype(array.dtype, np.floating):
-        n_nan = int(np.count_nonzero(np.isnan(array)))
-        n_inf = int(np.count_nonzero(np.isinf(array)))
-        if n_nan or n_inf:
-            kinds = ", ".join(f"{n} {kind}" for n, kind in ((n_nan, "NaN"), (n_inf, "inf")) if n)
-            return (f"{n_nan + n_inf} of {array.size} voxels are not finite ({kinds}): "
-                    "a broken conversion or export")
-    low, high = array.min(), array.max()
-    if low == high:
-        return f"image is constant (every voxel is {float(low):g}): no intensity variation, a blank or empty scan"
-    largest = max(abs(float(low)), abs(float(high)))
-    if largest > MAX_ABS_INTENSITY:
-        return (f"absurd intensities (range {float(low):.3g} to {float(high):.3g}; |value| above "
-                f"{MAX_ABS_INTENSITY:.0e}, where CT spans about -1024..3071 HU and MRI rarely exceeds 1e5): "
-                "wrong rescale slope or data type?")
-    return None
+    tally = IntensityTally()
+    tally.add(array)
+    return tally.problem()
 
 
 def check_intensities(array: np.ndarray, what: str) -> None:
@@ -77,12 +100,10 @@ def check_scan_path(path, kind: str = "image") -> str | None:
     return None
 
 
-def read_scan(path, what: str, *, intensities: bool = True) -> sitk.Image:
-    """A 3D scalar image from its file, checked: the path, the header (dimension, components per
-    voxel, read before the voxels so a 4D or vector image is named as such), the full read (a
-    truncated file has a valid header) and, unless `intensities` is False (segmentations), the
-    voxel values (`check_intensities`). Returns the image with its stored pixel type.
-    Raises ScanError (a ValueError) "<what>: <problem>"."""
+def read_header(path, what: str) -> sitk.ImageFileReader:
+    """The reader of a 3D scalar image's file with its header read and checked (the path, the
+    dimension, the components per voxel: a 4D or vector image is named as such before any voxel
+    is read). Raises ScanError "<what>: <problem>"."""
     problem = check_scan_path(path)
     if problem:
         raise ScanError(what, problem)
@@ -97,10 +118,19 @@ def read_scan(path, what: str, *, intensities: bool = True) -> sitk.Image:
     if reader.GetNumberOfComponents() != 1:
         raise ScanError(what, f"image has {reader.GetNumberOfComponents()} components per voxel; "
                               "a scalar image is needed")
+    return reader
+
+
+def read_scan(path, what: str, *, intensities: bool = True) -> sitk.Image:
+    """A 3D scalar image from its file, checked: the header (`read_header`), the full read (a
+    truncated file has a valid header) and, unless `intensities` is False (segmentations), the
+    voxel values (`check_intensities`). Returns the image with its stored pixel type.
+    Raises ScanError (a ValueError) "<what>: <problem>"."""
+    reader = read_header(path, what)
     try:
         image = reader.Execute()
     except RuntimeError as error:
-        raise ScanError(what, f"image data cannot be read: truncated or corrupt ({itk_reason(error)})") from None
+        raise ScanError(what, f"{UNREADABLE_VOXELS} ({itk_reason(error)})") from None
     if intensities:
         check_intensities(sitk.GetArrayViewFromImage(image), what)
     return image
