@@ -23,6 +23,13 @@ that is ours:
   scale's points (the principal axes of the covariance of those coordinates under the shape
   space), so every scale, like Base-DeepSSM, can only produce shapes the training population
   spans; a free residual head could move each point on its own. Nothing of a layer is trained.
+  Each head's output layer starts at zero: a scale joins its stage predicting no step, i.e.
+  exactly the coarser prediction lifted to its points (scale 0: the mean shape). With random
+  (Xavier) output layers, each new head's first steps were a large random shape change whose
+  loss, summed with the others, sent large gradients into the shared encoder at every stage
+  start (default femur demo: training loss 612 and validation RMSE 5.08 mm in the first epoch
+  of the last stage); the test RMSE over init seeds 0/1/2 was 2.16/1.80/1.67 mm, against
+  1.23/1.10/1.08 mm with zero output layers (base: 1.34/1.41/1.56).
 * A segmentation decoder on the encoder's last feature maps (a 1x1 conv, trilinear upsampling
   to the input grid, two convs) predicts the anatomy's mask as a deviation from the mean
   training mask (its log-odds added to the logits: measured on the accuracy test's tiny femur,
@@ -176,6 +183,9 @@ class ProgressiveDeepSSM(nn.Module):
         self.seg_out = nn.Sequential(nn.Conv3d(SEG_CHANNELS, SEG_CHANNELS // 2, 3, padding=1), nn.PReLU(),
                                      nn.Conv3d(SEG_CHANNELS // 2, 1, 1))
         xavier_init(self)
+        for head in self.heads:  # a new scale starts as no step: see the module doc
+            nn.init.zeros_(head[-1].weight)
+            nn.init.zeros_(head[-1].bias)
 
     def layer(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self, f"mean_{s}"), getattr(self, f"basis_{s}")
