@@ -118,3 +118,37 @@ def test_bad_intensities_are_refused_with_read_scans_words(tmp_path, monkeypatch
     with pytest.raises(ScanError) as whole:
         _through_itk(monkeypatch, path, "subject s2: bad.nrrd")
     assert str(streamed.value) == str(whole.value)
+
+
+def _big_gzip_scan(path) -> bytes:
+    """A compressed scan of several input pieces (about 1 MB of gzip), so slabs are yielded before the end."""
+    values = np.random.default_rng(5).integers(0, 2000, (60, 100, 110)).astype(np.int16)
+    sitk.WriteImage(sitk.GetImageFromArray(values), str(path), useCompression=True)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["flip in the middle", "flip near the end", "trailer cut"])
+def test_corrupt_gzip_is_refused_though_slabs_were_given_before(tmp_path, monkeypatch, damage):
+    path = tmp_path / "corrupt.nrrd"
+    data = bytearray(_big_gzip_scan(path))
+    assert len(data) > 3 * nrrd_voxels._INPUT_PIECE
+    if damage == "trailer cut":  # the voxels all there, the checksum and size that vouch for them missing
+        data = data[:-8]
+    else:
+        data[len(data) // 2 if damage == "flip in the middle" else len(data) - 300] ^= 0x01
+    path.write_bytes(bytes(data))
+    words = "subject s3: corrupt.nrrd: image data cannot be read: truncated or corrupt ("
+    for read in (lambda: preprocess_scan(path, META, "subject s3: corrupt.nrrd"),
+                 lambda: _through_itk(monkeypatch, path, "subject s3: corrupt.nrrd")):
+        with pytest.raises(ScanError) as error:
+            read()
+        assert str(error.value).startswith(words), error.value
+
+
+def test_a_gzip_stream_without_its_size_field_is_refused_though_itk_reads_it(tmp_path, monkeypatch):
+    # stricter than ITK on purpose: without the whole trailer the stream's end is not verified
+    path = tmp_path / "short.nrrd"
+    path.write_bytes(_big_gzip_scan(path)[:-4])
+    _through_itk(monkeypatch, path)
+    with pytest.raises(ScanError, match="ends before its checksum"):
+        preprocess_scan(path, META, "subject s4: short.nrrd")

@@ -281,7 +281,8 @@ def preprocess_scans(cohort_dir, settings: ScanGridSettings, out_dir) -> dict:
 def preprocess_scan(path, meta: dict, what: str | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """One unseen scan from its file alone: (normalized (Z, Y, X) array, its grid's origin (3,), the fraction of
     its field the grid kept). A single-file NRRD is read in slabs, resampled as they are inflated
-    (`nrrd_voxels`); any other file is read whole by ITK. Both refuse the same scans with the same words."""
+    (`nrrd_voxels`); any other file is read whole by ITK. Both refuse the same scans with the same words (the slab
+    reader also refuses a gzip trailer cut short, which ITK reads)."""
     what = what or str(path)
     header = read_header(path, what)
     grid = scan_grid(header, meta["spacing_mm"], meta["size"])

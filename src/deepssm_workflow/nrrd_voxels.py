@@ -93,14 +93,16 @@ def voxel_slabs(path, reader: sitk.ImageFileReader, planes: int = 22) -> Iterato
                 voxels[filled:filled + len(piece)] = np.frombuffer(piece, np.uint8)
                 filled += len(piece)
                 complete = filled // plane_bytes
-                if complete - given >= planes or complete == nz:
+                if given < nz and (complete - given >= planes or complete == nz):
                     yield slab(voxels[given * plane_bytes:complete * plane_bytes])
                     given = complete
-                if given == nz or stream.eof:
+                if stream.eof:  # read to the gzip trailer: its checksum vouches for every voxel yielded
                     break
         except isal_zlib.error as error:
             raise TruncatedVoxels(f"corrupt gzip data after {filled} bytes of voxels ({error})") from None
         if given < nz:
             raise TruncatedVoxels(f"the gzip data ends after {filled} of {nz * plane_bytes} bytes of voxels")
+        if not stream.eof:
+            raise TruncatedVoxels("the gzip data ends before its checksum: the voxels cannot be verified")
 
     return raw() if encoding == "raw" else inflated()
