@@ -207,6 +207,40 @@ def test_resume_gives_identical_weights(data, tmp_path):
     assert len(read_log(tmp_path / "cut")) == 3
 
 
+def test_warmup_ramps_the_lr_step_by_step_then_follows_the_schedule(data, tmp_path, monkeypatch):
+    seen = []  # the lr of every optimizer step, as Adam used it
+
+    class SpyAdam(torch.optim.Adam):
+        def step(self, closure=None):
+            seen.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "Adam", SpyAdam)
+    quiet = lambda _: None  # noqa: E731
+    fit(data, "base", settings(epochs=3), tmp_path / "plain", log=quiet, device="cpu")
+    plain, seen[:] = list(seen), []
+    fit(data, "base", settings(epochs=3, warmup_epochs=2), tmp_path / "warm", log=quiet, device="cpu")
+    steps = -(-len(data[2]) // ENGINE.batch_size)
+    assert len(seen) == len(plain) == 3 * steps
+    ramp = 2 * steps
+    assert seen[:ramp] == pytest.approx([lr * (k + 1) / ramp for k, lr in enumerate(plain[:ramp])])
+    assert seen[ramp:] == plain[ramp:]  # after the ramp: the cosine schedule, untouched by the scaling
+    assert [r["lr"] for r in read_log(tmp_path / "warm")] == [r["lr"] for r in read_log(tmp_path / "plain")]
+    warm, unwarmed = model_weights(tmp_path / "warm" / "model.pt"), model_weights(tmp_path / "plain" / "model.pt")
+    assert any(not torch.equal(warm[name], unwarmed[name]) for name in warm)  # the ramp did change the training
+
+    # killed inside the ramp and resumed: the same weights as the uninterrupted run
+    cfg = settings(epochs=3, warmup_epochs=2)
+    assert fit(data, "base", cfg, tmp_path / "cut", log=quiet, device="cpu", stop_after_epochs=1) is None
+    fit(data, "base", cfg, tmp_path / "cut", log=quiet, device="cpu")
+    assert_same_weights(model_weights(tmp_path / "warm" / "model.pt"), model_weights(tmp_path / "cut" / "model.pt"))
+
+
+def test_a_negative_warmup_is_refused_by_name():
+    with pytest.raises(ValueError, match="warmup_epochs must be >= 0"):
+        methods.Phase("train", 3, 1e-3, 0.0, warmup_epochs=-1)
+
+
 def test_resume_after_sigkill(data, tmp_path):
     """Kill a real training process (SIGKILL) mid-run; the rerun ends with the same weights."""
     images, points, train_idx, val_idx, space = data

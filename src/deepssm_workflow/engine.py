@@ -17,6 +17,8 @@ phase, with the guarantees every method gets by being registered:
   redoes the epochs after it, and ends with the same weights as an uninterrupted run. The
   checkpoint is read onto the CPU and records the device and its numerics (`devices.facts`);
   resuming on another kind of device says that the weights will differ;
+* a phase with `warmup_epochs` scales Adam's lr linearly over its first steps (`warmed_up`); the
+  scheduler and `log.csv`'s lr column keep the scheduled lr;
 * `log.csv` gets one row per epoch, flushed as it runs, and a log line per epoch says the
   loss, the validation RMSE and the time; the device chosen, and why, is stated first
   (`devices.choose`: no silent fallback to the CPU on a machine with a GPU);
@@ -34,6 +36,7 @@ import csv
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -101,6 +104,24 @@ def batches(indices: np.ndarray, batch_size: int, seed: int = 0, epoch: int = 0,
         indices = np.random.default_rng([seed, epoch]).permutation(indices)
     for start in range(0, len(indices), batch_size):
         yield indices[start:start + batch_size]
+
+
+@contextmanager
+def warmed_up(optimizer: torch.optim.Optimizer, phase_step: int, warmup_steps: int):
+    """Within it, the optimizer's lr is scaled by (phase_step + 1) / warmup_steps while phase_step is
+    below warmup_steps (a linear warm-up); the scheduled lr is put back after, so the scheduler, and a
+    resumed run (the step follows from the epoch and the batch), never see the scaling."""
+    if phase_step >= warmup_steps:
+        yield
+        return
+    scheduled = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * (phase_step + 1) / warmup_steps
+    try:
+        yield
+    finally:
+        for group, lr in zip(optimizer.param_groups, scheduled):
+            group["lr"] = lr
 
 
 def validation_batches(indices: np.ndarray, batch_size: int):
@@ -350,6 +371,8 @@ def train(method: str, settings, images, points, train_idx, val_idx, shape_space
             scheduler = (torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
                          if phase.schedule == "constant" else
                          torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=phase.epochs))
+            steps_per_epoch = -(-len(train_idx) // engine.batch_size)
+            warmup_steps = round(phase.warmup_epochs * steps_per_epoch)
             first = 0
             if ckpt is not None and phase_index == start_phase:
                 optimizer.load_state_dict(ckpt["optimizer"])
@@ -371,11 +394,12 @@ def train(method: str, settings, images, points, train_idx, val_idx, shape_space
                 else:
                     loader = (_batch(images, points, rows, device, layout, segmentations, extras)
                               for rows in row_batches)
-                for batch in loader:
+                for step_in_epoch, batch in enumerate(loader):
                     loss = entry.method.loss(model, settings, phase, batch, state)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    optimizer.step()
+                    with warmed_up(optimizer, epoch_in_phase * steps_per_epoch + step_in_epoch, warmup_steps):
+                        optimizer.step()
                     total = total + (loss.detach() if on_device_sum else float(loss.detach())) * len(batch)
                     count += len(batch)
                 scheduler.step()

@@ -69,6 +69,11 @@ _SHARED = {
            "type": "number", "exclusiveMinimum": 0, "default": 0.001},
     "weight_decay": {"description": "Adam weight decay (paper 5e-5).", "type": "number", "minimum": 0,
                      "default": 5.0e-5},
+    "warmup_epochs": {"description": "The lr of each image phase rises linearly, step by step, from lr/steps to lr "
+                                     "over its first this many epochs (each phase, each progressive stage, starts a "
+                                     "new Adam and warms up again); 0: none, the paper's. Adam's first steps move "
+                                     "every weight by about lr, which can throw a wide first FC layer off for good.",
+                      "type": "number", "minimum": 0, "default": 0},
     "loss": {"description": "l2: eq. 2; focal: eq. 7 (fixed by the *_focal presets).",
              "enum": ["l2", "focal"], "default": "l2"},
     "focal_percentile": {
@@ -154,6 +159,7 @@ class BaseSettings:
     epochs: int
     lr: float
     weight_decay: float
+    warmup_epochs: float
     loss: str
     focal_percentile: float
     focal_a_points: float
@@ -184,7 +190,8 @@ class BaseDeepSSMMethod(Method):
         return BaseDeepSSM(ModelConfig(**network), mean, state["pca_weight"].cpu().numpy().T)
 
     def phases(self, settings):
-        return [Phase("train", settings.epochs, settings.lr, settings.weight_decay)]
+        return [Phase("train", settings.epochs, settings.lr, settings.weight_decay,
+                      warmup_epochs=settings.warmup_epochs)]
 
     def prepare(self, model, settings, data):
         return _point_threshold(settings, data)
@@ -358,6 +365,7 @@ class TLSettings:
     latent_dim: int
     lr: float
     weight_decay: float
+    warmup_epochs: float
     loss: str
     focal_percentile: float
     focal_a_points: float
@@ -406,8 +414,10 @@ class TLDeepSSMMethod(Method):
     def phases(self, settings):
         return [Phase("autoencoder", settings.ae_epochs, settings.ae_lr, settings.weight_decay, "constant",
                       selects_best=False, images=False),
-                Phase("tflank", settings.tflank_epochs, settings.lr, settings.weight_decay),
-                Phase("joint", settings.joint_epochs, settings.lr, settings.weight_decay)]
+                Phase("tflank", settings.tflank_epochs, settings.lr, settings.weight_decay,
+                      warmup_epochs=settings.warmup_epochs),
+                Phase("joint", settings.joint_epochs, settings.lr, settings.weight_decay,
+                      warmup_epochs=settings.warmup_epochs)]
 
     def trainable(self, model, phase):
         for part in ("encoder", "decoder", "t_flank"):

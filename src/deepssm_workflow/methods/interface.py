@@ -85,7 +85,8 @@ class DataSpec:
 @dataclass(frozen=True)
 class Phase:
     """One training phase: `epochs` of Adam at `lr` (cosine-annealed over the phase, or
-    constant), weight decay `weight_decay`. When `selects_best`, its epochs compete for the
+    constant), weight decay `weight_decay`, the lr ramped up linearly over the phase's first
+    `warmup_epochs` (by step; 0: none). When `selects_best`, its epochs compete for the
     kept model (lowest validation RMSE); a phase that does not see images (an autoencoder)
     must not."""
 
@@ -96,12 +97,15 @@ class Phase:
     schedule: str = "cosine"  # or "constant"
     selects_best: bool = True
     images: bool = True  # whether its loss reads the images (a read-ahead reads them only then)
+    warmup_epochs: float = 0.0
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"phase {self.name}: schedule must be cosine or constant, got {self.schedule!r}")
         if self.epochs < 0:
             raise ValueError(f"phase {self.name}: epochs must be >= 0, got {self.epochs}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"phase {self.name}: warmup_epochs must be >= 0, got {self.warmup_epochs}")
 
 
 class Batch:

@@ -291,6 +291,7 @@ class ProgressiveSettings:
     head_hidden: int
     lr: float
     weight_decay: float
+    warmup_epochs: float
     loss: str
     focal_percentile: float
     focal_a_points: float
@@ -350,7 +351,8 @@ class ProgressiveMethod(Method):
     def stages(self, settings) -> list[Phase]:
         n = len(settings.scales) + 1
         return [Phase(f"stage{s + 1}", settings.final_epochs if s == n - 1 else settings.stage_epochs, settings.lr,
-                      settings.weight_decay, selects_best=s == n - 1) for s in range(n)]
+                      settings.weight_decay, selects_best=s == n - 1, warmup_epochs=settings.warmup_epochs)
+                for s in range(n)]
 
     def phases(self, settings):
         return self.stages(settings)
@@ -451,7 +453,8 @@ class ProgressiveTLMethod(ProgressiveMethod):
         return [Phase("autoencoder", settings.ae_epochs, settings.ae_lr, settings.weight_decay, "constant",
                       selects_best=False, images=False),
                 *self.stages(settings),
-                Phase("joint", settings.joint_epochs, settings.lr, settings.weight_decay)]
+                Phase("joint", settings.joint_epochs, settings.lr, settings.weight_decay,
+                      warmup_epochs=settings.warmup_epochs)]
 
     def trainable(self, model, phase):
         if phase.name == "autoencoder":
