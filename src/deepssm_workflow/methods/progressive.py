@@ -42,7 +42,12 @@ that is ours:
   each (eq. 2, or the focal loss with the threshold measured on all training shapes), plus
   the segmentation loss.
 * Schedule: one phase per stage, coarsest first; stage s trains the encoder, the segmentation
-  decoder and the heads 0..s, and the finer heads stay untouched until their stage. A stage
+  decoder and the heads 0..s, and the finer heads stay untouched until their stage. Each stage
+  starts a fresh Adam, its lr ramped up over the stage's first epoch (`warmup_epochs`, default 1):
+  without it, on the ShapeWorks-recipe solids, both variants stalled near the mean shape at every
+  scale (test RMSE 0.41 mm against base's 0.30; with it 0.30 and 0.31), with or without the
+  segmentation task, the previous-scale input or the coarse stages; on the default femur it
+  changed nothing (1.228 -> 1.216 mm, seed 0). A stage
   validates on its finest active scale, lifted to all M points (each missing point keeps the
   mean shape's offset from its nearest predicted one), so the log shows what the model can
   predict at that stage; only the last stage (all points) competes for the kept model.
@@ -281,6 +286,10 @@ _SCALE_SCHEMA = {
 }
 
 
+# every stage restarts Adam at the full lr: warm it up (see the module doc)
+_STAGE_WARMUP = {**_SHARED["warmup_epochs"], "default": 1}
+
+
 @dataclass(frozen=True)
 class ProgressiveSettings:
     scales: list
@@ -312,7 +321,7 @@ class ProgressiveMethod(Method):
                "scale's prediction, a loss at every scale and a segmentation task (arXiv 2310.01529; the "
                "design beyond the abstract is the workflow's, see methods/progressive.py).")
     Settings = ProgressiveSettings
-    schema = {**_SCALE_SCHEMA, **_SHARED, "network": _NETWORK}
+    schema = {**_SCALE_SCHEMA, **_SHARED, "warmup_epochs": _STAGE_WARMUP, "network": _NETWORK}
     needs = frozenset({TRAINING_IMAGES, SHAPES, AUGMENTATION, SEGMENTATIONS})
     capabilities = frozenset({CORRESPONDENCES, PCA_SCORES, SCALES, SEGMENTATION})
     smoke = {"scales": [8, 16], "stage_epochs": 1, "final_epochs": 1, "head_hidden": 8,
@@ -439,6 +448,7 @@ class ProgressiveTLMethod(ProgressiveMethod):
         "latent_dim": {"description": "Every scale's autoencoder bottleneck.", "type": "integer", "minimum": 1,
                        "default": 64},
         **_SHARED,
+        "warmup_epochs": _STAGE_WARMUP,
         "focal_a_latent": {"description": "Focal sharpness a on the latents (paper 1).", "type": "number",
                            "exclusiveMinimum": 0, "default": 1},
         "network": _TL_NETWORK,
