@@ -21,8 +21,11 @@ anatomy lies anywhere (and turns further): what a method that finds the anatomy
 itself (image2ssm) needs, and what a DeepSSM registration must cope with.
 
 Every subject draws from its own random stream seeded by (seed, subject index),
-so the cohort is identical for a seed whatever the number of workers. The shapes
-alone (no images) come from `world_shapes`, by the same code and streams.
+so the cohort is identical for a seed whatever the number of workers. With a
+`test_seed`, the test subjects draw from (seed, test_seed, index) instead: a fresh,
+sealed test draw (new shapes, poses and scans) beside training subjects left
+byte-identical, so headline numbers can be read on subjects no choice was made on.
+The shapes alone (no images) come from `world_shapes`, by the same code and streams.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from .anatomy import Anatomy, Scan
 from .imaging import Grid, grid_around, signed_distance, voxelize, write_image
 from .registry import anatomy_class
 
+TEST_DRAW_STREAM = 2**31 - 3  # marks a test-draw subject's stream apart from every (seed, index) one
 SCANNER_RANGE_MM = 120.0  # anatomy centre lands uniformly within +-this in scanner coordinates
 FULL_FIELD_ROTATION_DEG = 45.0  # a full-field scan's default largest rotation
 
@@ -98,6 +102,7 @@ class SyntheticSettings:
     fov_margin_mm: tuple[float, float]
     extent: dict[str, float] = field(default_factory=dict)  # the anatomy's cuts (Anatomy.extent_keys); {}: its own
     full_field: FullField | None = None  # None: scans cropped around the anatomy with fov_margin_mm
+    test_seed: int | None = None  # None: test subjects draw from the generator's seed like training ones
 
     @classmethod
     def from_config(cls, cfg: dict) -> "SyntheticSettings":
@@ -113,15 +118,37 @@ class SyntheticSettings:
             fov_margin_mm=tuple(float(m) for m in cfg["fov_margin_mm"]),
             extent={key: float(value) for key, value in (cfg.get("extent") or {}).items()},
             full_field=FullField.from_config(cfg["full_field"]) if cfg.get("full_field") else None,
+            test_seed=None if cfg.get("test_seed") is None else int(cfg["test_seed"]),
         )
 
     def record(self) -> dict:
-        """The settings as cohort.json stores them (`extent` and `full_field` only when set)."""
+        """The settings as cohort.json stores them (`extent`, `full_field` and `test_seed` only when set)."""
         record = asdict(self)
-        for optional in ("extent", "full_field"):
-            if not record[optional]:
+        for optional in ("extent", "full_field", "test_seed"):
+            if record[optional] is None or record[optional] == {}:
                 del record[optional]
         return record
+
+
+def subject_entropy(seed: int, test_seed: int | None, index: int, split: str) -> list[int]:
+    """The seed of a planned subject's random stream: (seed, index), or for a test subject of a
+    cohort with a test_seed, (seed, TEST_DRAW_STREAM, test_seed, index). Never a prefix of another
+    stream's seed padded with zeros, which numpy's SeedSequence would take for the same seed."""
+    if split == "test" and test_seed is not None:
+        return [seed, TEST_DRAW_STREAM, test_seed, index]
+    return [seed, index]
+
+
+def tables_entropy(seed: int, test_seed: int | None) -> list[int]:
+    """The seed of the cohort-level tables' stream (e.g. expert ratings): a fresh test draw rates afresh."""
+    return [seed, 2**31 - 2] if test_seed is None else [seed, 2**31 - 2, test_seed + 1]
+
+
+def draw_description(seed: int, test_seed: int | None) -> str:
+    """Which test draw a cohort's seeds make, in words (reports name it beside their headline)."""
+    if test_seed is None:
+        return f"generator seed {seed} (test subjects drawn with the training subjects)"
+    return f"generator seed {seed}, test seed {test_seed}"
 
 
 def build_anatomy(anatomy_name: str, settings: SyntheticSettings | dict,
@@ -157,10 +184,10 @@ def _subject_files(subject_id: str) -> dict[str, str]:
 
 
 def synthesize_subject(anatomy: Anatomy, settings: SyntheticSettings, point_ids: np.ndarray, index: int,
-                       subject_id: str, group: str, root: Path) -> tuple[dict, dict]:
+                       subject_id: str, split: str, group: str, root: Path) -> tuple[dict, dict]:
     """Generate and write one subject; returns its covariates and ground-truth rows."""
     start = time.perf_counter()
-    rng = np.random.default_rng([settings.seed, index])
+    rng = np.random.default_rng(subject_entropy(settings.seed, settings.test_seed, index, split))
     params = anatomy.sample_parameters(rng, group)
     covariates = anatomy.covariates(rng, group, params)
     template = anatomy.template
@@ -229,8 +256,9 @@ def world_shapes(anatomy: Anatomy, settings: SyntheticSettings, splits=("train",
     plan = subject_plan(prefix, settings)
     plan = plan[plan["split"].isin(splits)]
     shapes = []
-    for index, group in zip(plan.index, plan["group"]):
-        params = anatomy.sample_parameters(np.random.default_rng([settings.seed, index]), group)
+    for index, split, group in zip(plan.index, plan["split"], plan["group"]):
+        rng = np.random.default_rng(subject_entropy(settings.seed, settings.test_seed, index, split))
+        params = anatomy.sample_parameters(rng, group)
         shapes.append(world_shape(anatomy, params)[0])
     return plan, shapes
 
@@ -271,13 +299,14 @@ def generate_cohort(anatomy_name: str, settings: SyntheticSettings, out_dir: Pat
     with staged(out_dir, ["data", "subjects.csv", "ground_truth.csv"]) as staging:
         for sub in ("images", "segmentations", "meshes", "particles", "transforms", "template"):
             (staging / "data" / sub).mkdir(parents=True)
-        jobs = [(anatomy, settings, point_ids, i, row.id, row.group, staging)
+        jobs = [(anatomy, settings, point_ids, i, row.id, row.split, row.group, staging)
                 for i, row in enumerate(plan.itertuples())]
         subjects, ground_truth = run_subjects(synthesize_subject, jobs, plan, workers)
         subjects.to_csv(staging / "subjects.csv", index=False)
         ground_truth.to_csv(staging / "ground_truth.csv", index=False)
 
-        tables = anatomy.cohort_tables(np.random.default_rng([settings.seed, 2**31 - 2]), subjects, ground_truth)
+        tables = anatomy.cohort_tables(np.random.default_rng(tables_entropy(settings.seed, settings.test_seed)),
+                                        subjects, ground_truth)
         for name, table in tables.items():
             table.to_csv(staging / "data" / f"{name}.csv", index=False)
 

@@ -46,7 +46,7 @@ from ..io import apply_transform, write_particles, write_transform
 from ..points import farthest_point_sampling
 from . import geometry
 from .anatomy import Anatomy, Scan
-from .cohort import _rotation_vector_deg, run_subjects, subject_plan, world_shape
+from .cohort import _rotation_vector_deg, run_subjects, subject_entropy, subject_plan, world_shape
 from .imaging import Grid, blur, signed_distance, smooth_noise, soft_inside, voxelize, write_image
 
 MIRROR = np.diag([-1.0, 1.0, 1.0])  # patient left-right
@@ -103,6 +103,7 @@ class MultiAnatomySettings:
     body_rotation_deg: float = 8.0
     body_shift_mm: float = 12.0
     min_margin_mm: float = 4.0  # every part this far inside the box
+    test_seed: int | None = None  # a sealed test draw (synthetic.cohort.subject_entropy); None: the seed's
 
     @classmethod
     def from_config(cls, cfg: dict) -> "MultiAnatomySettings":
@@ -128,6 +129,7 @@ class MultiAnatomySettings:
             body_rotation_deg=float(cfg.get("body_rotation_deg", 8.0)),
             body_shift_mm=float(cfg.get("body_shift_mm", 12.0)),
             min_margin_mm=float(cfg.get("min_margin_mm", 4.0)),
+            test_seed=None if cfg.get("test_seed") is None else int(cfg["test_seed"]),
         )
 
     def grid(self) -> Grid:
@@ -212,15 +214,16 @@ def _body(rng, grid: Grid, shape) -> np.ndarray:
 
 
 def synthesize_subject(models: list[PartModel], settings: MultiAnatomySettings, index: int, subject_id: str,
-                       group: str, root: Path) -> tuple[dict, dict]:
+                       split: str, group: str, root: Path) -> tuple[dict, dict]:
     start = time.perf_counter()
-    rng = np.random.default_rng([settings.seed, index])
+    entropy = subject_entropy(settings.seed, settings.test_seed, index, split)
+    rng = np.random.default_rng(entropy)
     present = np.ones(len(models), bool)
     if rng.random() < settings.missing_fraction:
         present[rng.integers(len(models))] = False
     params, worlds, anchors = [], [], []
     for k, model in enumerate(models):
-        p = model.anatomy.sample_parameters(np.random.default_rng([settings.seed, index, k + 1]),
+        p = model.anatomy.sample_parameters(np.random.default_rng([*entropy, k + 1]),
                                             model.anatomy.groups[0])
         world, anchor = model.world(p)
         params.append(p), worlds.append(world), anchors.append(anchor)
@@ -278,7 +281,8 @@ def generate_multi_anatomy_cohort(settings: MultiAnatomySettings, out_dir: Path,
     with staged(out_dir, ["data", "subjects.csv", "ground_truth.csv"]) as staging:
         for sub in ("images", "labels", "meshes", "particles", "transforms"):
             (staging / "data" / sub).mkdir(parents=True)
-        jobs = [(models, settings, i, row.id, row.group, staging) for i, row in enumerate(plan.itertuples())]
+        jobs = [(models, settings, i, row.id, row.split, row.group, staging)
+                for i, row in enumerate(plan.itertuples())]
         subjects, ground_truth = run_subjects(synthesize_subject, jobs, plan, workers)
         subjects.to_csv(staging / "subjects.csv", index=False)
         ground_truth.to_csv(staging / "ground_truth.csv", index=False)
@@ -289,6 +293,8 @@ def generate_multi_anatomy_cohort(settings: MultiAnatomySettings, out_dir: Path,
             write_particles(folder / "points.particles", model.template_vertices[model.point_ids])
             np.savetxt(folder / "point_ids.txt", model.point_ids, fmt="%d")
         record = asdict(settings)
+        if record["test_seed"] is None:
+            del record["test_seed"]
         record["parts"] = {p.name: {k: v for k, v in asdict(p).items() if k != "name"} for p in settings.parts}
         metadata = {
             "kind": "multi_anatomy", "modality": "CT", "generator_version": __version__,
