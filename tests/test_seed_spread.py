@@ -245,6 +245,11 @@ def test_the_spread_reads_the_default_seed_from_the_main_model(dataset):
     assert record["n_test_scans"] == 3 and record["one_machine"] is True
     assert record["training_machines"][0]["cpu_kernels"] == "AVX2"
     assert [run["model_dir"] for run in record["runs"]] == ["models/base", "seeds/1/models/base"]
+    # the interval covers seeds x scans: here every scan is alike, so it spans the two seeds' values
+    assert base["rmse_low_mm"] == pytest.approx(0.5, abs=1e-6) and base["rmse_high_mm"] == pytest.approx(1.5, abs=1e-6)
+    (paired,) = record["paired"]["comparisons"]  # base against the mean shape, over both seeds and every scan
+    assert (paired["method"], paired["against"], paired["n_seeds"]) == ("base", "mean shape", 2)
+    assert paired["difference_mm"] == pytest.approx(-1.0, abs=1e-6) and paired["verdict"] == "beats"
     assert json.loads(dataset.spread_json.read_text()) == record
     assert dataset.spread_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

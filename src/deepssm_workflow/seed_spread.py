@@ -14,7 +14,11 @@ the mean over the test scans, beside the mean-shape predictor's on the same scan
 
 `write_spread` writes results/{dataset}/seeds/: spread.csv (method, init_seed, rmse_mm,
 best_epoch), spread.json (the summary per method and the device facts of every training run,
-so that the spreads of two machines can be set side by side) and spread.png.
+so that the spreads of two machines can be set side by side) and spread.png. spread.json also
+carries each method's interval over init seeds x test subjects (a two-level bootstrap:
+comparisons.py) and the paired differences of every method from the mean shape and from every
+other method over the same seeds and scans, Holm-adjusted: the comparisons a single trained model
+cannot support.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import pandas as pd
 
 from . import methods as registry
 from .atomic import staged
+from .comparisons import comparison_pairs, mean_interval, paired_comparisons
 from .evaluate import MEAN_SHAPE, baseline_shapes, load_test_cohort, read_predictions
 from .layout import DatasetLayout
 from .provenance import read_sidecar
@@ -123,16 +128,16 @@ def _host(model_dir: Path) -> dict | None:
     return {key: host.get(key) for key in ("name", "platform", "cpus", "cpu_kernels", "cuda_device")}
 
 
-def collect(dataset_dir, methods, seeds, shape_space: dict) -> tuple[pd.DataFrame, list[dict], float, int]:
+def collect(dataset_dir, methods, seeds, shape_space: dict) -> tuple[pd.DataFrame, list[dict], dict, int]:
     """The spread's rows (COLUMNS), one record per run (with its model card's device facts and its
-    training host), the mean shape's RMSE and the number of test scans. Each method's default init seed
-    is read from its default run's model card; `seeds` are the extra ones (that seed among them is the
-    default run)."""
+    training host), the per-scan errors (each method's (seeds, scans) array, and the mean shape's per
+    scan under MEAN_SHAPE) and the number of test scans. Each method's default init seed is read from
+    its default run's model card; `seeds` are the extra ones (that seed among them is the default run)."""
     layout = DatasetLayout(dataset_dir)
     cohort = load_test_cohort(layout.root)
     n_points = cohort.true_local.shape[1]
     baselines, _ = baseline_shapes(cohort, shape_space)
-    mean_shape = float(rmse(baselines[MEAN_SHAPE], cohort.true_local).mean())
+    errors = {MEAN_SHAPE: rmse(baselines[MEAN_SHAPE], cohort.true_local)}
     rows, runs = [], []
     for method in methods:
         main = _read_card(layout.model_card(method))
@@ -148,12 +153,15 @@ def collect(dataset_dir, methods, seeds, shape_space: dict) -> tuple[pd.DataFram
             if seed != default:
                 _check_same_data(card, main, model_dir, layout.model_dir(method))
             predicted = read_predictions(predictions, cohort.ids, n_points)
-            value = float(rmse(predicted, cohort.true_local).mean())
+            per_scan = rmse(predicted, cohort.true_local)
+            errors.setdefault(method, []).append(per_scan)
+            value = float(per_scan.mean())
             rows.append({"method": method, "init_seed": seed, "rmse_mm": value, "best_epoch": int(card["best_epoch"])})
             runs.append({**rows[-1], "default_run": seed == default,
                          "model_dir": str(model_dir.relative_to(layout.root)),
                          "device_facts": card.get("device_facts"), "host": _host(model_dir)})
-    return pd.DataFrame(rows, columns=list(COLUMNS)), runs, mean_shape, len(cohort.ids)
+    errors.update({m: np.stack(errors[m]) for m in methods})
+    return pd.DataFrame(rows, columns=list(COLUMNS)), runs, errors, len(cohort.ids)
 
 
 def _machines(runs: list[dict]) -> list[dict]:
@@ -171,8 +179,19 @@ def _machines(runs: list[dict]) -> list[dict]:
 def write_spread(dataset_dir, methods, seeds, shape_space: dict, out_dir) -> dict:
     """Write spread.csv, spread.json and spread.png into out_dir (results/{dataset}/seeds) atomically;
     return spread.json's content. See `collect` for `methods` and `seeds`."""
-    rows, runs, mean_shape, n_scans = collect(dataset_dir, methods, seeds, shape_space)
+    rows, runs, errors, n_scans = collect(dataset_dir, methods, seeds, shape_space)
+    mean_shape = float(errors[MEAN_SHAPE].mean())
     machines = _machines(runs)
+    summary = summarize(rows, mean_shape)
+    for method in summary:
+        low, high = mean_interval(errors[method])
+        summary[method].update({"rmse_low_mm": low, "rmse_high_mm": high,
+                                "interval": "95 % percentile bootstrap over init seeds x test scans"})
+    # a paired comparison needs the same seeds on both sides: methods of other seed counts are left out
+    counts = {m: len(errors[m]) for m in methods}
+    most = max(counts.values(), default=0)
+    compared = [m for m in methods if counts[m] == most]
+    paired = paired_comparisons(errors, comparison_pairs(compared, [MEAN_SHAPE]))
     record = {
         "measure": f"test RMSE (paper eq. 12, mm, each scan's own frame), mean over the {n_scans} test scans, "
                    "as in the evaluation",
@@ -181,7 +200,13 @@ def write_spread(dataset_dir, methods, seeds, shape_space: dict, out_dir) -> dic
                  "default run, whose model is each method's first seed",
         "n_test_scans": n_scans,
         "mean_shape_rmse_mm": mean_shape,
-        "methods": summarize(rows, mean_shape),
+        "methods": summary,
+        "paired": {
+            "measure": "mean over init seeds and test scans of method minus `against` (scan-frame RMSE, eq. 12, mm), "
+                       "bootstrapped over seeds x scans, Holm-adjusted over every comparison listed",
+            "left_out": [m for m in methods if m not in compared],
+            "comparisons": [{key: _json_value(value) for key, value in row.items()}
+                            for row in paired.to_dict("records")]},
         # a spread is compared with a result of another machine through these: the runs' CPU kernels,
         # devices and torch versions (one machine: a spread of the seed alone)
         "training_machines": machines,
@@ -193,6 +218,13 @@ def write_spread(dataset_dir, methods, seeds, shape_space: dict, out_dir) -> dic
         (staging / "spread.json").write_text(json.dumps(record, indent=2) + "\n")
         spread_figure(rows, record["methods"], mean_shape, n_scans, staging / "spread.png")
     return record
+
+
+def _json_value(value):
+    """A table cell as JSON: NaN as null, numpy scalars as Python ones."""
+    if isinstance(value, (float, np.floating)):
+        return None if value != value else float(value)
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def spread_figure(rows: pd.DataFrame, summary: dict, mean_shape: float, n_scans: int, path) -> None:
