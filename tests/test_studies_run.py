@@ -47,9 +47,11 @@ def test_left_atrium_study_and_bad_outcome(tiny_cohort, tmp_path):
     row = summary["left_atrium"]["ground_truth"]
     assert row["n_train"] == 8 and row["n_test"] == 3 and row["n_seeds"] == 5
     assert 0.0 <= row["mlp_accuracy_mean"] <= 1.0 and row["mlp_accuracy_sd"] >= 0.0
-    for name in ("mlp_accuracy", "logistic_accuracy", "majority_accuracy"):  # 95 % intervals over the 3 test subjects
+    for name in ("mlp_accuracy", "logistic_accuracy", "nir_accuracy"):  # 95 % intervals over the 3 test subjects
         value = row[name if name != "mlp_accuracy" else "mlp_accuracy_mean"]
         assert 0.0 <= row[f"{name}_low"] <= value <= row[f"{name}_high"] <= 1.0, name
+    assert row["nir_accuracy"] >= 2 / 3  # the test set's most frequent class, of 3 subjects
+    assert all(0.0 < row[f"{m}_binomial_p"] <= 1.0 and f"{m}_auc" in row for m in ("mlp", "logistic"))
     assert (out / "tables" / "left_atrium_recurrence_table3.csv").is_file()
 
     table_path = results / "cohort" / "subjects.csv"

@@ -15,7 +15,11 @@ for image codes; see deepssm_workflow.layout) and writes, atomically (all or not
                  ground_truth_all (every subject, the paper's setting). null = not defined
                  on these data (e.g. one class only); the notes say which and why.
                    metopic: n_scored, n_metopic, n_reference_controls, ppca_modes, ppca_explained,
-                            n_rated, pearson, spearman, auc [, spearman_true_severity]
+                            n_rated, pearson, spearman, auc, severity_subspace_mean, severity_residual_mean
+                            (the Mahalanobis distance in the PPCA subspace and the residual out of it, apart),
+                            severity_error_vs_truth_mean [_low, _high] and severity_bias_vs_truth (against
+                            the ground-truth shapes' severity: the fidelity check a shrunken shape fails)
+                            [, spearman_true_severity [_low, _high]: with the generator's true severity]
                    femur:   n_control, n_cam, peak_difference_mm, peak_point, mean_difference_mm
                             [, n_significant_points, min_q, test_method: per-point Welch permutation test
                             of the normal displacement, BH FDR; hotelling_n_significant_points,
@@ -23,10 +27,17 @@ for image codes; see deepssm_workflow.layout) and writes, atomically (all or not
                             [, n_planted_points, n_significant_planted, n_significant_elsewhere,
                             normal_difference_planted_mm, normal_difference_elsewhere_mm,
                             planted_amplitude_mm, peak_normal_difference_mm: where the generator is
-                            known] [, map_correlation];
+                            known] [, map_correlation]; fwer_method, fwer_p_floor, n_fwer_significant_points,
+                            min_p_fwer (Westfall-Young step-down max-T over every point: family-wise error
+                            control that can reach its level), the same with hotelling_, and where the lesion
+                            is known fwer_sensitivity, fwer_false_positive_fraction,
+                            fwer_false_positive_area_fraction (and hotelling_);
                             a LATENT_CODE method also swim_max_displacement_mm
                    left_atrium: n_train, n_test, n_dims, mlp_accuracy_mean, mlp_accuracy_sd, mlp_brier,
-                            logistic_accuracy, logistic_brier, majority_accuracy, n_seeds;
+                            mlp_ensemble_accuracy, logistic_accuracy, logistic_brier, nir_accuracy (the
+                            no-information rate: the test set's most frequent class), and for mlp_ and
+                            logistic_: binomial_p (one-sided exact test of accuracy > NIR), balanced_accuracy,
+                            auc [_low, _high]; accuracies with _low, _high; n_seeds;
                             a LATENT_CODE method also swim_max_displacement_mm
   tables/*.csv   with a `source` column: metopic_severity_table2 (Table 2), metopic_severity_scores,
                  femur_group_difference, femur_group_difference_points,

@@ -19,6 +19,13 @@ cam subjects with larger heads by chance move every head point):
   are this test's; it needs 2 subjects per group.
 * Per point, a Hotelling T^2 of the 3D positions with a permutation p-value and FDR
   q-value (`hotelling_*`; n_cam + n_control >= 5), which also sees sliding along the surface.
+* Family-wise error control over all points (`fwer.westfall_young`): Westfall-Young step-down
+  max-T of both statistics on one set of 9999 relabellings (every labelling when there are
+  fewer), so the adjusted p (`p_fwer`, `hotelling_p_fwer`) can reach 1e-4 whatever the number
+  of points. The FDR q cannot always reach 0.05: with k points at the p floor 1 / (B + 1) their
+  q is M / (k (B + 1)), 0.051 for one point of 512 with 9999 relabellings (and 0.51 for the
+  Hotelling test's 999). `n_fwer_significant_points`: points with p_fwer < 0.05; the chance
+  that any point without an effect is among them is at most 5 %.
 
 Where the lesion was planted (a synthetic femur cohort, found through the ingest report's
 source table: data/cohort.json says femur, data/template/point_ids.txt says which template
@@ -26,11 +33,14 @@ vertex each correspondence point is), each point gets the generator's own bump p
 planted_weight = exp(-|v - cam_center|^2 / (2 CAM_WIDTH^2)) at its template vertex v, and
 the planted region is planted_weight >= exp(-2) (within two lesion widths of its centre).
 The summary then splits the mean |normal difference| and the significant points into
-inside and outside that region, and gives the mean amplitude the generator planted in the
-source's cam subjects (ground_truth.csv). The panels look at the lesion: along the cam
-direction with its component along the neck axis removed (the neck in profile, the
-anterosuperior head-neck junction facing the viewer), superior up, zoomed onto the head and
-neck. Without the generator (real data) the panels are isometric views fitted to the mesh.
+inside and outside that region, scores the FWER map against it (`fwer_sensitivity`: share of
+the region's points with p_fwer < 0.05; `fwer_false_positive_fraction`: share of the other
+points, and `fwer_false_positive_area_fraction`: of the other points' surface area), and
+gives the mean amplitude the generator planted in the source's cam subjects
+(ground_truth.csv). The panels look at the lesion: along the cam direction with its
+component along the neck axis removed (the neck in profile, the anterosuperior head-neck
+junction facing the viewer), superior up, zoomed onto the head and neck. Without the
+generator (real data) the panels are isometric views fitted to the mesh.
 
 Latent swim (Fig. 10): control mean to cam mean in the latent space of each method that has one.
 """
@@ -43,11 +53,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.spatial import cKDTree
 
 from ..io import read_particles
 from ..surface import values_at_vertices
 from . import figures as fig
 from .data import Cohort, Shapes, trained_model
+from .fwer import detection, westfall_young
 from .output import StudyOutput
 from .stats import pearson, permutation_hotelling, permutation_welch
 from .swim import latent_swim, swim_figure
@@ -55,7 +67,8 @@ from .swim import latent_swim, swim_figure
 GROUPS = ("control", "cam")
 Q_LEVEL = 0.05
 PLANTED_LEVEL = float(np.exp(-2.0))  # the planted region: the generator's bump at >= 13.5 % of its amplitude
-N_PERMUTATIONS = 9999
+N_PERMUTATIONS = 9999  # p floor 1e-4: a max-T adjusted p can reach 0.05 with ~500 relabelling maxima to spare
+FWER_LEVEL = 0.05
 ROI_MARGIN = 1.4  # the panels frame the mesh within 1.4 x (lesion to far side of the head) of the lesion
 WELCH = "two-sided Welch t on the displacement along the surface normal"
 HOTELLING = "Hotelling T^2 of the 3D positions"
@@ -152,12 +165,59 @@ def normal_test(world: np.ndarray, cam: np.ndarray, template, seed: int = 0,
                 n_permutations: int = N_PERMUTATIONS) -> dict:
     """Per point: cam minus control mean displacement along the pooled mean's outward normal
     (`difference`, mm) and its permutation Welch test (t, p, q, method); with the pooled mean
-    (`mean`) and its mesh (`mesh`)."""
+    (`mean`), its mesh (`mesh`) and every subject's displacement (`displacement`, (N, M))."""
     cam = np.asarray(cam, dtype=bool)
     displacement, mesh, pooled = normal_displacement(world, template)
     test = permutation_welch(displacement, cam, n_permutations=n_permutations, seed=seed)
     difference = displacement[cam].mean(0) - displacement[~cam].mean(0)
-    return {**test, "difference": difference, "mesh": mesh, "mean": pooled}
+    return {**test, "difference": difference, "mesh": mesh, "mean": pooled, "displacement": displacement}
+
+
+def fwer_test(world: np.ndarray, cam: np.ndarray, displacement: np.ndarray | None = None, seed: int = 0,
+              n_permutations: int = N_PERMUTATIONS) -> dict:
+    """Westfall-Young max-T over all points (`fwer.westfall_young`) of the normal displacement's
+    Welch t (when `displacement` is given and each group has 2 subjects) and of the Hotelling T^2
+    of the positions (n_cam + n_control >= 5), on the same relabellings."""
+    cam = np.asarray(cam, dtype=bool)
+    welch = displacement if displacement is not None and min(cam.sum(), (~cam).sum()) >= 2 else None
+    hotelling = world if len(cam) - 2 >= np.shape(world)[2] else None
+    if welch is None and hotelling is None:
+        raise ValueError(f"max-T needs 2 subjects per group (Welch t, with the displacement) or 5 in all (Hotelling "
+                         f"T^2); got {int(cam.sum())} cam and {int((~cam).sum())} control")
+    return westfall_young(cam, welch=welch, hotelling=hotelling, n_permutations=n_permutations, seed=seed)
+
+
+def point_areas(mesh, points: np.ndarray) -> np.ndarray:
+    """The surface area (mm^2) each correspondence point stands for: every mesh vertex's share
+    (a third of its triangles' areas) given to its nearest point."""
+    triangles = mesh.triangulate()
+    corners = np.asarray(triangles.points, dtype=np.float64)[np.asarray(triangles.faces).reshape(-1, 4)[:, 1:]]
+    area = 0.5 * np.linalg.norm(np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]), axis=1)
+    vertex_area = np.bincount(np.asarray(triangles.faces).reshape(-1, 4)[:, 1:].ravel(),
+                              weights=np.repeat(area / 3, 3), minlength=triangles.n_points)
+    nearest = cKDTree(np.asarray(points, dtype=np.float64)).query(np.asarray(triangles.points))[1]
+    return np.bincount(nearest, weights=vertex_area, minlength=len(points))
+
+
+def fwer_summary(fwer: dict, planted: PlantedLesion | None = None, areas: np.ndarray | None = None) -> dict:
+    """Summary keys of a `fwer_test`: significant points (p_fwer < FWER_LEVEL) and the smallest
+    p_fwer per statistic; against the planted region, where known, the sensitivity and the
+    false-positive fraction of points (and of area, given each point's `areas`)."""
+    row = {"fwer_method": fwer["method"], "fwer_p_floor": float(fwer["p_floor"])}
+    for name, prefix in (("welch", ""), ("hotelling", "hotelling_")):
+        if name not in fwer:
+            continue
+        significant = fwer[name]["p_fwer"] < FWER_LEVEL
+        row.update({f"{prefix}n_fwer_significant_points": int(significant.sum()),
+                    f"{prefix}min_p_fwer": float(fwer[name]["p_fwer"].min())})
+        if planted is not None:
+            rates = detection(significant, planted.region)
+            row.update({f"{prefix}fwer_sensitivity": rates["sensitivity"],
+                        f"{prefix}fwer_false_positive_fraction": rates["false_positive_fraction"]})
+            if areas is not None:
+                row[f"{prefix}fwer_false_positive_area_fraction"] = detection(
+                    significant, planted.region, areas)["false_positive_fraction"]
+    return row
 
 
 def planted_summary(planted: PlantedLesion, test: dict, ids) -> dict:
@@ -209,7 +269,7 @@ def run(cohort: Cohort, sources: dict[str, Shapes], out_dir: Path, latent_method
     if planted is not None and len(planted.weight) != n_points:
         raise ValueError(f"the planted lesion has {len(planted.weight)} points; the cohort has {n_points}")
 
-    differences, normal_tests, counts, rows, point_rows = {}, {}, {}, [], []
+    differences, normal_tests, fwer_tests, counts, rows, point_rows = {}, {}, {}, {}, [], []
     for source, shapes in sources.items():
         cam = group[shapes.ids].to_numpy() == "cam"
         counts[source] = (int(cam.sum()), int((~cam).sum()))
@@ -236,6 +296,12 @@ def run(cohort: Cohort, sources: dict[str, Shapes], out_dir: Path, latent_method
                 row.update(hotelling_n_significant_points=int((hotelling["q"] < Q_LEVEL).sum()),
                            hotelling_min_q=float(hotelling["q"].min()),
                            hotelling_test_method=f"{HOTELLING}, {hotelling['method']}, BH FDR")
+            fwer = out.attempt(f"{source} FWER (max-T)", lambda: fwer_test(
+                shapes.world, cam, test["displacement"] if test is not None else None, seed=seed))
+            if fwer is not None:
+                fwer_tests[source] = fwer
+                areas = point_areas(test["mesh"], test["mean"]) if test is not None and planted is not None else None
+                row.update(fwer_summary(fwer, planted, areas))
             nan = np.full(len(magnitude), np.nan)
             table = {"source": source, "point": np.arange(len(magnitude)),
                      "dx": difference[:, 0], "dy": difference[:, 1], "dz": difference[:, 2],
@@ -243,7 +309,10 @@ def run(cohort: Cohort, sources: dict[str, Shapes], out_dir: Path, latent_method
                      "normal_difference_mm": test["difference"] if test is not None else nan,
                      "t": test["t"] if test is not None else nan, "p": test["p"] if test is not None else nan,
                      "q": test["q"] if test is not None else nan,
-                     "hotelling_q": hotelling["q"] if hotelling is not None else nan}
+                     "hotelling_q": hotelling["q"] if hotelling is not None else nan,
+                     "p_fwer": fwer["welch"]["p_fwer"] if fwer is not None and "welch" in fwer else nan,
+                     "hotelling_p_fwer": fwer["hotelling"]["p_fwer"]
+                     if fwer is not None and "hotelling" in fwer else nan}
             if planted is not None:
                 table.update(planted_weight=planted.weight, in_planted_region=planted.region)
             point_rows.append(pd.DataFrame(table))
@@ -307,31 +376,43 @@ def run(cohort: Cohort, sources: dict[str, Shapes], out_dir: Path, latent_method
                                (values_at_vertices(mesh.points, mean, -np.log10(test["q"])), (0, top),
                                 fig.SEQUENTIAL),
                                (np.where(significant, difference, np.nan), clim, fig.DIVERGING))])
+            welch_fwer = fwer_tests.get(source, {}).get("welch")
+            if welch_fwer is not None:  # else an empty cell: the max-T test could not run
+                flagged = values_at_vertices(mesh.points, mean,
+                                             (welch_fwer["p_fwer"] < FWER_LEVEL).astype(float)) >= 0.5
+                images[-1].append(fig.render(mesh, np.where(flagged, difference, np.nan), clim, fig.DIVERGING,
+                                             camera=camera, outline=outline))
         methods = sorted({t["method"] for t in normal_tests.values()})
         fig.column_panels(images, out_dir / "femur_significance.png",
                           [_label(s, counts) for s in normal_tests],
                           [("mean cam - control\nalong the normal", clim, fig.DIVERGING, "mm (red: cam outward)",
                             extend),
                            ("-log10 q", (0, top), fig.SEQUENTIAL, f"-log10 q ({-np.log10(Q_LEVEL):.1f} = q 0.05)"),
-                           (f"where q < {Q_LEVEL:g}", clim, fig.DIVERGING, "mm (grey: q >= 0.05)", extend)])
+                           (f"where q < {Q_LEVEL:g}", clim, fig.DIVERGING, "mm (grey: q >= 0.05)", extend),
+                           (f"where FWER p < {FWER_LEVEL:g}", clim, fig.DIVERGING, "mm (grey: FWER p >= 0.05)",
+                            extend)])
+        fwer_methods = sorted({fwer_tests[s]["method"] for s in normal_tests if "welch" in fwer_tests.get(s, {})})
         out.figures.append({
             "file": "femur_significance.png",
             "title": "The cam lesion against chance: raw difference beside per-point significance",
             "caption": "Left: mean displacement of the cam group minus the control group along the outward surface "
                        "normal (red: cam femurs stick out), shown on each source's pooled mean shape, in one "
                        f"colour range set by {reference_source} (the most subjects; other rows saturate beyond it). "
-                       "Middle: "
+                       "Second: "
                        "-log10 q of a per-point two-sided Welch t test of that displacement, cam against control, "
                        f"with permutation p-values ({'; '.join(methods)}) and Benjamini-Hochberg FDR over the "
-                       f"points. Right: the difference only where q < {Q_LEVEL:g} (grey elsewhere). n per group: "
+                       f"points. Third: the difference only where q < {Q_LEVEL:g} (grey elsewhere). Right: the "
+                       f"difference only where the same Welch t's family-wise adjusted p < {FWER_LEVEL:g} (grey "
+                       f"elsewhere; {'; '.join(fwer_methods) or 'not computed'}): the chance that any point without "
+                       "an effect shows there is at most 5 %. n per group: "
                        f"{sizes(normal_tests)}. {view}{where}"
-                       + ("The planted lesion shows as a red spot inside the black line that stays in the right "
-                          "column; " if planted is not None else
-                          "A real effect stays in the right column; ")
+                       + ("The planted lesion shows as a red spot inside the black line that stays in the two "
+                          "right columns; " if planted is not None else
+                          "A real effect stays in the two right columns; ")
                        + "colour that turns grey there (e.g. spread over the whole head) is not told apart from "
                        "chance differences between the groups. With few cam "
-                       "subjects the test has little power: no point below q 0.05 means that the lesion was not "
-                       "told apart from chance, not that there is none."})
+                       "subjects the test has little power: no point below q 0.05 (or FWER p 0.05) means that the "
+                       "lesion was not told apart from chance, not that there is none."})
 
     swims = {}
     for method in latent_methods:

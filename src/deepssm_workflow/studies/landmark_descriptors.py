@@ -196,7 +196,10 @@ def left_atrium(cohort: Cohort, train: Shapes, test: Shapes, out_dir: Path) -> S
     for source, (fit_on, scored) in {"ground_truth": (cohort.train.world, cohort.test.world),
                                      SOURCE: (train.world, test.world)}.items():
         space = ShapeSpace(variance=VARIANCE).fit(fit_on)
-        row = {"source": source, **classify(space.transform(fit_on), train_y, space.transform(scored), test_y)}
+        notes = []
+        row = {"source": source,
+               **classify(space.transform(fit_on), train_y, space.transform(scored), test_y, notes=notes)}
+        out.notes.extend(f"{source} {note}" for note in notes)
         rows.append(row)
         out.summary[source] = {k: v for k, v in row.items() if k not in ("source", "dims")}
     table = pd.DataFrame(rows)
@@ -206,13 +209,14 @@ def left_atrium(cohort: Cohort, train: Shapes, test: Shapes, out_dir: Path) -> S
     means = table["mlp_accuracy_mean"].to_numpy()
     errors = np.abs(np.stack([table["mlp_accuracy_low"], table["mlp_accuracy_high"]]) - means)
     ax.bar(table["source"], means, yerr=errors, color=["#0077bb", "#ee7733"], capsize=4)
-    ax.axhline(table["majority_accuracy"].iloc[0], color="0.4", linestyle="--", label="majority class")
+    ax.axhline(table["nir_accuracy"].iloc[0], color="0.4", linestyle="--", label="no-information rate")
     ax.set(ylabel="test accuracy (MLP)", ylim=(0, 1), title=f"AF recurrence, n = {len(test_y)} test subjects")
     ax.legend(frameon=False)
     _add_figure(out, figure, out_dir / "landmark_af_recurrence.png",
                 "AF recurrence from landmarks beside the PDM (paper Table 4 analogue)",
                 "MLP test accuracy (mean over seeds, 95 % bootstrap interval over the test subjects) on the PDM's and "
-                "on the landmarks' PCA scores; dashed: the majority rate a useless classifier gets.")
+                "on the landmarks' PCA scores; dashed: the no-information rate, the accuracy of always answering the "
+                "test set's most frequent class.")
     return out
 
 

@@ -17,8 +17,17 @@ the training descriptors are kept (paper's trimming); an MLP (one hidden layer o
 ReLU, Adam, weight decay) is trained on the standardized trimmed descriptors for each
 of several seeds (mean and sd of test accuracy), beside a ridge-penalized logistic
 regression fitted by maximum likelihood with statsmodels (a calibrated probabilistic
-baseline, deterministic) and the majority-class rate. Brier scores measure the
-calibration of the predicted probabilities.
+baseline, deterministic). Brier scores measure the calibration of the predicted
+probabilities.
+
+The baseline is the no-information rate (nir_accuracy, caret's NIR): the accuracy of always
+answering the test set's most frequent class, with its 95 % bootstrap interval. (The training
+set's majority class, scored on the test labels, would be an unfair baseline where the two
+splits' majorities differ.) Against it, for the MLP (its seed ensemble: mean probability over
+seeds > 0.5) and the logistic regression: {mlp,logistic}_binomial_p, the one-sided exact
+binomial test of accuracy > NIR; _balanced_accuracy, the mean of sensitivity and specificity;
+_auc with _auc_low/_auc_high, a bootstrap interval stratified by class over the test subjects.
+mlp_ensemble_accuracy is the accuracy those three describe.
 
 Latent swim (Fig. 12): no-recurrence mean to recurrence mean in each LATENT_CODE method's space.
 """
@@ -38,6 +47,7 @@ from ..inference import codes
 from ..intervals import mean_interval
 from ..shape_space import ShapeSpace
 from . import figures as fig
+from . import stats
 from .data import Cohort, Shapes, trained_model
 from .output import StudyOutput
 from .swim import latent_swim, swim_figure
@@ -88,7 +98,31 @@ def logistic_probabilities(train_x, train_y, test_x) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-(sm.add_constant(t, has_constant="add") @ params)))
 
 
-def classify(train_x, train_y, test_x, test_y, seeds=SEEDS) -> dict:
+def _against_nir(name: str, probability: np.ndarray, test_y: np.ndarray, notes: list | None) -> dict:
+    """The subject-level yes/no answers (probability > 0.5) and the probabilities of one classifier
+    against the test labels: balanced accuracy, AUC with its stratified bootstrap interval and the
+    exact binomial p of its accuracy against the NIR. NaN where a number is undefined (one test class),
+    with the reason in `notes`."""
+    predicted = (probability > 0.5).astype(int)
+    row = {f"{name}_binomial_p": stats.accuracy_binomial_p(predicted, test_y)}
+    try:
+        row[f"{name}_balanced_accuracy"] = stats.balanced_accuracy(predicted, test_y)
+        row[f"{name}_auc"] = stats.auc(probability, test_y)
+        row[f"{name}_auc_low"], row[f"{name}_auc_high"] = stats.auc_interval(probability, test_y)
+    except ValueError as error:
+        for key in ("balanced_accuracy", "auc", "auc_low", "auc_high"):
+            row.setdefault(f"{name}_{key}", float("nan"))
+        if notes is not None:
+            notes.append(f"{name} balanced accuracy and AUC: not computed ({error})")
+    return row
+
+
+def classify(train_x, train_y, test_x, test_y, seeds=SEEDS, notes: list | None = None) -> dict:
+    """Train on the training descriptors, score on the test ones (see the module docstring for the keys).
+
+    The MLP's per-subject answer is that of its seed ensemble, the mean probability over seeds > 0.5:
+    one score serves both its AUC (a ranking) and its balanced accuracy and binomial test (a threshold),
+    which a majority vote over seeds could not give. mlp_accuracy_mean/_sd are over the single seeds."""
     dims = trim(train_x, train_y)
     train_x, test_x = train_x[:, dims], test_x[:, dims]
     threads = torch.get_num_threads()
@@ -98,21 +132,26 @@ def classify(train_x, train_y, test_x, test_y, seeds=SEEDS) -> dict:
     finally:
         torch.set_num_threads(threads)
     mlp_accuracy = [float(((p > 0.5) == test_y).mean()) for p in mlp]
+    ensemble = np.mean(mlp, axis=0)
     logistic = logistic_probabilities(train_x, train_y, test_x)
     # the intervals resample the test subjects: the MLP's correctness per subject is its share of seeds
     mlp_low, mlp_high = mean_interval(np.mean([(p > 0.5) == test_y for p in mlp], axis=0))
     logistic_low, logistic_high = mean_interval((logistic > 0.5) == test_y)
-    majority_low, majority_high = mean_interval(test_y == int(train_y.mean() > 0.5))
-    majority = int(train_y.mean() > 0.5)
+    # the baseline is the test set's own most frequent class: the training set's could be the rarer one here
+    nir_class = int(test_y.mean() > 0.5)
+    nir_low, nir_high = mean_interval(test_y == nir_class)
     return {"n_train": len(train_y), "n_test": len(test_y), "n_dims": len(dims), "dims": " ".join(map(str, dims)),
             "mlp_accuracy_mean": float(np.mean(mlp_accuracy)), "mlp_accuracy_sd": float(np.std(mlp_accuracy, ddof=1))
             if len(seeds) > 1 else 0.0, "mlp_brier": float(np.mean([((p - test_y) ** 2).mean() for p in mlp])),
             "mlp_accuracy_low": mlp_low, "mlp_accuracy_high": mlp_high,
+            "mlp_ensemble_accuracy": float(((ensemble > 0.5) == test_y).mean()),
+            **_against_nir("mlp", ensemble, test_y, notes),
             "logistic_accuracy": float(((logistic > 0.5) == test_y).mean()),
             "logistic_accuracy_low": logistic_low, "logistic_accuracy_high": logistic_high,
-            "majority_accuracy_low": majority_low, "majority_accuracy_high": majority_high,
             "logistic_brier": float(((logistic - test_y) ** 2).mean()),
-            "majority_accuracy": float((test_y == majority).mean()), "n_seeds": len(seeds)}
+            **_against_nir("logistic", logistic, test_y, notes),
+            "nir_accuracy": stats.no_information_rate(test_y), "nir_accuracy_low": nir_low,
+            "nir_accuracy_high": nir_high, "n_seeds": len(seeds)}
 
 
 def _test_images(path: Path, ids) -> np.ndarray:
@@ -166,8 +205,10 @@ def run(cohort: Cohort, sources: dict[str, Shapes], out_dir: Path, latent_method
     rows = []
     for source, shapes in sources.items():
         train_x, test_x = descriptors(cohort, source, shapes)
+        notes = []
         row = {"source": source, "descriptor": descriptor_kind(source),
-               **classify(train_x, train_y, test_x, labels(cohort, shapes.ids))}
+               **classify(train_x, train_y, test_x, labels(cohort, shapes.ids), notes=notes)}
+        out.notes.extend(f"{source} {note}" for note in notes)
         rows.append(row)
         out.summary[source] = {k: v for k, v in row.items() if k not in ("source", "descriptor", "dims")}
     table = pd.DataFrame(rows)
@@ -177,8 +218,10 @@ def run(cohort: Cohort, sources: dict[str, Shapes], out_dir: Path, latent_method
                         "caption": f"Test accuracy of the MLP (mean over seeds) and of logistic regression on "
                                    f"each source's 10 trimmed descriptors, with 95 % bootstrap intervals over the "
                                    f"n = {int(table['n_test'].iloc[0])} test subjects; the dashed line is the "
-                                   f"majority-class rate a useless classifier gets (its interval shaded), so only "
-                                   f"bars whose interval clears it carry shape information."})
+                                   f"no-information rate, the accuracy of always answering the test set's most "
+                                   f"frequent class (its interval shaded); a bar whose interval clears it carries "
+                                   f"demonstrated shape information, and the study summary's binomial p tests "
+                                   f"each classifier against it."})
 
     swims = {}
     everyone = cohort.all
@@ -208,9 +251,9 @@ def _accuracy_figure(table: pd.DataFrame, path: Path) -> None:
         spread = np.nan_to_num(np.stack([value - table[f"{name}_low"], table[f"{name}_high"] - value]))
         ax.bar(x + offset, value, 0.4, yerr=spread, capsize=3, label=label, color=colour)
     for k, row in table.reset_index(drop=True).iterrows():
-        ax.hlines(row["majority_accuracy"], k - 0.45, k + 0.45, colors="black", linestyles="dashed")
-        if np.isfinite(row["majority_accuracy_low"]):
-            ax.fill_between([k - 0.45, k + 0.45], row["majority_accuracy_low"], row["majority_accuracy_high"],
+        ax.hlines(row["nir_accuracy"], k - 0.45, k + 0.45, colors="black", linestyles="dashed")
+        if np.isfinite(row["nir_accuracy_low"]):
+            ax.fill_between([k - 0.45, k + 0.45], row["nir_accuracy_low"], row["nir_accuracy_high"],
                             color="0.85", zorder=0)
     ax.set_xticks(x, table["source"])
     ax.set_ylim(0, 1)

@@ -10,6 +10,25 @@ Per source: AUC of the severity against the diagnosis (group metopic vs control)
 Pearson and Spearman correlation with the aggregated expert severity (ratings.py),
 and, for synthetic cohorts, Spearman with the generator's true latent severity.
 
+Shape fidelity. The severity is not monotone in how well a shape is reproduced: a
+prediction pulled towards the control mean, or projected onto the PPCA subspace, loses
+the out-of-subspace part that the small isotropic variance sigma^2 weighs heavily, and
+can score a higher AUC than the ground truth. So the scores table splits each severity
+into `severity_subspace` and `severity_residual` (severity^2 = subspace^2 + residual^2,
+ppca.py) with `distance_from_subspace_mm`, and each source's summary adds:
+
+  severity_error_vs_truth_mean [_low, _high]  mean |severity - the ground-truth shapes'
+      severity| over the same subjects (per subject in the scores table as
+      `severity_error_vs_truth`); 0 for ground_truth, > 0 for a shrunken copy
+  severity_bias_vs_truth  the mean signed difference (< 0: severities shrunk)
+  severity_subspace_mean, severity_residual_mean
+  spearman_true_severity [_low, _high]  Spearman with the generator's latent_severity
+      (`{resources_dir}/ground_truth.csv`: the trigonocephaly severity plus a little
+      normal forehead taper), a check that does not trust the ground truth's own
+      severity; only a synthetic cohort has it: for a real cohort these keys are left
+      out and a note says so. It is blind to a uniform shrink (ranks are kept), which
+      the error against the ground truth is not.
+
 Expert ratings come from `{resources_dir}/data/ratings.csv` (subject, rater, rating)
 and are aggregated by the latent-trait model; without that file an `expert_severity`
 column of the subjects table (one number per subject, already aggregated) is used;
@@ -23,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..intervals import bootstrap_interval
+from ..intervals import bootstrap_interval, mean_interval
 from . import figures as fig
 from .data import Cohort, Shapes
 from .output import StudyOutput
@@ -33,6 +52,7 @@ from .stats import auc, pearson, spearman
 
 VARIANCE = 0.95
 GROUPS = ("control", "metopic")
+TRUTH_SOURCE = "ground_truth"  # the source whose severity the others are compared with
 
 
 def expert_severity(cohort: Cohort, resources_dir) -> tuple[pd.Series | None, str]:
@@ -57,11 +77,39 @@ def true_severity(resources_dir) -> pd.Series | None:
 
 
 def severity_scores(ppca: PPCA, sources: dict[str, Shapes], group: pd.Series) -> pd.DataFrame:
-    rows = []
+    """One row per source and subject: the severity, its two parts and, where the sources
+    include TRUTH_SOURCE, the absolute difference from that subject's ground-truth severity."""
+    tables = []
     for source, shapes in sources.items():
-        for subject, value in zip(shapes.ids, ppca.mahalanobis(shapes.world)):
-            rows.append({"source": source, "id": subject, "group": group[subject], "severity": float(value)})
-    return pd.DataFrame(rows)
+        subspace, residual = ppca.mahalanobis_parts(shapes.world)
+        tables.append(pd.DataFrame({
+            "source": source, "id": shapes.ids, "group": group[shapes.ids].to_numpy(),
+            "severity": ppca.mahalanobis(shapes.world), "severity_subspace": subspace,
+            "severity_residual": residual, "distance_from_subspace_mm": ppca.distance_from_subspace(shapes.world)}))
+    scores = pd.concat(tables, ignore_index=True)
+    truth = scores[scores["source"] == TRUTH_SOURCE].set_index("id")["severity"]
+    scores["severity_minus_truth"] = scores["severity"] - scores["id"].map(truth)
+    scores["severity_error_vs_truth"] = scores["severity_minus_truth"].abs()
+    return scores
+
+
+def fidelity(table: pd.DataFrame, true: pd.Series | None, out: StudyOutput) -> dict:
+    """Fidelity keys of one source's scores (the module docstring lists them). `true` is the
+    generator's severity by subject id, None for a real cohort: its keys are then left out."""
+    source = table["source"].iloc[0]
+    row = {"severity_subspace_mean": float(table["severity_subspace"].mean()),
+           "severity_residual_mean": float(table["severity_residual"].mean())}
+    error = table["severity_error_vs_truth"].dropna()
+    if len(error):  # no ground-truth row for these subjects: nothing to compare with
+        row["severity_error_vs_truth_mean"] = float(error.mean())
+        row["severity_error_vs_truth_low"], row["severity_error_vs_truth_high"] = mean_interval(error)
+        row["severity_bias_vs_truth"] = float(table["severity_minus_truth"].mean())
+    if true is not None:
+        pairs = (table["severity"].to_numpy(), table["id"].map(true).to_numpy(dtype=float))
+        row["spearman_true_severity"] = out.attempt(f"{source} Spearman with the true severity",
+                                                    lambda: spearman(*pairs))
+        row["spearman_true_severity_low"], row["spearman_true_severity_high"] = bootstrap_interval(spearman, *pairs)
+    return row
 
 
 def run(cohort: Cohort, sources: dict[str, Shapes], out_dir: Path, resources_dir=None) -> StudyOutput:
@@ -75,6 +123,10 @@ def run(cohort: Cohort, sources: dict[str, Shapes], out_dir: Path, resources_dir
     scores = severity_scores(ppca, sources, group)
     experts, expert_origin = expert_severity(cohort, resources_dir)
     truth = true_severity(resources_dir)
+    if truth is None:
+        out.notes.append("no true severity (no {resources_dir}/ground_truth.csv with latent_severity, as for a real "
+                         "cohort): spearman_true_severity left out; severity_error_vs_truth still compares each "
+                         "source with the ground-truth shapes")
     if experts is None:
         out.notes.append("no expert ratings: give {resources_dir}/data/ratings.csv (subject, rater, rating) "
                          "or an expert_severity column in the subjects table to get the correlations")
@@ -97,9 +149,7 @@ def run(cohort: Cohort, sources: dict[str, Shapes], out_dir: Path, resources_dir
                                          ("spearman", spearman, (rated["severity"], rated["expert_severity"])),
                                          ("auc", auc, (table["severity"], label))):
             row[f"{name}_low"], row[f"{name}_high"] = bootstrap_interval(statistic, *map(np.asarray, samples))
-        if truth is not None:
-            row["spearman_true_severity"] = out.attempt(
-                f"{source} Spearman with the true severity", lambda: spearman(table["severity"], truth[table["id"]]))
+        row.update(fidelity(table, truth, out))
         rows.append(row)
         out.summary[source] = {k: v for k, v in row.items() if k != "source"}
     out.tables["metopic_severity_table2"] = pd.DataFrame(rows)

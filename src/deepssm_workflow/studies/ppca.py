@@ -11,6 +11,18 @@ from.
 S is never formed: in the basis of U_L its eigenvalues are Lambda_l + sigma^2 and
 sigma^2 on the orthogonal complement, so S^{-1/2} x costs O(L D).
 
+The same split divides the severity in two (`mahalanobis_parts`): with x = C - C_bar,
+x_L = U_L U_L^T x its part in the subspace and r = x - x_L the rest,
+
+    severity^2 = sum_l (u_l^T x)^2 / (Lambda_l + sigma^2)  +  |r|^2 / sigma^2
+               = subspace^2                                 +  residual^2
+
+`residual` is the distance from the subspace (`distance_from_subspace`, |r| in shape
+units) over sigma: the part the isotropic noise term carries. sigma^2 is small, so a
+little out-of-subspace detail (or noise) weighs much; a shape projected onto the
+subspace or pulled towards C_bar loses that part and can separate groups better
+while being a worse copy of the shape (issue 34).
+
 L is the smallest count explaining `variance` of the total (paper: 95 %), at most
 rank - 1: with all rank modes sigma^2 would be 0 and S singular. `n_modes` and
 `explained` record what was used.
@@ -65,20 +77,36 @@ class PPCA:
 
     def whiten(self, shapes: np.ndarray) -> np.ndarray:
         """Eq. 15 for each shape: S^{-1/2} (C - C_bar), returned as (N, M, 3)."""
-        self._fitted()
-        flat = _flatten(shapes)
-        if flat.shape[1] != len(self.mean):
-            raise ValueError(f"shapes have {flat.shape[1] // 3} points; this PPCA was fitted on {len(self.mean) // 3}")
-        x = flat - self.mean
-        inside = x @ self.components.T  # (N, L) coordinates in the subspace
+        inside, outside = self._split(shapes)
         whitened = (inside / np.sqrt(self.eigenvalues + self.sigma2)) @ self.components
-        whitened += (x - inside @ self.components) / np.sqrt(self.sigma2)
-        return whitened.reshape(len(flat), -1, 3)
+        whitened += outside / np.sqrt(self.sigma2)
+        return whitened.reshape(len(whitened), -1, 3)
 
     def mahalanobis(self, shapes: np.ndarray) -> np.ndarray:
         """Severity: sqrt((C - C_bar)^T S^-1 (C - C_bar)) per shape, (N,)."""
         whitened = self.whiten(shapes)
         return np.sqrt((whitened.reshape(len(whitened), -1) ** 2).sum(1))
+
+    def mahalanobis_parts(self, shapes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(subspace, residual) per shape, each (N,): the Mahalanobis distance within the
+        L-mode subspace and that of the rest, so mahalanobis = hypot(subspace, residual)."""
+        inside, outside = self._split(shapes)
+        subspace = np.sqrt((inside**2 / (self.eigenvalues + self.sigma2)).sum(1))
+        return subspace, np.linalg.norm(outside, axis=1) / np.sqrt(self.sigma2)
+
+    def distance_from_subspace(self, shapes: np.ndarray) -> np.ndarray:
+        """|C - C_bar minus its projection on the subspace| per shape, (N,), in shape units."""
+        return np.linalg.norm(self._split(shapes)[1], axis=1)
+
+    def _split(self, shapes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """C - C_bar as (N, L) subspace coordinates and the (N, D) remainder outside it."""
+        self._fitted()
+        flat = _flatten(shapes)
+        if flat.shape[1] != len(self.mean):
+            raise ValueError(f"shapes have {flat.shape[1] // 3} points; this PPCA was fitted on {len(self.mean) // 3}")
+        x = flat - self.mean
+        inside = x @ self.components.T
+        return inside, x - inside @ self.components
 
 
 def _flatten(shapes) -> np.ndarray:

@@ -1,5 +1,6 @@
 """The statistics the studies report: AUC, correlations, FDR, per-point Hotelling T^2 and
-per-point Welch t of a scalar (e.g. the displacement along the surface normal).
+per-point Welch t of a scalar (e.g. the displacement along the surface normal), and a binary
+classifier against the no-information rate (exact binomial test, balanced accuracy, AUC interval).
 
 Every function raises ValueError on input for which its number is undefined (a single
 class, fewer than three pairs, a constant series) instead of returning something
@@ -14,6 +15,8 @@ import math
 import numpy as np
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
+
+from ..intervals import LEVEL, RESAMPLES, SEED
 
 
 def _paired(x, y, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -177,3 +180,66 @@ def permutation_welch(x: np.ndarray, group: np.ndarray, n_permutations: int = 99
         exceed += (np.abs(_welch(x, labels, n1, n2)) >= threshold).sum(0)
     p = exceed / total if method.startswith("exact") else (1 + exceed) / (1 + total)
     return {"t": observed, "p": np.minimum(p, 1.0), "q": fdr(np.minimum(p, 1.0)), "method": method}
+
+
+# -- a binary classifier against its baseline (the AF recurrence study)
+
+def _zero_one(values, name: str) -> np.ndarray:
+    values = np.asarray(values).ravel()
+    if len(values) == 0:
+        raise ValueError(f"{name}: no subjects")
+    if not set(np.unique(values)) <= {0, 1}:
+        raise ValueError(f"{name}: values must be 0/1, got {sorted(set(np.unique(values)))}")
+    return values.astype(int)
+
+
+def _binary(predicted, labels, name: str) -> tuple[np.ndarray, np.ndarray]:
+    predicted, labels = _zero_one(predicted, name), _zero_one(labels, name)
+    if len(predicted) != len(labels):
+        raise ValueError(f"{name}: {len(predicted)} predictions against {len(labels)} labels")
+    return predicted, labels
+
+
+def no_information_rate(labels) -> float:
+    """The accuracy of always answering the most frequent class of `labels` (caret's NIR): the
+    baseline a classifier must beat on these subjects, whatever its training set's balance."""
+    share = _zero_one(labels, "no-information rate").mean()
+    return float(max(share, 1.0 - share))
+
+
+def accuracy_binomial_p(predicted, labels) -> float:
+    """One-sided exact binomial test of the accuracy against the no-information rate of `labels`
+    (H1: accuracy > NIR), as caret's confusionMatrix reports it. Exact: on data at the NIR it rejects at
+    most at the nominal rate (less, the binomial being discrete)."""
+    predicted, labels = _binary(predicted, labels, "binomial test against the NIR")
+    correct = int((predicted == labels).sum())
+    return float(stats.binomtest(correct, len(labels), p=no_information_rate(labels), alternative="greater").pvalue)
+
+
+def balanced_accuracy(predicted, labels) -> float:
+    """Mean of sensitivity and specificity: 0.5 for any constant answer, however unbalanced the classes."""
+    predicted, labels = _binary(predicted, labels, "balanced accuracy")
+    positive = labels == 1
+    if positive.all() or not positive.any():
+        raise ValueError("balanced accuracy: needs both classes among the labels")
+    return float(((predicted[positive] == 1).mean() + (predicted[~positive] == 0).mean()) / 2)
+
+
+def auc_interval(scores, labels, resamples: int = RESAMPLES, seed: int = SEED,
+                 level: float = LEVEL) -> tuple[float, float]:
+    """Percentile bootstrap interval of `auc`, resampling positives and negatives separately (stratified),
+    so every resample keeps the observed class sizes and its AUC is defined. (nan, nan) when a class has
+    fewer than 2 subjects: resampling cannot show that class's variability."""
+    value = auc(scores, labels)  # validates the input
+    scores, labels = np.asarray(scores, dtype=np.float64).ravel(), np.asarray(labels).ravel()
+    positives, negatives = scores[labels == 1], scores[labels == 0]
+    if min(len(positives), len(negatives)) < 2 or not np.isfinite(value):
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    drawn = np.concatenate([rng.choice(positives, (resamples, len(positives))),
+                            rng.choice(negatives, (resamples, len(negatives)))], axis=1)
+    ranks = stats.rankdata(drawn, axis=1)  # average ranks per resample: ties count one half, as in `auc`
+    n_pos, n_neg = len(positives), len(negatives)
+    values = (ranks[:, :n_pos].sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
