@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from conftest import REPORT_DATASETS, TINY, run_snakemake
+from deepssm_workflow.evaluate import MEAN_SHAPE
 from deepssm_workflow.report import ANSWER, LANDMARKS_SECTION, SECTIONS, artifact_section, build_report, table_title
 
 pytestmark = pytest.mark.slow  # real Snakemake runs of the workflow (deselect with -m 'not slow')
@@ -188,12 +189,17 @@ def test_tiny_workflow_reports_open_with_the_answer(tiny_reports):
         number = r"-?\d+\.\d\d"
         interval = rf"({number}) \[({number}), ({number})\]"
         summary = pd.read_csv(results / "evaluation" / "tables" / "accuracy_summary.csv").set_index("method")
+        paired = pd.read_csv(results / "evaluation" / "tables" / "paired_differences.csv").set_index(
+            ["method", "against"])
         for method in config[dataset]["methods"]:
             row = re.search(rf"<tr><td>{re.escape(method)}</td><td>{interval}</td><td>(\d+)</td>", answer)
             assert row, (dataset, method)
             expected = summary.loc[method, ["rmse_mm", "rmse_low_mm", "rmse_high_mm", "n"]]
             assert [float(v) for v in row.groups()] == pytest.approx(list(expected), abs=0.006)
-            assert "the mean shape" in answer[row.end():answer.index("</tr>", row.end())]  # a verdict
+            cell = answer[row.end():answer.index("</tr>", row.end())]
+            verdict = paired.loc[(method, MEAN_SHAPE), "verdict"]  # the paired, Holm-adjusted comparison's
+            assert "the mean shape" in cell and "paired difference" in cell and "Holm p" in cell
+            assert ("beats the mean shape" in cell) == (verdict == "beats"), (dataset, method, cell)
         baselines = ("mean shape (baseline", "reachable floor:", "alignment-only floor:", "PCA floor with the true")
         for baseline in baselines:
             assert re.search(rf"<tr><td>{re.escape(baseline)}[^<]*</td><td>{interval}</td><td>\d+</td>", answer), \

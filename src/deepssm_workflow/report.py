@@ -32,6 +32,7 @@ from .intervals import LEVEL, RESAMPLES
 from .layout import DatasetLayout
 from .provenance import git_version, package_versions, sha256_of, sidecar_rows
 from .studies.registry import STUDIES
+from .synthetic.cohort import draw_description
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ANSWER = "The answer"
@@ -61,8 +62,10 @@ TABLE_TITLES = {
     "left_atrium_recurrence_table3": (
         "AF recurrence prediction accuracy per source (paper Table 3)",
         "Test accuracy of the MLP (mean and sd over seeds) and of logistic regression on each source's trimmed "
-        "descriptors, with 95 % bootstrap intervals, beside the majority-class rate; Brier scores measure "
-        "calibration."),
+        "descriptors, with 95 % bootstrap intervals, beside the no-information rate (nir: always answering the test "
+        "set's most frequent class); against it each classifier's one-sided exact binomial p (the MLP: its seed "
+        "ensemble, mean probability > 0.5), balanced accuracy and AUC with a class-stratified bootstrap interval; "
+        "Brier scores measure calibration."),
     "landmark_metopic_severity": (
         "Metopic severity from landmarks beside the PDM (landmarks paper sec. 4.2)",
         "Severity = Mahalanobis distance from a PPCA model of the training controls only, of the landmarks or of the "
@@ -80,6 +83,7 @@ TABLE_TITLES = {
         "The DeepSSM study's MLP and logistic regression on the PCA scores of the landmarks and of the ground-truth "
         "PDM (paper: 65.7 +- 1.3 % with landmarks, 68.3 +- 1.0 % with the PDM), with 95 % bootstrap intervals."),
     "accuracy_summary": ("Test accuracy per trained method and baselines", ""),
+    "paired_differences": ("Paired differences between methods, Holm-adjusted", ""),
     "accuracy_per_subject": ("Accuracy per test subject", ""),
     "error_decomposition": ("Where the error comes from: alignment and network", ""),
     "error_decomposition_per_subject": ("Error decomposition per test subject", ""),
@@ -92,17 +96,21 @@ TABLE_TITLES = {
 STUDY_HEADLINES = {
     "metopic": {
         "metrics": (("auc", "AUC: severity vs diagnosis", 2), ("pearson", "Pearson r with the experts' severity", 2),
-                    ("spearman", "Spearman rho with the experts' severity", 2)),
+                    ("spearman", "Spearman rho with the experts' severity", 2),
+                    # fidelity: ranks against the generator's severity, not the diagnosis (synthetic cohorts only)
+                    ("spearman_true_severity", "Spearman rho with the true severity", 2)),
         "n": (("n_scored", "scored"), ("n_metopic", "metopic"), ("n_rated", "rated"))},
     "femur": {
         "metrics": (("peak_difference_mm", "peak |mu_cam - mu_control| (mm)", 2),
                     ("mean_difference_mm", "mean |mu_cam - mu_control| (mm)", 2),
                     ("n_significant_points", "points differing at q < 0.05", 0),
+                    ("n_fwer_significant_points", "points differing at family-wise p < 0.05 (max-T)", 0),
+                    ("fwer_sensitivity", "planted region found at family-wise p < 0.05 (share of its points)", 2),
                     ("map_correlation", "difference map: correlation with the ground truth's", 2)),
         "n": (("n_cam", "cam"), ("n_control", "control"))},
     "left_atrium": {
         "metrics": (("mlp_accuracy_mean", "MLP accuracy", 2), ("logistic_accuracy", "logistic regression accuracy", 2),
-                    ("majority_accuracy", "majority-class rate", 2)),
+                    ("nir_accuracy", "no-information rate", 2), ("mlp_auc", "MLP AUC", 2)),
         "n": (("n_test", "test"), ("n_train", "train"))},
 }
 SOURCE_LABELS = {"ground_truth": "ground truth (test subjects)", "ground_truth_all": "ground truth (all subjects)"}
@@ -312,19 +320,19 @@ def _names(items) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _verdict(row, mean_shape) -> str:
-    """A method's RMSE interval against the mean shape's, in words."""
-    low, high = _number(row["rmse_low_mm"]), _number(row["rmse_high_mm"])
-    ms_low, ms_high = _number(mean_shape["rmse_low_mm"]), _number(mean_shape["rmse_high_mm"])
-    if not all(v == v for v in (low, high, ms_low, ms_high)):
-        return "no interval: cannot tell"
-    if high < ms_low:
-        return "beats the mean shape (interval entirely below)"
-    if low > ms_high:
-        return "worse than the mean shape (interval entirely above)"
-    if _number(row["rmse_mm"]) >= _number(mean_shape["rmse_mm"]):
-        return "does not beat the mean shape (higher mean, intervals overlap)"
-    return "does not beat the mean shape (lower mean, but the intervals overlap)"
+def _paired_verdict(row, against: str) -> str:
+    """A paired comparison's verdict in words, with its Holm-level interval and adjusted p."""
+    difference = _ci(row["difference_mm"], row["difference_low_mm"], row["difference_high_mm"], missing="")
+    evidence = (f"paired difference {difference} mm, {_number(row['interval_level']) * 100:.1f} % interval, "
+                f"Holm p = {_number(row['p_holm']):.3g}")
+    verdict = row["verdict"]
+    if verdict == "beats":
+        return f"beats {against} ({evidence})"
+    if verdict == "worse than":
+        return f"worse than {against} ({evidence})"
+    if verdict == "cannot tell apart from":
+        return f"cannot tell apart from {against}: the paired interval holds 0 ({evidence})"
+    return "no interval: cannot tell"
 
 
 def _floor_rows(decomposition: pd.DataFrame, methods, column: str, label: str, gap: str = "") -> list[dict]:
@@ -356,14 +364,20 @@ def _accuracy_answer(layout: DatasetLayout, methods, n_modes) -> str:
         if baseline not in accuracy.index:
             raise ValueError(f"{path}: no {baseline} row (needed by the report)")
     mean_shape = accuracy.loc[MEAN_SHAPE]
+    paired_path = layout.evaluation_table("paired_differences")
+    if not paired_path.is_file():
+        raise ValueError(f"{paired_path}: missing (an evaluation made before paired comparisons: rerun evaluate)")
+    paired = _csv(paired_path).set_index(["method", "against"])
     rmse_column, gap_column = "test RMSE (mm), mean [95 % interval]", "reachable gap closed [95 % interval]"
     rows = []
     for m in methods:
         a, d = accuracy.loc[m], decomposition.loc[m]
+        if (m, MEAN_SHAPE) not in paired.index:
+            raise ValueError(f"{paired_path}: no comparison of {m} with the mean shape (rerun evaluate)")
         rows.append({"": m, rmse_column: _ci(a["rmse_mm"], a["rmse_low_mm"], a["rmse_high_mm"]), "n": int(a["n"]),
                      gap_column: _ci(d["reachable_gap_closed"], d.get("reachable_gap_closed_low"),
                                      d.get("reachable_gap_closed_high")),
-                     "against the mean shape": _verdict(a, mean_shape)})
+                     "against the mean shape": _paired_verdict(paired.loc[(m, MEAN_SHAPE)], "the mean shape")})
     modes = f"{n_modes}-mode " if n_modes not in (None, "") else ""
     rows.append({"": "mean shape (baseline: a predictor that learnt nothing)",
                  rmse_column: _ci(mean_shape["rmse_mm"], mean_shape["rmse_low_mm"], mean_shape["rmse_high_mm"]),
@@ -393,17 +407,23 @@ def _accuracy_answer(layout: DatasetLayout, methods, n_modes) -> str:
         sentences.append("Without intervals (fewer than 2 test subjects) the report cannot tell whether any method "
                          "beats the mean shape.")
     elif not better:
-        sentences.append("No method beats the mean shape here: no method's interval lies below the mean shape's.")
+        sentences.append("No method beats the mean shape here: no method's paired difference from it has an "
+                         "interval below 0.")
     else:
-        sentences.append(f"{_names(better)} {'beats' if len(better) == 1 else 'beat'} it: "
-                         f"{'its interval lies' if len(better) == 1 else 'their intervals lie'} entirely below.")
+        sentences.append(f"{_names(better)} {'beats' if len(better) == 1 else 'beat'} it: the paired difference "
+                         f"on the same scans has {'its interval' if len(better) == 1 else 'intervals'} below 0 "
+                         "(Holm-adjusted over every comparison shown).")
     if unclear and better:
-        sentences.append(f"{_names(unclear)} {'does' if len(unclear) == 1 else 'do'} not beat the mean shape: "
-                         f"{'its interval overlaps' if len(unclear) == 1 else 'their intervals overlap'} the "
-                         "mean shape's.")
+        sentences.append(f"{_names(unclear)} cannot be told apart from the mean shape: the paired interval holds 0.")
     if worse:
         sentences.append(f"{_names(worse)} {'is' if len(worse) == 1 else 'are'} worse than the mean shape "
-                         "(interval entirely above).")
+                         "(paired interval above 0).")
+    between = [f"{a} beats {b}" if r["verdict"] == "beats" else f"{b} beats {a}"
+               for (a, b), r in paired.iterrows() if b in methods and r["verdict"] in ("beats", "worse than")]
+    if len(methods) > 1:
+        sentences.append("Between methods: " + ("; ".join(between) + "; no other pair can be told apart."
+                                                if between else "no pair can be told apart (every paired interval "
+                                                "holds 0)."))
     gaps = decomposition.loc[methods, "reachable_gap_closed"].astype(float)
     if gaps.notna().any():
         best = gaps.idxmax()
@@ -424,11 +444,13 @@ def _accuracy_answer(layout: DatasetLayout, methods, n_modes) -> str:
             f"<p>{_esc(' '.join(sentences))}</p>" + _table(pd.DataFrame(rows))
             + '<p class="caption">Scan-frame RMSE (mm, paper eq. 12) over the test subjects with its '
             f"{LEVEL * 100:g} % bootstrap interval (percentile, {RESAMPLES} resamples of the subjects) and n. A "
-            "method beats the mean shape here only when its interval lies entirely below the mean shape's. "
+            "method beats another only when their paired difference on the same scans has its interval below 0, "
+            "at the level of the Holm step that decided it (every method against the mean shape and every pair "
+            "of methods form the family: the Evaluation section's paired differences). "
             "Reachable gap closed: 0 is the mean shape, 1 the reachable floor (the best a PCA model can do after "
             "the method's alignment). Details: the Evaluation section.</p>"
             f'<p class="file">{_esc(path.relative_to(layout.root))}, '
-            f"{_esc(decomposition_path.relative_to(layout.root))}</p>")
+            f"{_esc(decomposition_path.relative_to(layout.root))}, {_esc(paired_path.relative_to(layout.root))}</p>")
 
 
 def _headline_sentence(module: str, block: dict, missing: str) -> str:
@@ -470,16 +492,19 @@ def _headline_sentence(module: str, block: dict, missing: str) -> str:
         sources = [s for s in block if "mlp_accuracy_mean" in block[s]]
         if not sources:
             return ""
-        majority = interval(sources[0], "majority_accuracy")
-        above = [s for s in sources if _number(block[s].get("mlp_accuracy_low")) >
-                 _number(block[s].get("majority_accuracy_high"))]
+        nir = interval(sources[0], "nir_accuracy")
+        above = [s for s in sources if _number(block[s].get("mlp_binomial_p")) < 0.05]
         text = (f"AF recurrence predicted from shape (MLP test accuracy, n = {block[sources[0]].get('n_test', '?')} "
-                f"test subjects) against the majority-class rate {majority}: "
+                f"test subjects) against the no-information rate {nir} (always answering the test set's most "
+                f"frequent class): "
                 + "; ".join(f"{SOURCE_LABELS.get(s, s)} {interval(s, 'mlp_accuracy_mean')}" for s in sources) + ". ")
+        if not any("mlp_binomial_p" in block[s] for s in sources):
+            return text  # a summary from before the test: no verdict rather than a wrong one
         if above:
-            return text + f"Only {_names(SOURCE_LABELS.get(s, s) for s in above)} clear the majority rate."
-        return text + ("No source's accuracy interval lies above the majority-class rate: on this test set the "
-                       "shapes carry no demonstrated recurrence information.")
+            return text + (f"Only {_names(SOURCE_LABELS.get(s, s) for s in above)} beat the no-information rate "
+                           "(one-sided exact binomial test of the MLP seed ensemble's accuracy, p < 0.05).")
+        return text + ("No source's MLP beats the no-information rate (one-sided exact binomial test, p < 0.05): "
+                       "on this test set the shapes carry no demonstrated recurrence information.")
     return ""
 
 
@@ -621,6 +646,7 @@ def _what_was_run(layout: DatasetLayout, dataset: str, settings: dict, methods, 
         groups = counts.get(split, {})
         sizes.append((f"{split} subjects", f"{sum(groups.values())} ("
                       + ", ".join(f"{g} {n}" for g, n in groups.items()) + ")"))
+    sizes.append(("test draw", headline_draw(settings)))
     sizes += [("correspondence points", cohort.get("n_points", "")),
               ("PCA modes (shape space: PCA layers, PCA floor)", evaluation.get("n_modes", "")),
               ("augmented samples", settings.get("augmentation", {}).get("n_samples", "")),
@@ -628,6 +654,14 @@ def _what_was_run(layout: DatasetLayout, dataset: str, settings: dict, methods, 
                + " x ".join(f"{s:g}" for s in grid["spacing"]) + " mm")]
     return (_table(pd.DataFrame(sizes, columns=["", "value"]), key_value=True)
             + f"<h3>Configuration of {_esc(dataset)}</h3><pre>{_esc(yaml.safe_dump(settings, sort_keys=False))}</pre>")
+
+
+def headline_draw(settings: dict) -> str:
+    """Which test subjects the headline was read on: a synthetic cohort's draw, or a cohort's own split."""
+    synthetic = settings.get("synthetic")
+    if synthetic:
+        return draw_description(synthetic["seed"], synthetic.get("test_seed"))
+    return "the cohort's own test split"
 
 
 def _quality_control(layout: DatasetLayout) -> str:
