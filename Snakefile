@@ -26,6 +26,7 @@ include: "workflow/rules/landmarks.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/seeds.smk"
+include: "workflow/rules/tuning.smk"
 include: "workflow/rules/multi.smk"
 
 

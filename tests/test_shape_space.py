@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deepssm_workflow.shape_space import ShapeSpace, rmse
+from deepssm_workflow.shape_space import ShapeSpace, rms3d, rmse
 
 
 def make_shapes(n=12, m=40, seed=0):
@@ -152,3 +152,16 @@ def test_paper_scale_cohort_round_trips():
     shapes = np.random.default_rng(2).normal(size=(200, 1024, 3))
     space = ShapeSpace(n_modes=199).fit(shapes)
     assert np.allclose(space.inverse_transform(space.transform(shapes)), shapes, atol=1e-8)
+
+
+def test_3d_rms_is_rotation_invariant_where_eq_12_is_not():
+    from scipy.spatial.transform import Rotation
+
+    rng = np.random.default_rng(0)
+    true = rng.normal(0, 10, (50, 3))
+    pred = true + np.array([0.5, 0.0, 0.0]) + rng.normal(0, 0.05, (50, 3))  # an error along one axis
+    turned = [Rotation.from_euler("z", angle, degrees=True).as_matrix() for angle in (0, 15, 45)]
+    eq12 = [rmse(pred @ r.T, true @ r.T) for r in turned]
+    rms = [rms3d(pred @ r.T, true @ r.T) for r in turned]
+    assert max(eq12) - min(eq12) > 0.05  # eq. 12 reads the same error differently as the frame turns
+    assert np.ptp(rms) < 1e-9 and rms[0] == pytest.approx(np.sqrt(((pred - true) ** 2).sum(1).mean()))

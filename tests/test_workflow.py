@@ -34,7 +34,7 @@ def planned_jobs(dry_run_output: str) -> set[tuple[str, str]]:
 
 
 STAGES = ("synthesize_cohort", "cohort_qc", "ingest_cohort", "preprocess_train", "preprocess_test", "preprocess_qc",
-          "augment", "train", "predict", "evaluate", "study", "report_html")
+          "preprocess_validation", "augment", "train", "predict", "validate", "evaluate", "study", "report_html")
 MULTI_STAGES = ("synthesize_multi_cohort", "ingest_multi_cohort", "preprocess_multi_scans", "train_multi",
                 "predict_multi", "evaluate_multi", "export_anatomy", "report_multi_html")
 # the multi-anatomy dataset's DeepSSM baselines: a user-like cohort per anatomy (no generator, no study), with

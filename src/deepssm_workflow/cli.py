@@ -99,6 +99,25 @@ def _preprocess_unseen(args) -> None:
     preprocess_unseen(args.cohort, args.preprocess_dir, args.split, args.out)
 
 
+def _preprocess_validation(args) -> None:
+    from .validation import preprocess_validation
+
+    kept = preprocess_validation(args.cohort, args.preprocess_dir, args.val_fraction, args.seed, args.out)
+    print(f"registered {len(kept)} validation subjects: {' '.join(kept)}")
+
+
+def _validate(args) -> None:
+    from .validation import validate_methods
+
+    if len(args.methods) != len(args.model_dirs):
+        raise ValueError(f"validate: {len(args.methods)} names for {len(args.model_dirs)} model folders")
+    models = dict(zip(args.methods, args.model_dirs))
+    summary = validate_methods(models, args.registered, args.cohort, json.loads(args.shape_space), args.val_fraction,
+                               args.seed, args.preprocess_dir, args.out_dir, reference=args.reference,
+                               settings=json.loads(args.variant_settings) if args.variant_settings else None)
+    print(summary.to_string(index=False, float_format="%.3f"))
+
+
 def _augment(args) -> None:
     from .augment import augment
 
@@ -406,6 +425,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--out", required=True, help=".npz to write")
     p.set_defaults(run=_preprocess_unseen)
+
+    p = steps.add_parser("preprocess-validation", help="register the validation subjects' images from the image "
+                         "alone, as test images are (what settings are chosen on)")
+    p.add_argument("--cohort", required=True, help="ingested cohort folder")
+    p.add_argument("--preprocess-dir", required=True, help="folder with grid.json and reference.nrrd")
+    p.add_argument("--val-fraction", type=float, required=True, help="the dataset's training.val_fraction")
+    p.add_argument("--seed", type=int, required=True, help="the dataset's training.seed (which subjects are held out)")
+    p.add_argument("--out", required=True, help=".npz to write (preprocess/validation.npz)")
+    p.set_defaults(run=_preprocess_validation)
+
+    p = steps.add_parser("validate", help="scan-frame RMSE of trained crop methods on the registered validation scans")
+    p.add_argument("--cohort", required=True, help="ingested cohort folder (the validation subjects' particles)")
+    p.add_argument("--preprocess-dir", required=True, help="folder with grid.json (the registration's reference)")
+    p.add_argument("--registered", required=True, help="preprocess/validation.npz")
+    p.add_argument("--methods", nargs="+", required=True, help="the methods' names, in the order of --model-dirs")
+    p.add_argument("--model-dirs", nargs="+", required=True, help="each method's model folder")
+    p.add_argument("--shape-space", required=True, help="JSON of the dataset's `shape_space` block")
+    p.add_argument("--val-fraction", type=float, required=True, help="the dataset's training.val_fraction")
+    p.add_argument("--seed", type=int, required=True, help="the dataset's training.seed")
+    p.add_argument("--out-dir", required=True, help="writes summary.csv, per_subject.csv, summary.json")
+    p.add_argument("--reference", help="a tuning sweep's first variant: the others' paired differences from it")
+    p.add_argument("--variant-settings", help="JSON: what each tuning variant changed (recorded in summary.json)")
+    p.set_defaults(run=_validate)
 
     p = steps.add_parser("preprocess-scans", help="uncropped scans, training and test, on one grid size centred on "
                          "each scan, no registration (for a method that finds the anatomy itself)")

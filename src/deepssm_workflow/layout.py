@@ -9,7 +9,8 @@ Snakemake rules (through `patterns`) and by the library (through `DatasetLayout`
         preprocess/                     preprocess_dir
             grid.json                   grid_json
             reference.nrrd              reference_nrrd
-            {split}.npz                 preprocessed(split)
+            {split}.npz                 preprocessed(split); validation.npz: the validation subjects
+                                        registered as test images are (validation.py)
             train_segmentations.npz     train_segmentations: only for a method that needs segmentations
         scans/                          scans_dir: only for a method that localizes the anatomy itself
             grid.json                   scans_grid_json
@@ -49,6 +50,13 @@ Snakemake rules (through `patterns`) and by the library (through `DatasetLayout`
             tables/{name}.csv           evaluation_table(name), name in EVALUATION_TABLES
             {name}.png                  evaluation_figure(name), name in EVALUATION_FIGURES
             per_point.npz               per_point_npz
+        validation/                     validation_dir: every crop method on the registered validation scans
+            summary.csv, per_subject.csv, summary.json   validation_file(name)
+        tuning/{sweep}/                 tuning_dir(sweep): a sweep of one method's settings (not the default run)
+            {variant}/models/{method}/  tuning_model_dir(sweep, variant, method): model.pt, ... as models/{method}/
+                                        (tuning_model_pt, tuning_model_card)
+            summary.csv, per_subject.csv, summary.json   tuning_file(sweep, name): the variants on the
+                                        registered validation scans
         study/                          study_dir
         seeds/                          seeds_dir: the seed spread (not part of the default run)
             {seed}/                     seed_dir(seed): a run with another init seed, same data
@@ -87,7 +95,7 @@ from pathlib import Path
 from .provenance import SIDECAR
 
 EVALUATION_TABLES = ("accuracy_summary", "accuracy_per_subject", "inference_time", "error_decomposition",
-                     "error_decomposition_per_subject", "alignment_accuracy")
+                     "error_decomposition_per_subject", "alignment_accuracy", "paired_differences")
 EVALUATION_FIGURES = ("per_point_rmse", "surface_boxplot", "surface_heatmaps", "error_decomposition")
 PROVENANCE_STAGES = ("augmentation", "models", "predictions", "seeds")  # the steps that write a provenance.json
 
@@ -295,6 +303,47 @@ class DatasetLayout:
         """Every folder with a provenance.json for these methods: augmentation, then models, then predictions."""
         return ([self.augmentation_dir] + [self.model_dir(m) for m in methods]
                 + [self.predictions_dir(m) for m in methods])
+
+    # -- validation/: the registered validation scans (validation.py)
+
+    @property
+    def validation_dir(self) -> Path:
+        return self.root / "validation"
+
+    def validation_file(self, name: str) -> Path:
+        """summary.csv, per_subject.csv or summary.json of the registered validation."""
+        return self.validation_dir / _part(name)
+
+    # -- tuning/: sweeps of a method's settings, scored on the registered validation scans
+
+    def tuning_dir(self, sweep: str) -> Path:
+        return self.root / "tuning" / _part(sweep)
+
+    def _tuning_run(self, sweep: str, variant: str) -> "DatasetLayout":
+        """tuning/{sweep}/{variant}/ holds models/ under the names of the dataset's own."""
+        return DatasetLayout(self.tuning_dir(sweep) / _part(variant))
+
+    def tuning_model_dir(self, sweep: str, variant: str, method: str) -> Path:
+        return self._tuning_run(sweep, variant).model_dir(method)
+
+    def tuning_model_pt(self, sweep: str, variant: str, method: str) -> Path:
+        return self._tuning_run(sweep, variant).model_pt(method)
+
+    def tuning_model_card(self, sweep: str, variant: str, method: str) -> Path:
+        return self._tuning_run(sweep, variant).model_card(method)
+
+    def tuning_training_log(self, sweep: str, variant: str, method: str) -> Path:
+        return self._tuning_run(sweep, variant).training_log(method)
+
+    def tuning_loss_curve(self, sweep: str, variant: str, method: str) -> Path:
+        return self._tuning_run(sweep, variant).loss_curve(method)
+
+    def tuning_provenance(self, sweep: str, variant: str, method: str) -> Path:
+        return self._tuning_run(sweep, variant).provenance("models", method)
+
+    def tuning_file(self, sweep: str, name: str) -> Path:
+        """summary.csv, per_subject.csv or summary.json of a sweep."""
+        return self.tuning_dir(sweep) / _part(name)
 
     # -- evaluation/
 

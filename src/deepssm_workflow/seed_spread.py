@@ -130,14 +130,16 @@ def _host(model_dir: Path) -> dict | None:
 
 def collect(dataset_dir, methods, seeds, shape_space: dict) -> tuple[pd.DataFrame, list[dict], dict, int]:
     """The spread's rows (COLUMNS), one record per run (with its model card's device facts and its
-    training host), the per-scan errors (each method's (seeds, scans) array, and the mean shape's per
-    scan under MEAN_SHAPE) and the number of test scans. Each method's default init seed is read from
-    its default run's model card; `seeds` are the extra ones (that seed among them is the default run)."""
+    training host), the per-scan errors (each method's (seeds, scans) array, its world-frame one under
+    "{method} (world)", and the mean shape's per scan under MEAN_SHAPE) and the number of test scans. Each
+    method's default init seed is read from its default run's model card; `seeds` are the extra ones (that
+    seed among them is the default run)."""
     layout = DatasetLayout(dataset_dir)
     cohort = load_test_cohort(layout.root)
     n_points = cohort.true_local.shape[1]
     baselines, _ = baseline_shapes(cohort, shape_space)
     errors = {MEAN_SHAPE: rmse(baselines[MEAN_SHAPE], cohort.true_local)}
+    world_errors: dict[str, list] = {}
     rows, runs = [], []
     for method in methods:
         main = _read_card(layout.model_card(method))
@@ -155,12 +157,15 @@ def collect(dataset_dir, methods, seeds, shape_space: dict) -> tuple[pd.DataFram
             predicted = read_predictions(predictions, cohort.ids, n_points)
             per_scan = rmse(predicted, cohort.true_local)
             errors.setdefault(method, []).append(per_scan)
+            world = read_predictions(predictions, cohort.ids, n_points, column="world_particles")
+            world_errors.setdefault(method, []).append(rmse(world, cohort.true_world))
             value = float(per_scan.mean())
             rows.append({"method": method, "init_seed": seed, "rmse_mm": value, "best_epoch": int(card["best_epoch"])})
             runs.append({**rows[-1], "default_run": seed == default,
                          "model_dir": str(model_dir.relative_to(layout.root)),
                          "device_facts": card.get("device_facts"), "host": _host(model_dir)})
     errors.update({m: np.stack(errors[m]) for m in methods})
+    errors.update({f"{m} (world)": np.stack(world_errors[m]) for m in methods})
     return pd.DataFrame(rows, columns=list(COLUMNS)), runs, errors, len(cohort.ids)
 
 
@@ -185,7 +190,10 @@ def write_spread(dataset_dir, methods, seeds, shape_space: dict, out_dir) -> dic
     summary = summarize(rows, mean_shape)
     for method in summary:
         low, high = mean_interval(errors[method])
-        summary[method].update({"rmse_low_mm": low, "rmse_high_mm": high,
+        world = errors[f"{method} (world)"]
+        world_low, world_high = mean_interval(world)
+        summary[method].update({"rmse_low_mm": low, "rmse_high_mm": high, "world_rmse_mm": float(world.mean()),
+                                "world_rmse_low_mm": world_low, "world_rmse_high_mm": world_high,
                                 "interval": "95 % percentile bootstrap over init seeds x test scans"})
     # a paired comparison needs the same seeds on both sides: methods of other seed counts are left out
     counts = {m: len(errors[m]) for m in methods}

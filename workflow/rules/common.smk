@@ -162,6 +162,74 @@ def augmentation_stores(wildcards, input):
     return " ".join(stores + ([input.segmentations] if "segmentations" in input.keys() else []))
 
 
+def engine_setting(wildcards, key: str):
+    """The dataset's training.<key> (val_fraction, seed: the schema has filled in its default)."""
+    return config["datasets"][wildcards.dataset]["training"][key]
+
+
+def validated_methods(wildcards):
+    """The dataset's methods that read registered crops: those the registered validation scores."""
+    return [m for m in dataset_methods(wildcards) if m in CROP_METHODS]
+
+
+def validation_inputs(wildcards):
+    d = patterns(wildcards.dataset)
+    return {
+        "shapes_train": d.shapes("train"),
+        "grid": d.grid_json,
+        "registered": d.preprocessed("validation"),
+        "cards": [d.model_card(m) for m in validated_methods(wildcards)],
+        "models": [d.model_pt(m) for m in validated_methods(wildcards)],
+    }
+
+
+def tuning_sweep(wildcards):
+    """The dataset's tuning sweep {sweep}: its method and named variants (config `tuning`)."""
+    sweeps = config["datasets"][wildcards.dataset].get("tuning") or {}
+    if wildcards.sweep not in sweeps:
+        raise ValueError(f"datasets.{wildcards.dataset}.tuning: no sweep {wildcards.sweep!r} (sweeps: "
+                         f"{', '.join(sweeps) or 'none'})")
+    return sweeps[wildcards.sweep]
+
+
+def tuning_settings(wildcards):
+    """The train rule's settings JSON for one variant of a sweep: its keys replace the method's block's."""
+    entry, sweep = config["datasets"][wildcards.dataset], tuning_sweep(wildcards)
+    block = {**entry["methods"].get(sweep["method"], {}), **sweep["variants"][wildcards.variant]}
+    return json.dumps({"shape_space": entry["shape_space"], "training": entry["training"], "method": block},
+                      sort_keys=True)
+
+
+def tuning_table_inputs(wildcards):
+    d, sweep = patterns(wildcards.dataset), tuning_sweep(wildcards)
+    variants, method = list(sweep["variants"]), sweep["method"]
+    return {
+        "shapes_train": d.shapes("train"),
+        "grid": d.grid_json,
+        "registered": d.preprocessed("validation"),
+        "cards": [d.tuning_model_card(wildcards.sweep, v, method) for v in variants],
+        "models": [d.tuning_model_pt(wildcards.sweep, v, method) for v in variants],
+    }
+
+
+def check_tuning_sweeps():
+    """Every sweep names a method that reads registered crops, and each variant's settings are the method's."""
+    for name, entry in config.get("datasets", {}).items():
+        for sweep_name, sweep in (entry.get("tuning") or {}).items():
+            where = f"datasets.{name}.tuning.{sweep_name}"
+            if sweep["method"] not in CROP_METHODS:
+                raise ValueError(f"{where}.method: {sweep['method']!r} is not a method that reads registered crops "
+                                 f"(one of {', '.join(CROP_METHODS)})")
+            for variant, changes in sweep["variants"].items():
+                try:
+                    registry.get(sweep["method"]).settings({**entry["methods"].get(sweep["method"], {}), **changes})
+                except (TypeError, ValueError) as error:
+                    raise ValueError(f"{where}.variants.{variant}: {error}") from None
+
+
+check_tuning_sweeps()
+
+
 def evaluation_inputs(wildcards):
     d, methods = patterns(wildcards.dataset), dataset_methods(wildcards)
     return {
@@ -221,6 +289,8 @@ def report_inputs(wildcards):
         + [d.evaluation_figure(name) for name in EVALUATION_FIGURES],
         "cohort_qc": d.cohort_qc,
     }
+    if validated_methods(wildcards):
+        inputs["validation"] = d.validation_file("summary.csv")
     if wildcards.dataset in WITH_STUDY:
         inputs["study"] = d.study_dir
     landmark_methods = dataset_landmark_methods(wildcards)

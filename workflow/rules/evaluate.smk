@@ -14,6 +14,7 @@ rule evaluate:
         decomposition=RESULTS.evaluation_table("error_decomposition"),
         decomposition_per_subject=RESULTS.evaluation_table("error_decomposition_per_subject"),
         alignment=RESULTS.evaluation_table("alignment_accuracy"),
+        paired=RESULTS.evaluation_table("paired_differences"),
         per_point=RESULTS.per_point_npz,
         per_point_figure=report(
             RESULTS.evaluation_figure("per_point_rmse"),
@@ -51,3 +52,32 @@ rule evaluate:
     shell:
         "deepssm-wf evaluate --dataset-dir {params.dataset_dir} --methods {params.methods}"
         " --shape-space {params.shape_space:q} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+# Every method that reads registered crops, scored on the registered validation scans (scan frame, eq. 12):
+# the figures settings are chosen on, shown in the report beside the training curves.
+rule validate:
+    input:
+        unpack(validation_inputs),
+    output:
+        summary=RESULTS.validation_file("summary.csv"),
+        per_subject=RESULTS.validation_file("per_subject.csv"),
+        record=RESULTS.validation_file("summary.json"),
+    log:
+        "logs/{dataset}/validate.log",
+    conda:
+        "../../envs/deepssm.yaml"
+    params:
+        methods=lambda wildcards: " ".join(validated_methods(wildcards)),
+        model_dirs=lambda wildcards: " ".join(str(Path(p).parent) for p in validation_inputs(wildcards)["models"]),
+        shape_space=lambda wildcards: json.dumps(config["datasets"][wildcards.dataset]["shape_space"], sort_keys=True),
+        val_fraction=lambda wildcards: engine_setting(wildcards, "val_fraction"),
+        seed=lambda wildcards: engine_setting(wildcards, "seed"),
+        cohort=subpath(input.shapes_train, parent=True),
+        preprocess_dir=subpath(input.grid, parent=True),
+        out_dir=subpath(output.summary, parent=True),
+    shell:
+        "deepssm-wf validate --cohort {params.cohort} --preprocess-dir {params.preprocess_dir}"
+        " --registered {input.registered} --methods {params.methods} --model-dirs {params.model_dirs}"
+        " --shape-space {params.shape_space:q} --val-fraction {params.val_fraction} --seed {params.seed}"
+        " --out-dir {params.out_dir} > {log} 2>&1"

@@ -139,3 +139,28 @@ rule preprocess_scans:
     shell:
         "deepssm-wf preprocess-scans --cohort {params.cohort} --settings {params.settings:q}"
         " --out-dir {params.out_dir} > {log} 2>&1"
+
+
+# The validation subjects (training.val_fraction, training.seed) registered from the image alone, exactly as
+# test images are: what every setting is chosen on (deepssm_workflow.validation). Reads only their images.
+rule preprocess_validation:
+    input:
+        subjects=RESULTS.subjects_csv,
+        shapes_train=RESULTS.shapes("train"),
+        grid=RESULTS.grid_json,
+        reference=RESULTS.reference_nrrd,
+        scans=training_scans,
+    output:
+        RESULTS.preprocessed("validation"),
+    log:
+        "logs/{dataset}/preprocess_validation.log",
+    conda:
+        "../../envs/deepssm.yaml"
+    params:
+        cohort=subpath(input.subjects, parent=True),
+        preprocess_dir=subpath(input.grid, parent=True),
+        val_fraction=lambda wildcards: engine_setting(wildcards, "val_fraction"),
+        seed=lambda wildcards: engine_setting(wildcards, "seed"),
+    shell:
+        "deepssm-wf preprocess-validation --cohort {params.cohort} --preprocess-dir {params.preprocess_dir}"
+        " --val-fraction {params.val_fraction} --seed {params.seed} --out {output} > {log} 2>&1"
