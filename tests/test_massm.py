@@ -124,6 +124,12 @@ def test_a_tiny_hip_run_detects_every_anatomy_and_beats_the_template_at_its_dete
         assert row["local_rmse_mm_low"] <= row["local_rmse_mm"] <= row["local_rmse_mm_high"]
         assert expected["rmse_detected"] < expected["template_detected"]
         assert row["beats_template_at_detection"]
+        # misses counted: every scan with the anatomy, a miss scored as the template at the detector's peak
+        counted = row["local_rmse_misses_counted_mm"]
+        if expected["n_detected"] == row["n_present"]:
+            assert counted == pytest.approx(row["local_rmse_mm"], rel=1e-4)
+        else:
+            assert counted != pytest.approx(row["local_rmse_mm"], rel=1e-4)
     print(summary[["world_rmse_mm", "template_world_mm", "template_at_true_centre_mm"]])
 
     # a new scan from its file alone: every anatomy the model detects, in the scan's frame

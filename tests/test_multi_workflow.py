@@ -73,6 +73,8 @@ def test_the_detection_table_says_none_delivered_where_nothing_was_detected():
     table = _detection_rows(pd.DataFrame([row])).iloc[0]
     assert table["local RMSE, mm"] == table["world RMSE, mm"] == "— (none delivered)"
     assert table["template at the detection, mm"] == "7.00 [6.00, 8.00]"
+    # never detected, yet scored: every miss counts with the template at the detector's peak
+    assert table["local RMSE, misses counted (a miss: the template at the peak), mm"] == "7.00 [6.00, 8.00]"
     assert table["scans with a prediction (detected)"] == 0
 
 

@@ -11,6 +11,11 @@ over every scan that has the anatomy.
   detected centre (what the displacement head adds) and at the true centre (the template's floor with
   a perfect detector);
 * world RMSE of the prediction against the template's world shape (the shape known without the scan);
+* misses counted: over every scan that has the anatomy, the prediction's error where it was detected
+  and, where it was missed, the error of what a user is left with: the template placed at the
+  detector's peak below threshold (local; it always reports one) and the template's world shape
+  (world). So a detector that passes only its easy scans does not look better than one that passes all
+  (local_rmse_misses_counted_mm, world_rmse_misses_counted_mm);
 * with the ingested cohort's meshes (`cohort_dir`), the symmetric mean surface distance of each anatomy's
   template mesh (its training subject nearest the mean) carried by a thin-plate spline onto the predicted
   particles, to the true mesh: local (scanner frame) and world (the true mesh through its transform), the
@@ -40,6 +45,7 @@ from .shape_space import rmse
 LOCAL_COLUMNS = {"local_rmse_mm": "prediction", "template_at_detection_mm": "template at detection",
                  "template_at_true_centre_mm": "template at true centre"}
 WORLD_COLUMNS = {"world_rmse_mm": "prediction", "template_world_mm": "template's world shape"}
+MISSES_COUNTED = ("local_rmse_misses_counted_mm", "world_rmse_misses_counted_mm")  # every scan with the anatomy
 SURFACE_COLUMNS = {"local_surface_mm": "local", "template_at_detection_surface_mm": "template at detection",
                    "world_surface_mm": "world", "template_world_surface_mm": "template's world shape"}
 
@@ -112,6 +118,11 @@ def evaluate_multi(model_dir, scans_dir, predictions_dir, out_dir, threads: int 
                     "local_rmse_mm": float(rmse(found["local"][n, k], truth)) if row["detected"] else np.nan,
                     "world_rmse_mm": float(rmse(found["world"][n, k], world[n, k])) if row["detected"] else np.nan,
                 })
+                # a miss counts with what is left without a detection (the module's doc)
+                row["local_rmse_misses_counted_mm"] = (row["local_rmse_mm"] if row["detected"]
+                                                       else row["template_at_detection_mm"])
+                row["world_rmse_misses_counted_mm"] = (row["world_rmse_mm"] if row["detected"]
+                                                       else row["template_world_mm"])
             rows.append(row)
     per_scan = pd.DataFrame(rows)
     surfaces = (_surface_distances(Path(cohort_dir), anatomies, test, found, template_local, template_world)
@@ -181,7 +192,7 @@ def _summary(anatomy: str, rows: pd.DataFrame) -> dict:
     out = {"anatomy": anatomy, "n_present": len(present), "n_absent": len(absent)}
     for name, values in (("detection_rate", present["detected"]), ("false_detection_rate", absent["detected"])):
         out[name], out[f"{name}_low"], out[f"{name}_high"] = _rate(values)
-    for column in ("centre_error_mm", *LOCAL_COLUMNS, *WORLD_COLUMNS, *SURFACE_COLUMNS):
+    for column in ("centre_error_mm", *LOCAL_COLUMNS, *WORLD_COLUMNS, *SURFACE_COLUMNS, *MISSES_COUNTED):
         values = present[column].to_numpy(dtype=np.float64)
         values = values[np.isfinite(values)]  # a prediction's errors: the scans where one was delivered
         out[column] = float(values.mean()) if len(values) else float("nan")

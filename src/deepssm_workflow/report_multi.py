@@ -32,6 +32,8 @@ COMPARISONS = (
     ("world_surface_mm", "template_world_surface_mm", "the template's world shape (the shape known without the scan)"),
 )
 MEASURES = (("centre_error_mm", "centre error, mm"), ("local_rmse_mm", "local RMSE, mm"),
+            ("local_rmse_misses_counted_mm", "local RMSE, misses counted (a miss: the template at the peak), mm"),
+            ("world_rmse_misses_counted_mm", "world RMSE, misses counted (a miss: the template's world shape), mm"),
             ("template_at_detection_mm", "template at the detection, mm"),
             ("template_at_true_centre_mm", "template at the true centre, mm"),
             ("world_rmse_mm", "world RMSE, mm"), ("template_world_mm", "template's world shape, mm"),
