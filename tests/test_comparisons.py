@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from deepssm_workflow.comparisons import comparison_pairs, holm, mean_interval, paired_comparisons
+from deepssm_workflow.comparisons import comparison_pairs, holm, mean_interval, paired_comparisons, sign_flip_p
 
 
 def test_holm_matches_a_hand_computed_family():
@@ -61,3 +61,16 @@ def test_tables_of_other_subjects_or_seeds_are_refused():
         paired_comparisons({"a": np.ones(5), "b": np.ones(6)}, [("a", "b")])
     with pytest.raises(ValueError, match="same seeds"):
         paired_comparisons({"a": np.ones((2, 5)), "b": np.ones((3, 5))}, [("a", "b")])
+
+
+def test_the_sign_flip_test_is_exact_and_keeps_its_level_at_three_subjects():
+    # every one of 3 differences negative: 2 of the 8 sign patterns are as extreme, p = 0.25
+    assert sign_flip_p([-0.05, -0.04, -0.06]) == pytest.approx(0.25)
+    table = paired_comparisons({"a": np.array([1.0, 2.0, 3.0]), "b": np.array([1.05, 2.04, 3.06])}, [("a", "b")])
+    assert table.iloc[0]["verdict"] == "cannot tell apart from"  # a bootstrap would have called it certain
+    rng = np.random.default_rng(3)
+    d = rng.normal(0.2, 1.0, 10)
+    signs = np.array([[1 if (k >> i) & 1 else -1 for i in range(10)] for k in range(2**10)])
+    brute = np.mean(np.abs(signs @ d) >= abs(d.sum()) - 1e-12)
+    assert sign_flip_p(d) == pytest.approx(brute)
+    assert 0.0 < sign_flip_p(rng.normal(0.5, 1.0, 40)) < 0.05  # Monte Carlo past 16 subjects

@@ -253,7 +253,9 @@ def test_the_spread_reads_the_default_seed_from_the_main_model(dataset):
     assert base["world_rmse_mm"] == pytest.approx(1.0, abs=1e-6)  # identity poses: as the scan frame
     (paired,) = record["paired"]["comparisons"]  # base against the mean shape, over both seeds and every scan
     assert (paired["method"], paired["against"], paired["n_seeds"]) == ("base", "mean shape", 2)
-    assert paired["difference_mm"] == pytest.approx(-1.0, abs=1e-6) and paired["verdict"] == "beats"
+    # 3 scans cannot decide it: the exact sign-flip p is 0.25 however far below the mean shape the method is
+    assert paired["difference_mm"] == pytest.approx(-1.0, abs=1e-6) and paired["p"] == pytest.approx(0.25)
+    assert paired["verdict"] == "cannot tell apart from"
     assert json.loads(dataset.spread_json.read_text()) == record
     assert dataset.spread_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -9,12 +9,14 @@ draw of subjects and another training run would change. Every error table of one
 with the same draws, so a difference of two methods stays paired subject by subject (and seed by seed
 where both have the same seeds).
 
-`paired_comparisons` tests each listed pair (a - b, mean error difference) with a two-sided bootstrap
-p-value, adjusts the family of comparisons shown by Holm's step-down procedure, and gives each
-difference the percentile interval at the level of Holm's step that decided it: a comparison
-rejected at step k (of m) gets the 1 - alpha/(m - k) interval, every comparison not rejected the
-interval of the first step that was not. So "a beats b" (the interval lies below 0) is said exactly
-where Holm rejects, and the intervals shown hold together as the family does.
+`paired_comparisons` tests each listed pair (a - b, mean error difference) with an exact two-sided
+sign-flip (paired randomisation) test over the subjects, adjusts the family of comparisons shown by
+Holm's step-down procedure, and gives each difference the percentile bootstrap interval at the level of
+Holm's step that decided it: a comparison rejected at step k (of m) gets the 1 - alpha/(m - k)
+interval, every comparison not rejected the interval of the first step that was not. "a beats b" is
+said only where Holm rejects and that interval lies below 0. The sign-flip test keeps its level at
+any n (with 3 subjects its smallest p is 0.25), where a bootstrap p would call 3 negative differences
+certain; over seeds it flips each subject's mean difference over the seeds.
 """
 
 from __future__ import annotations
@@ -65,12 +67,23 @@ def mean_interval(errors, level: float = LEVEL, resamples: int = RESAMPLES) -> t
     return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
-def bootstrap_p(differences: np.ndarray) -> float:
-    """Two-sided p of a zero mean difference from its bootstrap distribution (the +1 counts the observed
-    sample, so p is never 0)."""
-    n = len(differences)
-    below, above = (1 + np.sum(differences <= 0)) / (n + 1), (1 + np.sum(differences >= 0)) / (n + 1)
-    return float(min(1.0, 2 * min(below, above)))
+EXACT_UP_TO = 16  # subjects: every sign pattern (65536) is enumerated; more, a Monte Carlo of FLIPS
+FLIPS = 9999
+
+
+def sign_flip_p(differences, seed: int = SEED) -> float:
+    """Two-sided p of a zero mean paired difference: the share of sign patterns (the observed one included)
+    whose mean is at least as far from 0 as the observed mean; exact up to EXACT_UP_TO subjects."""
+    d = np.asarray(differences, dtype=np.float64)
+    n = len(d)
+    if n < 1:
+        return float("nan")
+    if n <= EXACT_UP_TO:
+        signs = 1 - 2 * ((np.arange(2**n)[:, None] >> np.arange(n)) & 1)
+    else:
+        signs = np.vstack([np.ones(n), np.random.default_rng(seed).choice([-1.0, 1.0], (FLIPS, n))])
+    means = np.abs(signs @ d) / n
+    return float(np.mean(means >= abs(d.mean()) - 1e-12 * max(1.0, abs(d).max())))
 
 
 def holm(p_values, alpha: float = 1 - LEVEL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -111,17 +124,18 @@ def paired_comparisons(errors: dict[str, np.ndarray], pairs, alpha: float = 1 - 
     for a, b in pairs:
         difference = means[a] - means[b]
         observed = float(np.mean(errors[a]) - np.mean(errors[b]))
+        per_subject = np.atleast_2d(errors[a]).mean(0) - np.atleast_2d(errors[b]).mean(0)  # over the seeds
         rows.append({"method": a, "against": b, "n_subjects": n_subject, "n_seeds": max(shapes[a][0], shapes[b][0]),
-                     "difference_mm": observed, "p_bootstrap": bootstrap_p(difference) if n_subject > 1 else np.nan,
+                     "difference_mm": observed, "p": sign_flip_p(per_subject) if n_subject > 1 else np.nan,
                      "_distribution": difference})
     table = pd.DataFrame(rows)
     if table.empty:
         return table
-    defined = table["p_bootstrap"].notna().to_numpy()
+    defined = table["p"].notna().to_numpy()
     adjusted, rejected, levels = (np.full(len(table), np.nan), np.zeros(len(table), bool),
                                   np.full(len(table), np.nan))
     if defined.any():
-        adjusted[defined], rejected[defined], levels[defined] = holm(table.loc[defined, "p_bootstrap"], alpha)
+        adjusted[defined], rejected[defined], levels[defined] = holm(table.loc[defined, "p"], alpha)
     lows, highs = [], []
     for distribution, level in zip(table["_distribution"], levels):
         if level == level:
@@ -133,17 +147,17 @@ def paired_comparisons(errors: dict[str, np.ndarray], pairs, alpha: float = 1 - 
     table["interval_level"] = 1 - levels
     table["difference_low_mm"], table["difference_high_mm"] = lows, highs
     table["p_holm"] = adjusted
-    table["verdict"] = [_verdict(low, high) for low, high in zip(lows, highs)]
+    table["verdict"] = [_verdict(low, high, r) for low, high, r in zip(lows, highs, rejected)]
     return table[["method", "against", "difference_mm", "difference_low_mm", "difference_high_mm",
-                  "interval_level", "p_bootstrap", "p_holm", "verdict", "n_subjects", "n_seeds"]]
+                  "interval_level", "p", "p_holm", "verdict", "n_subjects", "n_seeds"]]
 
 
-def _verdict(low: float, high: float) -> str:
+def _verdict(low: float, high: float, rejected: bool) -> str:
     if not (low == low and high == high):
         return "no interval: cannot tell"
-    if high < 0:
+    if rejected and high < 0:
         return "beats"
-    if low > 0:
+    if rejected and low > 0:
         return "worse than"
     return "cannot tell apart from"
 

@@ -581,9 +581,10 @@ def _table_entries(n_modes: int, anatomy: str) -> list[dict]:
         {"file": "tables/paired_differences.csv", "title": "Paired differences between methods, Holm-adjusted",
          "caption": "Per comparison, the mean over the test subjects of method minus `against` (scan-frame RMSE, eq. "
                     "12, mm; negative: the method's error is lower), with its percentile bootstrap interval over the "
-                    "subjects at the level of the Holm step that decided it (interval_level), the two-sided "
-                    "bootstrap p and Holm's adjusted p over every comparison in the table. A method beats another "
-                    "only where that interval lies below 0."},
+                    "subjects at the level of the Holm step that decided it (interval_level), the exact two-sided "
+                    "sign-flip p (paired randomisation over the subjects) and Holm's adjusted p over every "
+                    "comparison in the table. A method beats another only where Holm rejects and that interval "
+                    "lies below 0."},
         {"file": "tables/accuracy_summary.csv", "title": "Test accuracy per trained method and baselines",
          "caption": f"Means over the test subjects (mm, scanner frame) of the eq. 12 RMSE, with its 95 % "
                     f"bootstrap interval (rmse_low_mm, rmse_high_mm) and n, and of the surface distances, where "

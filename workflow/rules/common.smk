@@ -187,8 +187,10 @@ def tuning_sweep(wildcards):
     """The dataset's tuning sweep {sweep}: its method and named variants (config `tuning`)."""
     sweeps = config["datasets"][wildcards.dataset].get("tuning") or {}
     if wildcards.sweep not in sweeps:
-        raise ValueError(f"datasets.{wildcards.dataset}.tuning: no sweep {wildcards.sweep!r} (sweeps: "
-                         f"{', '.join(sweeps) or 'none'})")
+        raise ValueError(
+            f"datasets.{wildcards.dataset}.tuning: no sweep {wildcards.sweep!r} (sweeps: "
+            f"{', '.join(sweeps) or 'none'})"
+        )
     return sweeps[wildcards.sweep]
 
 
@@ -196,8 +198,9 @@ def tuning_settings(wildcards):
     """The train rule's settings JSON for one variant of a sweep: its keys replace the method's block's."""
     entry, sweep = config["datasets"][wildcards.dataset], tuning_sweep(wildcards)
     block = {**entry["methods"].get(sweep["method"], {}), **sweep["variants"][wildcards.variant]}
-    return json.dumps({"shape_space": entry["shape_space"], "training": entry["training"], "method": block},
-                      sort_keys=True)
+    return json.dumps(
+        {"shape_space": entry["shape_space"], "training": entry["training"], "method": block}, sort_keys=True
+    )
 
 
 def tuning_table_inputs(wildcards):
@@ -218,8 +221,10 @@ def check_tuning_sweeps():
         for sweep_name, sweep in (entry.get("tuning") or {}).items():
             where = f"datasets.{name}.tuning.{sweep_name}"
             if sweep["method"] not in CROP_METHODS:
-                raise ValueError(f"{where}.method: {sweep['method']!r} is not a method that reads registered crops "
-                                 f"(one of {', '.join(CROP_METHODS)})")
+                raise ValueError(
+                    f"{where}.method: {sweep['method']!r} is not a method that reads registered crops "
+                    f"(one of {', '.join(CROP_METHODS)})"
+                )
             for variant, changes in sweep["variants"].items():
                 try:
                     registry.get(sweep["method"]).settings({**entry["methods"].get(sweep["method"], {}), **changes})
