@@ -13,7 +13,7 @@ from deepssm_workflow.layout import EVALUATION_FIGURES, EVALUATION_TABLES, Datas
 RULES = Path(__file__).resolve().parents[1] / "workflow" / "rules"
 # an argument for each parameter of the layout's methods
 ARGUMENTS = {"split": "test", "method": "base", "name": "accuracy_summary", "stage": "models", "methods": ["base"],
-             "seed": "1", "anatomy": "bladder"}
+             "seed": "1", "anatomy": "bladder", "sweep": "warmup", "candidate": "four"}
 
 
 def every_path(layout) -> dict[str, object]:
@@ -89,7 +89,7 @@ def test_patterns_are_the_paths_the_rules_declare():
     assert results.provenance_dirs(["tl"]) == ["results/{dataset}/augmentation", "results/{dataset}/models/tl",
                                                "results/{dataset}/predictions/tl"]
     assert EVALUATION_TABLES == ("accuracy_summary", "accuracy_per_subject", "inference_time", "error_decomposition",
-                                 "error_decomposition_per_subject", "alignment_accuracy")
+                                 "error_decomposition_per_subject", "alignment_accuracy", "paired_differences")
     assert EVALUATION_FIGURES == ("per_point_rmse", "surface_boxplot", "surface_heatmaps", "error_decomposition")
 
 
@@ -102,6 +102,9 @@ def test_a_filled_in_pattern_is_the_librarys_path():
         assert filled == wanted, name
     assert patterns("femur").model_pt("base") == "results/femur/models/base/model.pt"
     assert patterns("femur").seed_model_pt(2, "tl") == "results/femur/seeds/2/models/tl/model.pt"
+    assert patterns("femur").tuning_model_pt("warmup", "four", "base") == \
+        "results/femur/tuning/warmup/four/models/base/model.pt"
+    assert patterns("femur").validation_file("summary.csv") == "results/femur/validation/summary.csv"
 
 
 def test_every_path_lies_under_the_dataset_folder(tmp_path):

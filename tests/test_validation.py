@@ -63,14 +63,14 @@ def test_the_tiny_run_validates_every_crop_method_on_registered_scans(tiny_repor
 
 
 @pytest.mark.slow
-def test_a_tuning_sweep_trains_each_variant_and_tables_it_on_registered_validation(tiny_reports, tmp_path):
-    """A sweep in the tiny run's folder: only the variants train (the cohort, registration and augmentation are
-    the run's), and the table pairs each with the first variant on the same registered validation scans."""
+def test_a_tuning_sweep_trains_each_candidate_and_tables_it_on_registered_validation(tiny_reports, tmp_path):
+    """A sweep in the tiny run's folder: only the candidates train (the cohort, registration and augmentation are
+    the run's), and the table pairs each with the first candidate on the same registered validation scans."""
     workdir, run = tiny_reports
     assert run.returncode == 0, run.stderr[-3000:]
     config = yaml.safe_load(TINY.read_text())
     femur = config["datasets"]["femur"]
-    femur["tuning"] = {"epochs": {"method": "base", "variants": {"one": {"epochs": 1}, "two": {"epochs": 2}}}}
+    femur["tuning"] = {"epochs": {"method": "base", "candidates": {"one": {"epochs": 1}, "two": {"epochs": 2}}}}
     configfile = tmp_path / "tuning.yaml"
     configfile.write_text(yaml.safe_dump(config))
     target = "results/femur/tuning/epochs/summary.csv"
@@ -85,13 +85,13 @@ def test_a_tuning_sweep_trains_each_variant_and_tables_it_on_registered_validati
     assert record["settings"] == {"one": {"epochs": 1}, "two": {"epochs": 2}}
     (paired,) = record["paired"]["comparisons"]
     assert (paired["method"], paired["against"]) == ("two", "one")
-    for variant, epochs in (("one", 1), ("two", 2)):
-        card = json.loads((results / variant / "models" / "base" / "model_card.json").read_text())
+    for candidate, epochs in (("one", 1), ("two", 2)):
+        card = json.loads((results / candidate / "models" / "base" / "model_card.json").read_text())
         assert card["settings"]["epochs"] == epochs, card["settings"]
 
     bad = yaml.safe_load(configfile.read_text())
-    bad["datasets"]["femur"]["tuning"]["epochs"]["variants"]["two"] = {"epoch": 2}
+    bad["datasets"]["femur"]["tuning"]["epochs"]["candidates"]["two"] = {"epoch": 2}
     configfile.write_text(yaml.safe_dump(bad))
     refused = run_snakemake(workdir, target, "-n", configfile=configfile)
     said = refused.stdout + refused.stderr
-    assert refused.returncode != 0 and "tuning.epochs.variants.two" in said and "'epoch' was unexpected" in said
+    assert refused.returncode != 0 and "tuning.epochs.candidates.two" in said and "'epoch' was unexpected" in said

@@ -114,7 +114,7 @@ def _validate(args) -> None:
     models = dict(zip(args.methods, args.model_dirs))
     summary = validate_methods(models, args.registered, args.cohort, json.loads(args.shape_space), args.val_fraction,
                                args.seed, args.preprocess_dir, args.out_dir, reference=args.reference,
-                               settings=json.loads(args.variant_settings) if args.variant_settings else None)
+                               settings=json.loads(args.candidate_settings) if args.candidate_settings else None)
     print(summary.to_string(index=False, float_format="%.3f"))
 
 
@@ -445,8 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, required=True, help="the dataset's training.val_fraction")
     p.add_argument("--seed", type=int, required=True, help="the dataset's training.seed")
     p.add_argument("--out-dir", required=True, help="writes summary.csv, per_subject.csv, summary.json")
-    p.add_argument("--reference", help="a tuning sweep's first variant: the others' paired differences from it")
-    p.add_argument("--variant-settings", help="JSON: what each tuning variant changed (recorded in summary.json)")
+    p.add_argument("--reference", help="a tuning sweep's first candidate: the others' paired differences from it")
+    p.add_argument("--candidate-settings", help="JSON: what each tuning candidate changed (recorded in summary.json)")
     p.set_defaults(run=_validate)
 
     p = steps.add_parser("preprocess-scans", help="uncropped scans, training and test, on one grid size centred on "

@@ -53,9 +53,9 @@ Snakemake rules (through `patterns`) and by the library (through `DatasetLayout`
         validation/                     validation_dir: every crop method on the registered validation scans
             summary.csv, per_subject.csv, summary.json   validation_file(name)
         tuning/{sweep}/                 tuning_dir(sweep): a sweep of one method's settings (not the default run)
-            {variant}/models/{method}/  tuning_model_dir(sweep, variant, method): model.pt, ... as models/{method}/
+            {candidate}/models/{method}/  tuning_model_dir(sweep, candidate, method): model.pt, ... as models/{method}/
                                         (tuning_model_pt, tuning_model_card)
-            summary.csv, per_subject.csv, summary.json   tuning_file(sweep, name): the variants on the
+            summary.csv, per_subject.csv, summary.json   tuning_file(sweep, name): the candidates on the
                                         registered validation scans
         study/                          study_dir
         seeds/                          seeds_dir: the seed spread (not part of the default run)
@@ -319,27 +319,27 @@ class DatasetLayout:
     def tuning_dir(self, sweep: str) -> Path:
         return self.root / "tuning" / _part(sweep)
 
-    def _tuning_run(self, sweep: str, variant: str) -> "DatasetLayout":
-        """tuning/{sweep}/{variant}/ holds models/ under the names of the dataset's own."""
-        return DatasetLayout(self.tuning_dir(sweep) / _part(variant))
+    def _tuning_run(self, sweep: str, candidate: str) -> "DatasetLayout":
+        """tuning/{sweep}/{candidate}/ holds models/ under the names of the dataset's own."""
+        return DatasetLayout(self.tuning_dir(sweep) / _part(candidate))
 
-    def tuning_model_dir(self, sweep: str, variant: str, method: str) -> Path:
-        return self._tuning_run(sweep, variant).model_dir(method)
+    def tuning_model_dir(self, sweep: str, candidate: str, method: str) -> Path:
+        return self._tuning_run(sweep, candidate).model_dir(method)
 
-    def tuning_model_pt(self, sweep: str, variant: str, method: str) -> Path:
-        return self._tuning_run(sweep, variant).model_pt(method)
+    def tuning_model_pt(self, sweep: str, candidate: str, method: str) -> Path:
+        return self._tuning_run(sweep, candidate).model_pt(method)
 
-    def tuning_model_card(self, sweep: str, variant: str, method: str) -> Path:
-        return self._tuning_run(sweep, variant).model_card(method)
+    def tuning_model_card(self, sweep: str, candidate: str, method: str) -> Path:
+        return self._tuning_run(sweep, candidate).model_card(method)
 
-    def tuning_training_log(self, sweep: str, variant: str, method: str) -> Path:
-        return self._tuning_run(sweep, variant).training_log(method)
+    def tuning_training_log(self, sweep: str, candidate: str, method: str) -> Path:
+        return self._tuning_run(sweep, candidate).training_log(method)
 
-    def tuning_loss_curve(self, sweep: str, variant: str, method: str) -> Path:
-        return self._tuning_run(sweep, variant).loss_curve(method)
+    def tuning_loss_curve(self, sweep: str, candidate: str, method: str) -> Path:
+        return self._tuning_run(sweep, candidate).loss_curve(method)
 
-    def tuning_provenance(self, sweep: str, variant: str, method: str) -> Path:
-        return self._tuning_run(sweep, variant).provenance("models", method)
+    def tuning_provenance(self, sweep: str, candidate: str, method: str) -> Path:
+        return self._tuning_run(sweep, candidate).provenance("models", method)
 
     def tuning_file(self, sweep: str, name: str) -> Path:
         """summary.csv, per_subject.csv or summary.json of a sweep."""

@@ -84,8 +84,8 @@ def summarize(per_subject: pd.DataFrame) -> dict:
 def validate_methods(models: dict[str, Path], registered_npz, cohort_dir, shape_space: dict, val_fraction: float,
                      seed: int, preprocess_dir, out_dir, reference: str | None = None,
                      settings: dict | None = None) -> pd.DataFrame:
-    """summary.csv (one row per model: a method, or a tuning sweep's variant), per_subject.csv and summary.json,
-    written together. With `reference` (a tuning sweep's first variant), summary.json also holds every other
+    """summary.csv (one row per model: a method, or a tuning sweep's candidate), per_subject.csv and summary.json,
+    written together. With `reference` (a tuning sweep's first candidate), summary.json also holds every other
     model's paired difference from it on the same subjects, Holm-adjusted, and `settings` what each changed."""
     _, left_out = validation_ids(cohort_dir, preprocess_dir, val_fraction, seed)
     frames, rows, errors = [], [], {}

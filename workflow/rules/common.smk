@@ -184,7 +184,7 @@ def validation_inputs(wildcards):
 
 
 def tuning_sweep(wildcards):
-    """The dataset's tuning sweep {sweep}: its method and named variants (config `tuning`)."""
+    """The dataset's tuning sweep {sweep}: its method and named candidates (config `tuning`)."""
     sweeps = config["datasets"][wildcards.dataset].get("tuning") or {}
     if wildcards.sweep not in sweeps:
         raise ValueError(
@@ -195,9 +195,9 @@ def tuning_sweep(wildcards):
 
 
 def tuning_settings(wildcards):
-    """The train rule's settings JSON for one variant of a sweep: its keys replace the method's block's."""
+    """The train rule's settings JSON for one candidate of a sweep: its keys replace the method's block's."""
     entry, sweep = config["datasets"][wildcards.dataset], tuning_sweep(wildcards)
-    block = {**entry["methods"].get(sweep["method"], {}), **sweep["variants"][wildcards.variant]}
+    block = {**entry["methods"].get(sweep["method"], {}), **sweep["candidates"][wildcards.candidate]}
     return json.dumps(
         {"shape_space": entry["shape_space"], "training": entry["training"], "method": block}, sort_keys=True
     )
@@ -205,18 +205,18 @@ def tuning_settings(wildcards):
 
 def tuning_table_inputs(wildcards):
     d, sweep = patterns(wildcards.dataset), tuning_sweep(wildcards)
-    variants, method = list(sweep["variants"]), sweep["method"]
+    candidates, method = list(sweep["candidates"]), sweep["method"]
     return {
         "shapes_train": d.shapes("train"),
         "grid": d.grid_json,
         "registered": d.preprocessed("validation"),
-        "cards": [d.tuning_model_card(wildcards.sweep, v, method) for v in variants],
-        "models": [d.tuning_model_pt(wildcards.sweep, v, method) for v in variants],
+        "cards": [d.tuning_model_card(wildcards.sweep, v, method) for v in candidates],
+        "models": [d.tuning_model_pt(wildcards.sweep, v, method) for v in candidates],
     }
 
 
 def check_tuning_sweeps():
-    """Every sweep names a method that reads registered crops, and each variant's settings are the method's."""
+    """Every sweep names a method that reads registered crops, and each candidate's settings are the method's."""
     for name, entry in config.get("datasets", {}).items():
         for sweep_name, sweep in (entry.get("tuning") or {}).items():
             where = f"datasets.{name}.tuning.{sweep_name}"
@@ -225,11 +225,11 @@ def check_tuning_sweeps():
                     f"{where}.method: {sweep['method']!r} is not a method that reads registered crops "
                     f"(one of {', '.join(CROP_METHODS)})"
                 )
-            for variant, changes in sweep["variants"].items():
+            for candidate, changes in sweep["candidates"].items():
                 try:
                     registry.get(sweep["method"]).settings({**entry["methods"].get(sweep["method"], {}), **changes})
                 except (TypeError, ValueError) as error:
-                    raise ValueError(f"{where}.variants.{variant}: {error}") from None
+                    raise ValueError(f"{where}.candidates.{candidate}: {error}") from None
 
 
 check_tuning_sweeps()

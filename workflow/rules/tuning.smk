@@ -1,4 +1,4 @@
-# Tuning sweeps (not part of `rule all`): one method trained once per named variant of its settings
+# Tuning sweeps (not part of `rule all`): one method trained once per named candidate of its settings
 # (config `tuning`), each scored on the registered validation scans; results/{dataset}/tuning/{sweep}/summary.csv
 # is the evidence a setting is chosen on (deepssm_workflow.validation).
 
@@ -12,13 +12,13 @@ rule train_tuning:
         images=RESULTS.augmentation_images,
         augmentation_provenance=RESULTS.provenance("augmentation"),
     output:
-        model=RESULTS.tuning_model_pt("{sweep}", "{variant}", "{method}"),
-        card=RESULTS.tuning_model_card("{sweep}", "{variant}", "{method}"),
-        log_csv=RESULTS.tuning_training_log("{sweep}", "{variant}", "{method}"),
-        curve=RESULTS.tuning_loss_curve("{sweep}", "{variant}", "{method}"),
-        provenance=RESULTS.tuning_provenance("{sweep}", "{variant}", "{method}"),
+        model=RESULTS.tuning_model_pt("{sweep}", "{candidate}", "{method}"),
+        card=RESULTS.tuning_model_card("{sweep}", "{candidate}", "{method}"),
+        log_csv=RESULTS.tuning_training_log("{sweep}", "{candidate}", "{method}"),
+        curve=RESULTS.tuning_loss_curve("{sweep}", "{candidate}", "{method}"),
+        provenance=RESULTS.tuning_provenance("{sweep}", "{candidate}", "{method}"),
     log:
-        "logs/{dataset}/tuning/{sweep}/{variant}/train_{method}.log",
+        "logs/{dataset}/tuning/{sweep}/{candidate}/train_{method}.log",
     wildcard_constraints:
         method="|".join(CROP_METHODS),
     cache: True
@@ -37,7 +37,7 @@ rule train_tuning:
         out_dir=subpath(output.model, parent=True),
         verify=augmentation_stores,
     shell:
-        # the train rule's command with the variant's settings
+        # the train rule's command with the candidate's settings
         "deepssm-wf train --cohort {params.cohort} --preprocess-dir {params.preprocess_dir}"
         " --augmentation-dir {params.augmentation_dir} --method {wildcards.method}"
         " --settings {params.settings:q} --out-dir {params.out_dir} --threads {threads}"
@@ -58,10 +58,10 @@ rule tuning_table:
     conda:
         "../../envs/deepssm.yaml"
     params:
-        variants=lambda wildcards: " ".join(tuning_sweep(wildcards)["variants"]),
+        candidates=lambda wildcards: " ".join(tuning_sweep(wildcards)["candidates"]),
         model_dirs=lambda wildcards: " ".join(str(Path(p).parent) for p in tuning_table_inputs(wildcards)["models"]),
-        reference=lambda wildcards: next(iter(tuning_sweep(wildcards)["variants"])),
-        variant_settings=lambda wildcards: json.dumps(tuning_sweep(wildcards)["variants"], sort_keys=True),
+        reference=lambda wildcards: next(iter(tuning_sweep(wildcards)["candidates"])),
+        candidate_settings=lambda wildcards: json.dumps(tuning_sweep(wildcards)["candidates"], sort_keys=True),
         shape_space=lambda wildcards: json.dumps(config["datasets"][wildcards.dataset]["shape_space"], sort_keys=True),
         val_fraction=lambda wildcards: engine_setting(wildcards, "val_fraction"),
         seed=lambda wildcards: engine_setting(wildcards, "seed"),
@@ -70,7 +70,7 @@ rule tuning_table:
         out_dir=subpath(output.summary, parent=True),
     shell:
         "deepssm-wf validate --cohort {params.cohort} --preprocess-dir {params.preprocess_dir}"
-        " --registered {input.registered} --methods {params.variants} --model-dirs {params.model_dirs}"
+        " --registered {input.registered} --methods {params.candidates} --model-dirs {params.model_dirs}"
         " --shape-space {params.shape_space:q} --val-fraction {params.val_fraction} --seed {params.seed}"
-        " --reference {params.reference} --variant-settings {params.variant_settings:q}"
+        " --reference {params.reference} --candidate-settings {params.candidate_settings:q}"
         " --out-dir {params.out_dir} > {log} 2>&1"
