@@ -206,6 +206,7 @@ def test_tiny_workflow_reports_open_with_the_answer(tiny_reports):
             assert re.search(rf"<tr><td>{re.escape(baseline)}[^<]*</td><td>{interval}</td><td>\d+</td>", answer), \
                 (dataset, baseline)
         assert re.search(r"beat", answer.split("</h3>")[1])  # the sentence says which methods beat the mean shape
+        assert "test draw: generator seed" in answer  # which draw the headline was read on
         study = answer[answer.index("<h3>Clinical study: headline</h3>"):]
         assert re.search(interval, study) or "gives no interval" in study, dataset
         assert "<th>n</th>" in study

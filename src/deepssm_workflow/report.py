@@ -349,7 +349,7 @@ def _floor_rows(decomposition: pd.DataFrame, methods, column: str, label: str, g
     return rows
 
 
-def _accuracy_answer(layout: DatasetLayout, methods, n_modes) -> str:
+def _accuracy_answer(layout: DatasetLayout, methods, n_modes, draw: str = "") -> str:
     path = layout.evaluation_table("accuracy_summary")
     accuracy = _csv(path).set_index("method")
     decomposition_path = layout.evaluation_table("error_decomposition")
@@ -402,7 +402,7 @@ def _accuracy_answer(layout: DatasetLayout, methods, n_modes) -> str:
     unclear = [m for m in methods if m not in better and m not in worse]
     ms_text = _ci(mean_shape["rmse_mm"], mean_shape["rmse_low_mm"], mean_shape["rmse_high_mm"])
     sentences = [f"The mean shape, a predictor that learnt nothing, scores {ms_text} mm on these "
-                 f"n = {int(mean_shape['n'])} test scans."]
+                 f"n = {int(mean_shape['n'])} test scans" + (f" (test draw: {draw})." if draw else ".")]
     if all(verdicts[m].startswith("no interval") for m in methods):
         sentences.append("Without intervals (fewer than 2 test subjects) the report cannot tell whether any method "
                          "beats the mean shape.")
@@ -577,8 +577,9 @@ def _flagged_answer(layout: DatasetLayout, methods) -> str:
             "these scans are the registration's, not the network's. See Alignment of the test scans.</p>")
 
 
-def _answer(layout: DatasetLayout, methods, study: str | None, study_dir: Path, evaluation: dict) -> str:
-    return ('<div class="answer">' + _accuracy_answer(layout, methods, evaluation.get("n_modes"))
+def _answer(layout: DatasetLayout, methods, study: str | None, study_dir: Path, evaluation: dict,
+            draw: str = "") -> str:
+    return ('<div class="answer">' + _accuracy_answer(layout, methods, evaluation.get("n_modes"), draw)
             + _flagged_answer(layout, methods) + _study_answer(study, study_dir) + "</div>")
 
 
@@ -614,7 +615,7 @@ def build_report(dataset_dir, dataset: str, settings: dict, methods, out_path, s
     evaluation = _read_json(layout.evaluation_summary)
     cards = {v: _read_json(layout.model_card(v)) for v in methods}
     sections = {
-        ANSWER: _answer(layout, methods, study, study_dir, evaluation),
+        ANSWER: _answer(layout, methods, study, study_dir, evaluation, headline_draw(settings)),
         "What was run": _what_was_run(layout, dataset, settings, methods, cohort, evaluation),
         "Quality control": _quality_control(layout),
         "Augmentation": _figure(layout.augmentation_qc, "Augmentation QC",
