@@ -326,9 +326,9 @@ class TLDeepSSM(nn.Module):
         linear head outputs about +-1, far from codes of tens, and f can only move along the
         directions the training codes span (an axis they do not vary along gets scale 0).
         With few training shapes the codes fill a small part of the L dimensions, and an
-        unconstrained f strayed off it, where the decoder has seen nothing: on the accuracy
-        test's 16 femurs (300 autoencoder epochs at lr 1e-3, 8 T-flank epochs), scaling each
-        dimension alone gave a test RMSE of 1.38 mm, this 1.21 mm (mean shape 1.37 mm)."""
+        unconstrained f strayed off it, where the decoder has seen nothing. (It was chosen on a
+        test split before the evidence protocol; a validation comparison is still to be made:
+        CONTRIBUTING.md.)"""
         shift, transform = latent_whitening(codes, self.config.latent_dim)
         self.latent_shift.copy_(torch.as_tensor(shift))
         self.latent_transform.copy_(torch.as_tensor(transform))

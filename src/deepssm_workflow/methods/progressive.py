@@ -28,9 +28,8 @@ that is ours:
   (Xavier) output layers, each new head's first steps were a large random shape change whose
   loss, summed with the others, sent large gradients into the shared encoder at every stage
   start (default femur demo: training loss 612 and validation RMSE 5.08 mm in the first epoch
-  of the last stage); the test RMSE over init seeds 0/1/2 was 2.16/1.80/1.67 mm, against
-  1.23/1.10/1.08 mm with zero output layers (base: 1.34/1.41/1.56); progressive_tl's went from
-  1.37/1.37/1.49 to 1.30/1.24/1.19 mm (tl: 1.40/1.51/1.38).
+  of the last stage). (The zero start was compared on a test split before the evidence
+  protocol; its validation comparison is still to be made: CONTRIBUTING.md.)
 * A segmentation decoder on the encoder's last feature maps (a 1x1 conv, trilinear upsampling
   to the input grid, two convs) predicts the anatomy's mask as a deviation from the mean
   training mask (its log-odds added to the logits: measured on the accuracy test's tiny femur,
@@ -44,10 +43,9 @@ that is ours:
 * Schedule: one phase per stage, coarsest first; stage s trains the encoder, the segmentation
   decoder and the heads 0..s, and the finer heads stay untouched until their stage. Each stage
   starts a fresh Adam, its lr ramped up over the stage's first epoch (`warmup_epochs`, default 1):
-  without it, on the ShapeWorks-recipe solids, both variants stalled near the mean shape at every
-  scale (test RMSE 0.41 mm against base's 0.30; with it 0.30 and 0.31), with or without the
-  segmentation task, the previous-scale input or the coarse stages; on the default femur it
-  changed nothing (1.228 -> 1.216 mm, seed 0). A stage
+  a fresh Adam's first steps at the full rate shake the shared encoder as a new head does. Its
+  evidence on the registered validation scans: the femur's `progressive_warmup` tuning sweep
+  (config/config.yaml). A stage
   validates on its finest active scale, lifted to all M points (each missing point keeps the
   mean shape's offset from its nearest predicted one), so the log shows what the model can
   predict at that stage; only the last stage (all points) competes for the kept model.
