@@ -95,3 +95,15 @@ def test_a_tuning_sweep_trains_each_candidate_and_tables_it_on_registered_valida
     refused = run_snakemake(workdir, target, "-n", configfile=configfile)
     said = refused.stdout + refused.stderr
     assert refused.returncode != 0 and "tuning.epochs.candidates.two" in said and "'epoch' was unexpected" in said
+
+
+def test_a_sweep_of_a_method_that_reads_no_registered_crops_is_refused_before_any_job(tmp_path):
+    config = yaml.safe_load(TINY.read_text())
+    config["datasets"]["femur"]["tuning"] = {"pose": {"method": "image2ssm",
+                                                      "candidates": {"a": {"epochs": 1}, "b": {"epochs": 2}}}}
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    refused = run_snakemake(tmp_path / "work", "results/femur/tuning/pose/summary.csv", "-n", configfile=configfile)
+    said = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "datasets.femur.tuning.pose.method" in said
+    assert "is not a method that reads registered crops" in said and not (tmp_path / "work" / "results").exists()
