@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from deepssm_workflow.comparisons import comparison_pairs, holm, mean_interval, paired_comparisons, sign_flip_p
+from deepssm_workflow.comparisons import comparison_pairs, holm, paired_comparisons, seeds_scans_interval, sign_flip_p
 
 
 def test_holm_matches_a_hand_computed_family():
@@ -47,8 +47,8 @@ def test_the_seed_spread_widens_the_interval_and_a_baseline_compares_with_every_
     rng = np.random.default_rng(2)
     subjects = rng.gamma(4.0, 0.5, 25)
     seeds = np.array([0.0, 0.5, -0.5])[:, None] + subjects[None, :]  # init seeds shift every scan alike
-    one_seed_low, one_seed_high = mean_interval(seeds.mean(0))
-    low, high = mean_interval(seeds)
+    one_seed_low, one_seed_high = seeds_scans_interval(seeds.mean(0))
+    low, high = seeds_scans_interval(seeds)
     assert high - low > 1.5 * (one_seed_high - one_seed_low)
     table = paired_comparisons({"method": seeds, "mean shape": subjects + 2.0}, [("method", "mean shape")])
     row = table.iloc[0]

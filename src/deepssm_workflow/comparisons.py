@@ -56,7 +56,7 @@ def _shape(errors) -> tuple[int, int]:
     return (1, table.shape[0]) if table.ndim == 1 else table.shape
 
 
-def mean_interval(errors, level: float = LEVEL, resamples: int = RESAMPLES) -> tuple[float, float]:
+def seeds_scans_interval(errors, level: float = LEVEL, resamples: int = RESAMPLES) -> tuple[float, float]:
     """The percentile interval of the mean error: over subjects, and over seeds for a (seeds, subjects)
     table. Fewer than 2 subjects: (nan, nan)."""
     n_seeds, n_subjects = _shape(errors)

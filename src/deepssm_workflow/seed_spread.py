@@ -31,7 +31,7 @@ import pandas as pd
 
 from . import methods as registry
 from .atomic import staged
-from .comparisons import comparison_pairs, mean_interval, paired_comparisons
+from .comparisons import comparison_pairs, paired_comparisons, seeds_scans_interval
 from .evaluate import MEAN_SHAPE, baseline_shapes, load_test_cohort, read_predictions
 from .layout import DatasetLayout
 from .provenance import read_sidecar
@@ -189,9 +189,9 @@ def write_spread(dataset_dir, methods, seeds, shape_space: dict, out_dir) -> dic
     machines = _machines(runs)
     summary = summarize(rows, mean_shape)
     for method in summary:
-        low, high = mean_interval(errors[method])
+        low, high = seeds_scans_interval(errors[method])
         world = errors[f"{method} (world)"]
-        world_low, world_high = mean_interval(world)
+        world_low, world_high = seeds_scans_interval(world)
         summary[method].update({"rmse_low_mm": low, "rmse_high_mm": high, "world_rmse_mm": float(world.mean()),
                                 "world_rmse_low_mm": world_low, "world_rmse_high_mm": world_high,
                                 "interval": "95 % percentile bootstrap over init seeds x test scans"})
