@@ -107,3 +107,23 @@ def test_a_sweep_of_a_method_that_reads_no_registered_crops_is_refused_before_an
     said = refused.stdout + refused.stderr
     assert refused.returncode != 0 and "datasets.femur.tuning.pose.method" in said
     assert "is not a method that reads registered crops" in said and not (tmp_path / "work" / "results").exists()
+
+
+def test_validation_ids_absent_from_the_split_and_a_names_folders_mismatch_are_refused(tmp_path, capsys):
+    from deepssm_workflow.cli import main
+    from deepssm_workflow.preprocess import preprocess_unseen
+
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    pd.DataFrame({"id": ["a", "b"], "split": ["train", "test"], "image": ["a.nrrd", "b.nrrd"]}).to_csv(
+        cohort / "subjects.csv", index=False)
+    out = tmp_path / "preprocess" / "validation.npz"
+    with pytest.raises(ValueError, match=r"subjects.csv: no train subject b"):
+        preprocess_unseen(cohort, tmp_path / "preprocess", "train", out, ids=["a", "b"])
+    assert not out.parent.exists()
+    code = main(["validate", "--cohort", str(cohort), "--preprocess-dir", str(tmp_path), "--registered", str(out),
+                 "--methods", "base", "tl", "--model-dirs", str(tmp_path / "m"), "--shape-space", "{}",
+                 "--val-fraction", "0.2", "--seed", "0", "--out-dir", str(tmp_path / "validation")])
+    captured = capsys.readouterr()
+    assert code != 0 and "2 names for 1 model folders" in captured.out + captured.err
+    assert not (tmp_path / "validation").exists()

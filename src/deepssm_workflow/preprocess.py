@@ -304,14 +304,14 @@ def preprocess_image(path, meta: dict, grid: WorldGrid, reference: sitk.Image,
 def preprocess_unseen(cohort_dir, preprocess_dir, split: str, out_path, ids=None) -> None:
     """Preprocess every image of a split (or its subjects `ids`: the registered validation subjects) from the
     image alone (no segmentation, no particles)."""
-    meta, grid, reference = load_reference(preprocess_dir)
     table = _image_table(Path(cohort_dir))
     table = table[table["split"] == split]
-    if ids is not None:
+    if ids is not None:  # checked before anything is read or written
         missing = sorted(set(ids) - set(table["id"]))
         if missing:
             raise ValueError(f"{cohort_dir}/subjects.csv: no {split} subject {missing[0]}")
         table = table.set_index("id").loc[list(ids)].reset_index()
+    meta, grid, reference = load_reference(preprocess_dir)
     arrays, transforms, records = [], [], []
     for row in table.itertuples():
         start = time.perf_counter()
